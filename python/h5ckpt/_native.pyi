@@ -1,0 +1,108 @@
+"""Type stubs for the Rust core, ``h5ckpt._native``.
+
+Private: users import from ``h5ckpt``. Every function that touches files or hashes
+releases the GIL. Errors are raised as the classes of :mod:`h5ckpt.errors`.
+"""
+
+import os
+from collections.abc import Sequence
+from typing import Literal
+
+from typing_extensions import Buffer
+
+_Path = str | os.PathLike[str]
+
+__version__: str
+MAGIC: bytes
+HEADER_SIZE: int
+FORMAT_MAJOR: int
+FORMAT_MINOR: int
+DEFAULT_CHUNK_SIZE: int
+HDF5_SIGNATURE: bytes
+
+class Header:
+    """A parsed, self-consistent h5ckpt header (its header digest checked)."""
+
+    format_major: int
+    format_minor: int
+    payload_offset: int
+    payload_length: int
+    chunk_size: int
+    chunk_count: int
+    flags: int
+    keyed: bool
+    batch_idx: int
+    loss: float
+    timestamp: float
+    payload_digest: bytes
+    hmac_tag: bytes | None
+    header_digest: bytes
+    def to_dict(self) -> dict[str, object]: ...
+
+class Entry:
+    """One file of a directory scan whose name matches ``{prefix}_batch_<digits>.h5``."""
+
+    path: str
+    name: str
+    batch_idx: int
+    size: int
+    mtime_ns: int
+    inode: int
+    device: int
+    kind: Literal["h5ckpt", "legacy", "foreign"]
+    header: Header | None
+    error: str | None
+
+def tree_digest(data: Buffer, chunk_size: int = ...) -> bytes:
+    """Payload digest (docs/format.md) of an in-memory byte string."""
+
+def parse_header(data: bytes) -> Header:
+    """Parse and check the first 512 bytes of a file (no payload check)."""
+
+def read_header(path: _Path) -> Header:
+    """Read and parse a file's header; checks the file length against it."""
+
+def verify_file(path: _Path, hmac_key: bytes | None = None) -> Header:
+    """Check header, length, payload digest and (keyed) HMAC tag of one file."""
+
+def verify_files(
+    paths: Sequence[_Path], hmac_key: bytes | None = None
+) -> list[Header | Exception]:
+    """``verify_file`` over many files in parallel; failures are returned, not raised."""
+
+def read_verified(path: _Path, hmac_key: bytes | None = None) -> tuple[Header, bytes]:
+    """Read a whole file once, verify it from memory, return its header and bytes."""
+
+def finalize(
+    fd: int,
+    segments: Sequence[tuple[int, Buffer]],
+    batch_idx: int,
+    loss: float,
+    timestamp: float,
+    hmac_key: bytes | None = None,
+    durable: bool = True,
+    chunk_size: int = ...,
+) -> Header:
+    """Complete a payload written by HDF5 and seal it with a header.
+
+    Writes each ``(file_offset, bytes)`` segment into the open file ``fd`` while hashing
+    the payload (the segments from memory, everything else read back from the file),
+    writes the header at offset 0 and, when ``durable``, fsyncs ``fd``.
+    """
+
+def scan(directory: _Path, prefix: str) -> list[Entry]:
+    """Regular files named ``{prefix}_batch_<digits>.h5``, headers read in parallel,
+    sorted by ``(batch_idx, name)``."""
+
+def plan_retention(
+    candidates: Sequence[tuple[int, bool, float]],
+    keep_last_n: int | None,
+    keep_every: int | None = None,
+    keep_best_n: int = 0,
+    maximize: bool = False,
+    delete_invalid: bool = False,
+) -> list[int]:
+    """Indices of ``(batch_idx, valid, loss)`` candidates that the policy deletes."""
+
+def fsync_directory(path: _Path) -> None:
+    """fsync a directory, so that a rename in it is durable."""
