@@ -1,0 +1,185 @@
+"""The HDF5 payload of a checkpoint: what goes where inside the file.
+
+Writing goes through h5py for everything except the bytes of large raw arrays: for
+those HDF5 only reserves the space (early allocation, no fill), and the Rust core
+writes the array bytes into it while hashing them, so they are neither written twice
+nor read back. Reading parses bytes that the Rust core has already verified.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Any
+
+import h5py
+import numpy as np
+
+from . import codec
+from ._native import HEADER_SIZE, Header
+from .errors import CheckpointCorruptError, CheckpointValueError
+from .limits import LoadLimits
+from .tree import read_value, write_value
+
+__all__ = ["FORMAT_VERSION", "ArrayWriter", "read_payload", "write_payload"]
+
+FORMAT_VERSION = "1.0"
+_TYPE_ATTR = "h5ckpt_type"
+
+
+@dataclass
+class ArrayWriter:
+    """Creates every array dataset of one file and remembers which it must fill in.
+
+    Called by the tree writer for each array (``put_array``).
+    """
+
+    compression: str | None
+    pending: list[tuple[h5py.h5d.DatasetID, np.ndarray]] = field(default_factory=list)
+
+    def __call__(self, group: h5py.Group, name: str, arr: np.ndarray) -> h5py.Dataset:
+        arr = np.ascontiguousarray(arr)
+        chosen = codec.codec_for(arr, self.compression)
+        if chosen is not None:
+            return group.create_dataset(
+                name,
+                data=arr,
+                chunks=codec.chunk_shape(arr.shape, arr.itemsize),
+                **codec.filter_options(chosen),
+            )
+        if arr.nbytes < codec.SMALL_ARRAY_BYTES or arr.size == 0:
+            return group.create_dataset(name, data=arr)
+        return self._reserve(group, name, arr)
+
+    def _reserve(self, group: h5py.Group, name: str, arr: np.ndarray) -> h5py.Dataset:
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_layout(h5py.h5d.CONTIGUOUS)
+        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+        dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+        dsid = h5py.h5d.create(
+            group.id,
+            name.encode(),
+            h5py.h5t.py_create(arr.dtype, logical=True),
+            h5py.h5s.create_simple(arr.shape),
+            dcpl=dcpl,
+        )
+        self.pending.append((dsid, arr))
+        return h5py.Dataset(dsid)
+
+    def segments(self) -> list[tuple[int, np.ndarray]]:
+        """``(file offset, bytes)`` of each reserved dataset; call before closing the file."""
+        return [(dsid.get_offset(), arr.reshape(-1).view(np.uint8)) for dsid, arr in self.pending]
+
+
+def as_parameters(parameters: object) -> np.ndarray:
+    """``parameters`` as a numeric numpy array, or a ``CheckpointValueError``."""
+    try:
+        arr = np.asarray(parameters)
+    except Exception as exc:
+        raise CheckpointValueError(
+            f"parameters cannot be converted to a numpy array: {exc}",
+            {"key": "parameters", "type": type(parameters).__name__},
+        ) from exc
+    if arr.dtype.kind not in "biufc":
+        raise CheckpointValueError(
+            f"parameters must be a numeric or boolean array, got dtype {arr.dtype}",
+            {"key": "parameters", "dtype": str(arr.dtype)},
+        )
+    return arr
+
+
+def write_payload(
+    fileobj: io.RawIOBase,
+    *,
+    batch_idx: int,
+    loss: float,
+    timestamp: float,
+    parameters: np.ndarray,
+    optimizer_state: Any,
+    metadata: Any,
+    compression: str | None,
+    allow_pickle: bool,
+    version: str,
+) -> list[tuple[int, np.ndarray]]:
+    """Write the HDF5 part of a checkpoint into ``fileobj``.
+
+    Returns the segments the caller still has to write (see :class:`ArrayWriter`).
+    The first ``HEADER_SIZE`` bytes are left to the header.
+    """
+    writer = ArrayWriter(compression)
+    with h5py.File(
+        fileobj,
+        "w",
+        userblock_size=HEADER_SIZE,
+        locking=False,
+        track_order=True,
+        libver=("v110", "latest"),
+    ) as f:
+        f.attrs["h5ckpt_format"] = FORMAT_VERSION
+        f.attrs["h5ckpt_version"] = version
+        f.attrs["batch_idx"] = np.int64(batch_idx)
+        f.attrs["loss"] = np.float64(loss)
+        f.attrs["timestamp"] = np.float64(timestamp)
+        ds = writer(f, "parameters", parameters)
+        ds.attrs[_TYPE_ATTR] = "ndarray"
+        write_value(f, "optimizer_state", optimizer_state, allow_pickle=allow_pickle, put_array=writer)
+        write_value(f, "metadata", metadata, allow_pickle=allow_pickle, put_array=writer)
+        segments = writer.segments()
+    return segments
+
+
+def read_payload(
+    data: bytes, header: Header, *, allow_pickle: bool, limits: LoadLimits
+) -> dict[str, Any]:
+    """Parse the verified bytes of a whole checkpoint file."""
+    try:
+        with h5py.File(io.BytesIO(data), "r", locking=False) as f:
+            _check_root(f, header)
+            params = read_value(f["parameters"], allow_pickle=False, limits=limits)
+            if not isinstance(params, np.ndarray):
+                raise CheckpointCorruptError("'parameters' is not an array", {})
+            optimizer_state = read_value(
+                f["optimizer_state"], allow_pickle=allow_pickle, limits=limits
+            )
+            metadata = read_value(f["metadata"], allow_pickle=allow_pickle, limits=limits)
+            version = _as_str(f.attrs.get("h5ckpt_version", "unknown"))
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise CheckpointCorruptError(f"the HDF5 payload is malformed: {exc}", {}) from exc
+    return {
+        "batch_idx": int(header.batch_idx),
+        "parameters": params,
+        "optimizer_state": optimizer_state,
+        "loss": float(header.loss),
+        "metadata": metadata,
+        "version": version,
+        "timestamp": float(header.timestamp),
+    }
+
+
+def _check_root(f: h5py.File, header: Header) -> None:
+    """The header and the HDF5 attributes must tell the same story."""
+    if f.userblock_size != HEADER_SIZE:
+        raise CheckpointCorruptError("the HDF5 user block does not match the header", {})
+    attrs = f.attrs
+    fmt = _as_str(attrs.get("h5ckpt_format", ""))
+    if fmt.split(".")[0] != FORMAT_VERSION.split(".")[0]:
+        raise CheckpointCorruptError(f"unexpected payload format {fmt!r}", {"format": fmt})
+    same = (
+        int(attrs.get("batch_idx", -1)) == header.batch_idx
+        and _same_float(float(attrs.get("loss", np.nan)), header.loss)
+        and _same_float(float(attrs.get("timestamp", np.nan)), header.timestamp)
+    )
+    if not same:
+        raise CheckpointCorruptError(
+            "the header and the HDF5 attributes disagree on batch index, loss or timestamp",
+            {"header_batch_idx": header.batch_idx},
+        )
+
+
+def _same_float(a: float, b: float) -> bool:
+    return (a == b) or (np.isnan(a) and np.isnan(b))
+
+
+def _as_str(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
