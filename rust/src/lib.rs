@@ -1,0 +1,10 @@
+//! Rust core of h5ckpt: crash-safe, verified HDF5 checkpoints.
+//!
+//! The modules below know nothing of Python; `binding` (feature `python`) is the thin
+//! PyO3 layer that exposes them as `h5ckpt._native`.
+
+pub mod digest;
+pub mod error;
+pub mod header;
+
+pub use error::{Error, Result};
