@@ -281,8 +281,8 @@ mod tests {
         }
     }
 
-    fn temp_file(data: &[u8]) -> (tempdir::Dir, File) {
-        let dir = tempdir::Dir::new();
+    fn temp_file(data: &[u8]) -> (tempfile::TempDir, File) {
+        let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         let mut f = std::fs::OpenOptions::new()
             .create(true)
@@ -369,36 +369,6 @@ mod tests {
             let segments = check_segments(&segments, 512, 512 + len as u64).unwrap();
             let got = tree_digest_mixed(&f, 512, len as u64, 12, &segments, Path::new("f")).unwrap();
             prop_assert_eq!(got, reference(&final_bytes, 12));
-        }
-    }
-
-    /// A minimal temporary directory, removed on drop.
-    pub(crate) mod tempdir {
-        use std::path::{Path, PathBuf};
-        use std::sync::atomic::{AtomicUsize, Ordering};
-
-        pub struct Dir(PathBuf);
-
-        impl Dir {
-            pub fn new() -> Self {
-                static N: AtomicUsize = AtomicUsize::new(0);
-                let p = std::env::temp_dir().join(format!(
-                    "h5ckpt-test-{}-{}",
-                    std::process::id(),
-                    N.fetch_add(1, Ordering::Relaxed)
-                ));
-                std::fs::create_dir_all(&p).unwrap();
-                Dir(p)
-            }
-            pub fn path(&self) -> &Path {
-                &self.0
-            }
-        }
-
-        impl Drop for Dir {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_dir_all(&self.0);
-            }
         }
     }
 }

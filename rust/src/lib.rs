@@ -6,5 +6,8 @@
 pub mod digest;
 pub mod error;
 pub mod header;
+pub mod retention;
+pub mod scan;
+pub mod verify;
 
 pub use error::{Error, Result};
