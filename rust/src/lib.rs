@@ -5,6 +5,7 @@
 
 pub mod digest;
 pub mod error;
+pub mod finalize;
 pub mod header;
 pub mod retention;
 pub mod scan;

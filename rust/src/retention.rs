@@ -44,7 +44,7 @@ pub fn plan(candidates: &[Candidate], policy: &Policy) -> Result<Vec<usize>> {
     }
     if let Some(k) = policy.keep_every {
         for &i in &valid {
-            if candidates[i].0 % k == 0 {
+            if candidates[i].0.is_multiple_of(k) {
                 keep[i] = true;
             }
         }
