@@ -12,3 +12,6 @@ pub mod scan;
 pub mod verify;
 
 pub use error::{Error, Result};
+
+#[cfg(feature = "python")]
+mod binding;

@@ -1,0 +1,618 @@
+//! The Python module `h5ckpt._native`.
+//!
+//! This layer only converts arguments into owned Rust values (or borrowed byte
+//! slices whose Python buffers stay exported for the whole call), releases the GIL
+//! around every piece of I/O and hashing (see [`detach`]), and maps [`Error`] onto
+//! the exception classes of `h5ckpt.errors`. No Python object is touched while the
+//! GIL is released.
+
+use std::ffi::OsStr;
+use std::path::PathBuf;
+
+use pyo3::buffer::PyUntypedBuffer;
+use pyo3::exceptions::{PyMemoryError, PyOSError};
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBytes, PyDict, PyType};
+
+use crate::digest::{self, Segment};
+use crate::error::Error;
+use crate::finalize::Seal;
+use crate::header::{self, Header};
+use crate::retention::{self, Policy};
+use crate::scan::Entry;
+use crate::verify;
+
+// ---------------------------------------------------------------------------
+// Errors
+
+/// The classes of `h5ckpt.errors`, looked up once.
+struct ErrorClasses {
+    not_found: Py<PyType>,
+    permission: Py<PyType>,
+    storage: Py<PyType>,
+    corrupt: Py<PyType>,
+    authentication: Py<PyType>,
+    version: Py<PyType>,
+    value: Py<PyType>,
+}
+
+static ERROR_CLASSES: PyOnceLock<ErrorClasses> = PyOnceLock::new();
+
+fn error_classes(py: Python<'_>) -> PyResult<&ErrorClasses> {
+    ERROR_CLASSES.get_or_try_init(py, || {
+        let module = py.import("h5ckpt.errors")?;
+        let class = |name: &str| -> PyResult<Py<PyType>> {
+            Ok(module.getattr(name)?.cast_into::<PyType>()?.unbind())
+        };
+        Ok(ErrorClasses {
+            not_found: class("CheckpointNotFoundError")?,
+            permission: class("CheckpointPermissionError")?,
+            storage: class("CheckpointStorageError")?,
+            corrupt: class("CheckpointCorruptError")?,
+            authentication: class("CheckpointAuthenticationError")?,
+            version: class("CheckpointVersionError")?,
+            value: class("CheckpointValueError")?,
+        })
+    })
+}
+
+/// The exception instance for `err`: `Class(message, error_context)`.
+fn error_instance<'py>(py: Python<'py>, err: &Error) -> PyResult<Bound<'py, PyAny>> {
+    let classes = error_classes(py)?;
+    let ctx = PyDict::new(py);
+    if let Some(path) = err.path() {
+        ctx.set_item("path", path.as_os_str())?;
+    }
+    let class = match err {
+        Error::Io { op, source, .. } => {
+            ctx.set_item("op", *op)?;
+            ctx.set_item("errno", source.raw_os_error())?;
+            ctx.set_item("reason", source.to_string())?;
+            match source.kind() {
+                std::io::ErrorKind::NotFound => &classes.not_found,
+                std::io::ErrorKind::PermissionDenied => &classes.permission,
+                _ => &classes.storage,
+            }
+        }
+        Error::Corrupt { reason, .. } => {
+            ctx.set_item("reason", reason)?;
+            &classes.corrupt
+        }
+        Error::Authentication { reason, .. } => {
+            ctx.set_item("reason", reason)?;
+            &classes.authentication
+        }
+        Error::Version { major, minor, .. } => {
+            ctx.set_item("format_major", *major)?;
+            ctx.set_item("format_minor", *minor)?;
+            ctx.set_item("supported_major", header::FORMAT_MAJOR)?;
+            &classes.version
+        }
+        Error::InvalidArgument(reason) => {
+            ctx.set_item("reason", reason)?;
+            &classes.value
+        }
+    };
+    class.bind(py).call1((err.to_string(), ctx))
+}
+
+/// Converts `err` into the exception to raise. An OS error also becomes the
+/// `__cause__` (an `OSError` with `errno` and `strerror`).
+fn to_pyerr(py: Python<'_>, err: Error) -> PyErr {
+    match error_instance(py, &err) {
+        Ok(instance) => {
+            let pyerr = PyErr::from_value(instance);
+            if let Some(errno) = err.errno() {
+                // OSError(errno, strerror, filename) picks the matching subclass.
+                let strerror = std::io::Error::from_raw_os_error(errno).to_string();
+                let strerror = match strerror.rfind(" (os error ") {
+                    Some(at) => strerror[..at].to_string(),
+                    None => strerror,
+                };
+                let filename = err.path().map(|p| p.as_os_str().to_os_string());
+                let cause = PyOSError::new_err((errno, strerror, filename));
+                pyerr.set_cause(py, Some(cause));
+            }
+            pyerr
+        }
+        Err(lookup_failed) => lookup_failed,
+    }
+}
+
+fn value_error(py: Python<'_>, msg: impl Into<String>) -> PyErr {
+    to_pyerr(py, Error::invalid(msg))
+}
+
+/// Runs `f` with the GIL released and maps its error: the one pattern every
+/// function that does I/O or hashing goes through.
+fn detach<T, F>(py: Python<'_>, f: F) -> PyResult<T>
+where
+    F: FnOnce() -> Result<T, Error> + Send,
+    T: Send,
+{
+    py.detach(f).map_err(|e| to_pyerr(py, e))
+}
+
+// ---------------------------------------------------------------------------
+// Arguments
+
+/// Exports the buffer of `obj` (bytes, bytearray, memoryview, numpy array of any
+/// dtype, ...); it must be C-contiguous. Its bytes are read as raw bytes.
+fn contiguous_buffer(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<PyUntypedBuffer> {
+    let buf = PyUntypedBuffer::get(obj)?;
+    if !buf.is_c_contiguous() {
+        return Err(value_error(
+            obj.py(),
+            format!("{what} must be a C-contiguous buffer (use numpy.ascontiguousarray)"),
+        ));
+    }
+    Ok(buf)
+}
+
+/// The bytes of an exported buffer, valid while `buf` lives.
+///
+/// Another Python thread may still write into a mutable buffer (bytearray, numpy
+/// array) while the GIL is released; callers must not do that, as with any
+/// extension that reads a buffer without the GIL.
+fn buffer_bytes(buf: &PyUntypedBuffer) -> &[u8] {
+    let len = buf.len_bytes();
+    if len == 0 {
+        return &[];
+    }
+    // SAFETY: a C-contiguous buffer spans `len_bytes` bytes from `buf_ptr`, and the
+    // export (held by `buf`) keeps that memory alive and in place.
+    unsafe { std::slice::from_raw_parts(buf.buf_ptr().cast::<u8>(), len) }
+}
+
+/// Copies an optional HMAC key out of any bytes-like object.
+fn key_bytes(key: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Vec<u8>>> {
+    key.map(|k| {
+        let buf = contiguous_buffer(k, "hmac_key")?;
+        let bytes = buffer_bytes(&buf).to_vec();
+        if bytes.is_empty() {
+            return Err(value_error(k.py(), "hmac_key must not be empty"));
+        }
+        Ok(bytes)
+    })
+    .transpose()
+}
+
+fn to_u64(py: Python<'_>, value: i128, name: &str) -> PyResult<u64> {
+    u64::try_from(value).map_err(|_| {
+        value_error(
+            py,
+            format!("{name} must be an integer from 0 to 2**64-1, got {value}"),
+        )
+    })
+}
+
+fn to_usize(py: Python<'_>, value: i128, name: &str) -> PyResult<usize> {
+    usize::try_from(value).map_err(|_| {
+        value_error(
+            py,
+            format!("{name} must be a non-negative integer, got {value}"),
+        )
+    })
+}
+
+fn chunk_log2(py: Python<'_>, chunk_size: i128) -> PyResult<u32> {
+    let size = to_u64(py, chunk_size, "chunk_size")?;
+    header::chunk_log2_of(size).map_err(|e| to_pyerr(py, e))
+}
+
+// ---------------------------------------------------------------------------
+// Classes
+
+/// A parsed, self-consistent h5ckpt header (its header digest checked).
+#[pyclass(frozen, name = "Header", module = "h5ckpt._native")]
+pub struct PyHeader(Header);
+
+#[pymethods]
+impl PyHeader {
+    #[getter]
+    fn format_major(&self) -> u16 {
+        self.0.format_major
+    }
+    #[getter]
+    fn format_minor(&self) -> u16 {
+        self.0.format_minor
+    }
+    #[getter]
+    fn payload_offset(&self) -> u64 {
+        self.0.payload_offset
+    }
+    #[getter]
+    fn payload_length(&self) -> u64 {
+        self.0.payload_length
+    }
+    #[getter]
+    fn chunk_size(&self) -> u64 {
+        self.0.chunk_size()
+    }
+    #[getter]
+    fn chunk_count(&self) -> u64 {
+        self.0.chunk_count
+    }
+    #[getter]
+    fn flags(&self) -> u32 {
+        self.0.flags
+    }
+    #[getter]
+    fn keyed(&self) -> bool {
+        self.0.keyed()
+    }
+    #[getter]
+    fn batch_idx(&self) -> u64 {
+        self.0.batch_idx
+    }
+    #[getter]
+    fn loss(&self) -> f64 {
+        self.0.loss
+    }
+    #[getter]
+    fn timestamp(&self) -> f64 {
+        self.0.timestamp
+    }
+    #[getter]
+    fn payload_digest<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.0.payload_digest)
+    }
+    #[getter]
+    fn hmac_tag<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
+        self.0.keyed().then(|| PyBytes::new(py, &self.0.hmac_tag))
+    }
+    #[getter]
+    fn header_digest<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.0.header_digest)
+    }
+
+    /// Every field as a dict.
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("format_major", self.0.format_major)?;
+        d.set_item("format_minor", self.0.format_minor)?;
+        d.set_item("payload_offset", self.0.payload_offset)?;
+        d.set_item("payload_length", self.0.payload_length)?;
+        d.set_item("chunk_size", self.0.chunk_size())?;
+        d.set_item("chunk_count", self.0.chunk_count)?;
+        d.set_item("flags", self.0.flags)?;
+        d.set_item("keyed", self.0.keyed())?;
+        d.set_item("batch_idx", self.0.batch_idx)?;
+        d.set_item("loss", self.0.loss)?;
+        d.set_item("timestamp", self.0.timestamp)?;
+        d.set_item("payload_digest", self.payload_digest(py))?;
+        d.set_item("hmac_tag", self.hmac_tag(py))?;
+        d.set_item("header_digest", self.header_digest(py))?;
+        Ok(d)
+    }
+
+    fn __repr__(&self) -> String {
+        let h = &self.0;
+        format!(
+            "Header(format={}.{}, batch_idx={}, loss={:?}, timestamp={:?}, payload_length={}, \
+             chunk_size={}, keyed={})",
+            h.format_major,
+            h.format_minor,
+            h.batch_idx,
+            h.loss,
+            h.timestamp,
+            h.payload_length,
+            h.chunk_size(),
+            if h.keyed() { "True" } else { "False" },
+        )
+    }
+}
+
+/// One file of a directory scan whose name matches `{prefix}_batch_<digits>.h5`.
+#[pyclass(frozen, name = "Entry", module = "h5ckpt._native")]
+pub struct PyEntry {
+    entry: Entry,
+    header: Option<Py<PyHeader>>,
+}
+
+#[pymethods]
+impl PyEntry {
+    #[getter]
+    fn path(&self) -> &OsStr {
+        self.entry.path.as_os_str()
+    }
+    #[getter]
+    fn name(&self) -> &str {
+        &self.entry.name
+    }
+    #[getter]
+    fn batch_idx(&self) -> u64 {
+        self.entry.batch_idx
+    }
+    #[getter]
+    fn size(&self) -> u64 {
+        self.entry.size
+    }
+    #[getter]
+    fn mtime_ns(&self) -> i128 {
+        self.entry.mtime_ns
+    }
+    #[getter]
+    fn inode(&self) -> u64 {
+        self.entry.inode
+    }
+    #[getter]
+    fn device(&self) -> u64 {
+        self.entry.device
+    }
+    #[getter]
+    fn kind(&self) -> &'static str {
+        self.entry.kind.as_str()
+    }
+    #[getter]
+    fn header(&self, py: Python<'_>) -> Option<Py<PyHeader>> {
+        self.header.as_ref().map(|h| h.clone_ref(py))
+    }
+    #[getter]
+    fn error(&self) -> Option<&str> {
+        self.entry.error.as_deref()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Entry(name={:?}, batch_idx={}, kind={:?}, size={}, error={:?})",
+            self.entry.name,
+            self.entry.batch_idx,
+            self.entry.kind.as_str(),
+            self.entry.size,
+            self.entry.error
+        )
+    }
+}
+
+fn py_header(py: Python<'_>, header: Header) -> PyResult<Bound<'_, PyHeader>> {
+    Bound::new(py, PyHeader(header))
+}
+
+// ---------------------------------------------------------------------------
+// Functions
+
+/// Payload digest (docs/format.md) of an in-memory byte string.
+#[pyfunction]
+#[pyo3(signature = (data, chunk_size = header::DEFAULT_CHUNK_SIZE as i128))]
+fn tree_digest<'py>(
+    py: Python<'py>,
+    data: &Bound<'py, PyAny>,
+    chunk_size: i128,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let log2 = chunk_log2(py, chunk_size)?;
+    let buf = contiguous_buffer(data, "data")?;
+    let bytes = buffer_bytes(&buf);
+    let root = detach(py, || Ok(digest::tree_digest(bytes, log2)))?;
+    Ok(PyBytes::new(py, &root))
+}
+
+/// Parse and check the first 512 bytes of a file (no payload check).
+#[pyfunction]
+fn parse_header<'py>(py: Python<'py>, data: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyHeader>> {
+    let buf = contiguous_buffer(data, "data")?;
+    let bytes = buffer_bytes(&buf);
+    let header = detach(py, || header::parse(bytes))?;
+    py_header(py, header)
+}
+
+/// Read and parse a file's header; checks the file length against it.
+#[pyfunction]
+fn read_header(py: Python<'_>, path: PathBuf) -> PyResult<Bound<'_, PyHeader>> {
+    let header = detach(py, || verify::read_header(&path))?;
+    py_header(py, header)
+}
+
+/// Check header, length, payload digest and (keyed) HMAC tag of one file.
+#[pyfunction]
+#[pyo3(signature = (path, hmac_key = None))]
+fn verify_file<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    hmac_key: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyHeader>> {
+    let key = key_bytes(hmac_key)?;
+    let header = detach(py, || verify::verify_file(&path, key.as_deref()))?;
+    py_header(py, header)
+}
+
+/// `verify_file` over many files in parallel; failures are returned, not raised.
+#[pyfunction]
+#[pyo3(signature = (paths, hmac_key = None))]
+fn verify_files<'py>(
+    py: Python<'py>,
+    paths: Vec<PathBuf>,
+    hmac_key: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    let key = key_bytes(hmac_key)?;
+    let results = py.detach(|| verify::verify_files(&paths, key.as_deref()));
+    results
+        .into_iter()
+        .map(|r| match r {
+            Ok(h) => py_header(py, h).map(Bound::into_any),
+            Err(e) => error_instance(py, &e),
+        })
+        .collect()
+}
+
+/// A raw pointer that may cross into the GIL-free closure; the memory it points to
+/// is owned by a `bytes` object that nothing else can see yet.
+struct Unshared(*mut u8);
+// SAFETY: the pointee is reachable only through this pointer until the closure ends.
+unsafe impl Send for Unshared {}
+
+/// Read a whole file once, verify it from memory, return its header and bytes.
+#[pyfunction]
+#[pyo3(signature = (path, hmac_key = None))]
+fn read_verified<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    hmac_key: Option<&Bound<'py, PyAny>>,
+) -> PyResult<(Bound<'py, PyHeader>, Bound<'py, PyBytes>)> {
+    let key = key_bytes(hmac_key)?;
+    let (file, len) = detach(py, || verify::open(&path))?;
+    let len = isize::try_from(len)
+        .map_err(|_| PyMemoryError::new_err("file too large to read into memory"))?;
+    // An uninitialised bytes object of the file's length: the file is read straight
+    // into it (one copy, from the page cache), with the GIL released.
+    // SAFETY: a NULL source asks CPython for an uninitialised object of `len` bytes.
+    let bytes = unsafe {
+        Bound::from_owned_ptr_or_err(
+            py,
+            pyo3::ffi::PyBytes_FromStringAndSize(std::ptr::null(), len),
+        )?
+        .cast_into_unchecked::<PyBytes>()
+    };
+    // SAFETY: `bytes` is a bytes object.
+    let ptr = Unshared(unsafe { pyo3::ffi::PyBytes_AsString(bytes.as_ptr()) }.cast::<u8>());
+    let len = len as usize;
+    let header = detach(py, move || {
+        let ptr = ptr;
+        // SAFETY: `ptr` addresses `len` writable bytes owned by `bytes`, which outlives
+        // this closure and is not visible to any other code yet. They are zeroed
+        // first, so the slice never exposes uninitialised memory.
+        let buf = unsafe {
+            std::ptr::write_bytes(ptr.0, 0, len);
+            std::slice::from_raw_parts_mut(ptr.0, len)
+        };
+        verify::read_verified_into(&file, &path, key.as_deref(), buf)
+    })?;
+    Ok((py_header(py, header)?, bytes))
+}
+
+/// Complete a payload written by HDF5 and seal it with a header.
+#[pyfunction]
+#[pyo3(signature = (
+    fd, segments, batch_idx, loss, timestamp, hmac_key = None, durable = true,
+    chunk_size = header::DEFAULT_CHUNK_SIZE as i128,
+))]
+#[allow(clippy::too_many_arguments)]
+fn finalize<'py>(
+    py: Python<'py>,
+    fd: i32,
+    segments: Vec<(i128, Bound<'py, PyAny>)>,
+    batch_idx: i128,
+    loss: f64,
+    timestamp: f64,
+    hmac_key: Option<&Bound<'py, PyAny>>,
+    durable: bool,
+    chunk_size: i128,
+) -> PyResult<Bound<'py, PyHeader>> {
+    let chunk_log2 = chunk_log2(py, chunk_size)?;
+    let batch_idx = to_u64(py, batch_idx, "batch_idx")?;
+    let key = key_bytes(hmac_key)?;
+    // The exported buffers stay alive (and their memory in place) until the end of
+    // this function, past the GIL-free section that reads them.
+    let mut buffers = Vec::with_capacity(segments.len());
+    for (offset, obj) in &segments {
+        let offset = to_u64(py, *offset, "segment offset")?;
+        buffers.push((offset, contiguous_buffer(obj, "segment")?));
+    }
+    let segs: Vec<Segment<'_>> = buffers
+        .iter()
+        .map(|(offset, buf)| Segment {
+            offset: *offset,
+            data: buffer_bytes(buf),
+        })
+        .collect();
+    let seal = Seal {
+        batch_idx,
+        loss,
+        timestamp,
+        key: key.as_deref(),
+        durable,
+        chunk_log2,
+    };
+    let header = detach(py, || crate::finalize::finalize_fd(fd, &segs, &seal))?;
+    drop(segs);
+    drop(buffers);
+    py_header(py, header)
+}
+
+/// Regular files named `{prefix}_batch_<digits>.h5`, headers read in parallel,
+/// sorted by `(batch_idx, name)`.
+#[pyfunction]
+fn scan(py: Python<'_>, directory: PathBuf, prefix: String) -> PyResult<Vec<Bound<'_, PyEntry>>> {
+    let entries = detach(py, || crate::scan::scan(&directory, &prefix))?;
+    entries
+        .into_iter()
+        .map(|mut entry| {
+            let header = entry
+                .header
+                .take()
+                .map(|h| py_header(py, h).map(Bound::unbind))
+                .transpose()?;
+            Bound::new(py, PyEntry { entry, header })
+        })
+        .collect()
+}
+
+/// Indices of `(batch_idx, valid, loss)` candidates that the policy deletes.
+#[pyfunction]
+#[pyo3(signature = (
+    candidates, keep_last_n, keep_every = None, keep_best_n = 0, maximize = false,
+    delete_invalid = false,
+))]
+fn plan_retention(
+    py: Python<'_>,
+    candidates: Vec<(i128, bool, f64)>,
+    keep_last_n: Option<i128>,
+    keep_every: Option<i128>,
+    keep_best_n: i128,
+    maximize: bool,
+    delete_invalid: bool,
+) -> PyResult<Vec<usize>> {
+    let candidates = candidates
+        .into_iter()
+        .map(|(b, v, l)| Ok((to_u64(py, b, "batch_idx")?, v, l)))
+        .collect::<PyResult<Vec<_>>>()?;
+    let keep_every = keep_every
+        .map(|k| match to_u64(py, k, "keep_every")? {
+            0 => Err(value_error(py, "keep_every must be at least 1")),
+            k => Ok(k),
+        })
+        .transpose()?;
+    let policy = Policy {
+        keep_last_n: keep_last_n
+            .map(|n| to_usize(py, n, "keep_last_n"))
+            .transpose()?,
+        keep_every,
+        keep_best_n: to_usize(py, keep_best_n, "keep_best_n")?,
+        maximize,
+        delete_invalid,
+    };
+    retention::plan(&candidates, &policy).map_err(|e| to_pyerr(py, e))
+}
+
+/// fsync a directory, so that a rename in it is durable.
+#[pyfunction]
+fn fsync_directory(py: Python<'_>, path: PathBuf) -> PyResult<()> {
+    detach(py, || crate::finalize::fsync_directory(&path))
+}
+
+/// Rust core of h5ckpt: hashing, headers, verification, scanning and retention.
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("MAGIC", PyBytes::new(py, &header::MAGIC))?;
+    m.add("HDF5_SIGNATURE", PyBytes::new(py, &header::HDF5_SIGNATURE))?;
+    m.add("HEADER_SIZE", header::HEADER_SIZE)?;
+    m.add("FORMAT_MAJOR", header::FORMAT_MAJOR)?;
+    m.add("FORMAT_MINOR", header::FORMAT_MINOR)?;
+    m.add("DEFAULT_CHUNK_SIZE", header::DEFAULT_CHUNK_SIZE)?;
+    m.add_class::<PyHeader>()?;
+    m.add_class::<PyEntry>()?;
+    m.add_function(wrap_pyfunction!(tree_digest, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_header, m)?)?;
+    m.add_function(wrap_pyfunction!(read_header, m)?)?;
+    m.add_function(wrap_pyfunction!(verify_file, m)?)?;
+    m.add_function(wrap_pyfunction!(verify_files, m)?)?;
+    m.add_function(wrap_pyfunction!(read_verified, m)?)?;
+    m.add_function(wrap_pyfunction!(finalize, m)?)?;
+    m.add_function(wrap_pyfunction!(scan, m)?)?;
+    m.add_function(wrap_pyfunction!(plan_retention, m)?)?;
+    m.add_function(wrap_pyfunction!(fsync_directory, m)?)?;
+    Ok(())
+}
