@@ -1,0 +1,1048 @@
+"""Exact, pickle-free round trip of Python values through an HDF5 tree.
+
+A value is stored as one HDF5 object per node: containers (``dict``, ``list``,
+``tuple``) become groups, everything else becomes a dataset. Every object carries
+one attribute, ``h5ckpt_type``, a short fixed-length ASCII string that names the
+Python type (see ``docs/format.md``, section "Payload tree"). Dict keys become link
+names through a reversible escape (:func:`escape_key`). Values no tag can describe
+are pickled, one node at a time, when the caller allows it.
+
+The four entry points:
+
+* :func:`check_value` walks a value without touching any file and refuses what
+  cannot be stored, naming the offending key path.
+* :func:`write_value` writes a value as one child of an HDF5 group.
+* :func:`read_value` reads it back, bounded by :class:`~h5ckpt.limits.LoadLimits`.
+* :func:`values_equal` compares two values exactly (types, dtypes, NaN, signed zero).
+
+All walks are iterative, so a deep tree never raises ``RecursionError``.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import re
+from collections.abc import Callable
+from typing import Any
+
+import h5py
+import numpy as np
+from h5py import h5, h5a, h5d, h5g, h5i, h5l, h5o, h5p, h5s, h5t
+
+from h5ckpt.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointLimitError,
+    CheckpointPickleError,
+    CheckpointValueError,
+)
+from h5ckpt.limits import LoadLimits
+
+__all__ = [
+    "PICKLE_PROTOCOL",
+    "TAGS",
+    "TYPE_ATTR",
+    "check_value",
+    "default_put_array",
+    "escape_key",
+    "hdf5_type",
+    "read_value",
+    "unescape_key",
+    "values_equal",
+    "write_value",
+]
+
+#: Name of the attribute that carries the type tag of every node.
+TYPE_ATTR = "h5ckpt_type"
+_TYPE_ATTR_B = TYPE_ATTR.encode("ascii")
+
+#: Pickle protocol of pickled nodes.
+PICKLE_PROTOCOL = 5
+
+# Type tags. Containers are groups; all others are datasets.
+_DICT = "dict"
+_LIST = "list"
+_TUPLE = "tuple"
+_NONE = "none"
+_BOOL = "bool"
+_INT = "int"
+_BIGINT = "bigint"
+_FLOAT = "float"
+_STR = "str"
+_STR_BYTES = "str_bytes"
+_BYTES = "bytes"
+_BYTEARRAY = "bytearray"
+_NP_SCALAR = "np_scalar"
+_NDARRAY = "ndarray"
+_PICKLE = "pickle"
+
+#: Every type tag this version writes and reads.
+TAGS = frozenset(
+    {
+        _DICT,
+        _LIST,
+        _TUPLE,
+        _NONE,
+        _BOOL,
+        _INT,
+        _BIGINT,
+        _FLOAT,
+        _STR,
+        _STR_BYTES,
+        _BYTES,
+        _BYTEARRAY,
+        _NP_SCALAR,
+        _NDARRAY,
+        _PICKLE,
+    }
+)
+_CONTAINERS = frozenset({_DICT, _LIST, _TUPLE})
+_BLOBS = frozenset({_STR_BYTES, _BYTES, _BYTEARRAY, _PICKLE})
+_MAX_TAG_BYTES = 32
+
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
+_MAX_RANK = 32  # H5S_MAX_RANK
+_BIGINT_RE = re.compile(r"-?0x[0-9a-f]+")
+
+# Exact Python types with a fixed tag (bool before int does not matter: exact types).
+_SIMPLE_TAGS: dict[type, str] = {
+    list: _LIST,
+    tuple: _TUPLE,
+    float: _FLOAT,
+    bool: _BOOL,
+    type(None): _NONE,
+    bytes: _BYTES,
+    bytearray: _BYTEARRAY,
+}
+
+_VLEN_UTF8 = h5py.string_dtype("utf-8")
+_U8 = np.dtype(np.uint8)
+
+
+# --------------------------------------------------------------------------- keys
+
+_ESCAPE_RE = re.compile("[%/\x00\ud800-\udfff]")
+_PCT_RE = re.compile(rb"%([0-9A-Fa-f]{2})")
+
+
+def _pct(match: re.Match[str]) -> str:
+    return "".join(f"%{b:02X}" for b in match.group().encode("utf-8", "surrogatepass"))
+
+
+def escape_key(key: str) -> str:
+    """Turn a dict key into the HDF5 link name that stores it.
+
+    ``%``, ``/``, NUL and lone surrogates are percent-encoded as the uppercase hex
+    of their UTF-8 bytes (surrogates as the three bytes Python's ``surrogatepass``
+    gives), a leading ``.`` becomes ``%2E``, and the empty key becomes ``%``. Every
+    other character is kept, so ordinary keys stay readable in h5dump.
+
+    Parameters
+    ----------
+    key : str
+        Any str.
+
+    Returns
+    -------
+    str
+        A valid, non-empty HDF5 link name without ``/`` or NUL, encodable as UTF-8.
+    """
+    if not key:
+        return "%"
+    name = _ESCAPE_RE.sub(_pct, key)
+    if name[0] == ".":
+        name = "%2E" + name[1:]
+    return name
+
+
+def unescape_key(name: str) -> str:
+    """Inverse of :func:`escape_key`.
+
+    Parameters
+    ----------
+    name : str
+        A link name.
+
+    Returns
+    -------
+    str
+        The key it stores.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not exactly what :func:`escape_key` writes for some key
+        (this keeps the mapping one to one).
+    """
+    if name == "%":
+        return ""
+    if "%" in name:
+        raw = _PCT_RE.sub(lambda m: bytes((int(m.group(1), 16),)), name.encode("utf-8"))
+        key = raw.decode("utf-8", "surrogatepass")
+    else:
+        key = name
+    if not key or escape_key(key) != name:
+        raise ValueError(f"link name {name!r} is not a canonically escaped dict key")
+    return key
+
+
+# ------------------------------------------------------------------------- dtypes
+
+
+def hdf5_type(dtype: np.dtype) -> h5t.TypeID:
+    """The HDF5 file datatype h5ckpt stores a numpy dtype as.
+
+    This is h5py's own mapping (``h5py.h5t.py_create``): byte order is kept, bool
+    becomes an 8-bit enum ``{FALSE: 0, TRUE: 1}`` and complex a compound ``{r, i}``.
+
+    Parameters
+    ----------
+    dtype : numpy.dtype
+        A bool, integer, float or complex dtype.
+
+    Returns
+    -------
+    h5py.h5t.TypeID
+    """
+    return h5t.py_create(np.dtype(dtype))
+
+
+_DTYPE_OK: dict[np.dtype, bool] = {}
+_SCALAR_TYPE_OK: dict[type, bool] = {}
+
+
+def _probe_dtype(dt: np.dtype) -> bool:
+    """Whether arrays of ``dt`` survive an h5py round trip with dtype and values."""
+    values = np.array([0, 1, 2, 1], dtype=dt)
+    if dt.kind in "fc":
+        values[3] = -0.0
+        values[2] = np.inf
+    try:
+        name = f"h5ckpt-probe-{dt.str}-{id(values)}"
+        with h5py.File(name, "w", driver="core", backing_store=False) as f:
+            dset = f.create_dataset("a", data=values, dtype=hdf5_type(dt))
+            file_dt = dset.id.get_type().dtype
+            if file_dt != dt or file_dt.metadata is not None:
+                return False
+            out = np.empty(values.shape, file_dt)
+            dset.id.read(h5s.ALL, h5s.ALL, out)
+    except Exception:
+        return False
+    return _arrays_equal(values, out)
+
+
+def _dtype_storable(dt: np.dtype) -> bool:
+    if dt.kind not in "biufc" or dt.metadata is not None or dt.names is not None:
+        return False
+    ok = _DTYPE_OK.get(dt)
+    if ok is None:
+        ok = _DTYPE_OK[dt] = _probe_dtype(dt)
+    return ok
+
+
+def _scalar_type_storable(t: type) -> bool:
+    ok = _SCALAR_TYPE_OK.get(t)
+    if ok is None:
+        try:
+            dt = np.dtype(t)
+            # np.longlong has the dtype of np.int64 but is another type: it would
+            # come back as np.int64, so it is not stored as a numpy scalar.
+            ok = np.dtype(dt.str).type is t and _dtype_storable(dt)
+        except Exception:
+            ok = False
+        _SCALAR_TYPE_OK[t] = ok
+    return ok
+
+
+# ---------------------------------------------------------------- classification
+
+
+def _is_plain_text(s: str) -> bool:
+    """True when ``s`` can be a plain HDF5 variable-length UTF-8 string."""
+    return "\x00" not in s and (s.isascii() or _SURROGATE_RE.search(s) is None)
+
+
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def _native_tag(value: Any) -> str | None:
+    """The tag that stores ``value`` without pickling, or None."""
+    t = type(value)
+    tag = _SIMPLE_TAGS.get(t)
+    if tag is not None:
+        return tag
+    if t is dict:
+        for k in value:
+            if type(k) is not str:
+                return None
+        return _DICT
+    if t is str:
+        return _STR if _is_plain_text(value) else _STR_BYTES
+    if t is int:
+        return _INT if _INT64_MIN <= value <= _INT64_MAX else _BIGINT
+    if t is np.ndarray:
+        if value.ndim <= _MAX_RANK and _dtype_storable(value.dtype):
+            return _NDARRAY
+        return None
+    if isinstance(value, np.generic) and _scalar_type_storable(t):
+        return _NP_SCALAR
+    return None
+
+
+def _type_name(t: type) -> str:
+    module = t.__module__
+    return t.__qualname__ if module == "builtins" else f"{module}.{t.__qualname__}"
+
+
+def _refusal(value: Any) -> str:
+    """Why ``value`` cannot be stored without pickling, in words."""
+    t = type(value)
+    if t is dict:
+        for k in value:
+            if type(k) is not str:
+                return f"a dict with the key {k!r} of type {_type_name(type(k))} (keys must be str)"
+    if t is np.ndarray:
+        if value.ndim > _MAX_RANK:
+            return f"a numpy array with {value.ndim} dimensions (HDF5 allows {_MAX_RANK})"
+        return (
+            f"a numpy array of dtype {value.dtype} (only bool, integer, float and complex "
+            "dtypes are stored without pickling)"
+        )
+    if isinstance(value, np.generic):
+        return f"a numpy scalar of type {_type_name(t)}"
+    return f"a value of type {_type_name(t)}"
+
+
+# ------------------------------------------------------------------------- paths
+
+# A key path is a linked list of (parent, key) pairs, rendered only for messages.
+_Path = tuple | None
+
+
+def _render(root: str, node: _Path) -> str:
+    keys = []
+    while node is not None:
+        node, key = node
+        keys.append(key)
+    keys.reverse()
+    return (root or "value") + "".join(f"[{k!r}]" for k in keys)
+
+
+# ------------------------------------------------------------------- check_value
+
+
+class _NullSink:
+    """A write-only file that discards what it gets (used to test picklability)."""
+
+    __slots__ = ()
+
+    def write(self, data: Any) -> None:
+        return None
+
+
+def _refuse(root: str, node: _Path, value: Any) -> CheckpointValueError:
+    where = _render(root, node)
+    return CheckpointValueError(
+        f"{where}: cannot store {_refusal(value)} without pickling; convert it to a "
+        "supported type (dict with str keys, list, tuple, str, bytes, bytearray, int, "
+        "float, bool, None, numpy bool/number arrays and scalars) or pass "
+        "allow_pickle=True to pickle this value",
+        {"path": where, "type": _type_name(type(value))},
+    )
+
+
+def _check_picklable(value: Any, root: str, node: _Path) -> None:
+    try:
+        pickle.Pickler(_NullSink(), protocol=PICKLE_PROTOCOL).dump(value)
+    except Exception as exc:
+        where = _render(root, node)
+        raise CheckpointValueError(
+            f"{where}: cannot pickle a value of type {_type_name(type(value))}: {exc}",
+            {"path": where, "type": _type_name(type(value))},
+        ) from exc
+
+
+_EXIT = object()
+
+
+def check_value(
+    value: Any, *, allow_pickle: bool, limits: LoadLimits | None = None, path: str = ""
+) -> None:
+    """Make sure ``value`` can be written and loaded back; touch no file.
+
+    Parameters
+    ----------
+    value : Any
+        The value to store.
+    allow_pickle : bool
+        Whether values without a native encoding may be pickled. Each such value is
+        then pickled on its own; its parents stay native. Picklability is tested
+        here (into a null sink), so an unpicklable value fails before any write.
+    limits : LoadLimits, optional
+        ``max_depth`` and ``max_nodes`` are enforced so that the file loads with
+        these limits. Default: ``LoadLimits()``.
+    path : str, default ""
+        Name of the value in messages, e.g. ``"optimizer_state"``; key paths are
+        appended to it (``optimizer_state['layers'][3]['w']``). ``""`` reads "value".
+
+    Raises
+    ------
+    CheckpointValueError
+        For an unsupported value (non-str dict key, object/structured/string/
+        datetime numpy array, set, other types) when ``allow_pickle`` is False, an
+        unpicklable value when it is True, a container that contains itself, a tree
+        deeper than ``limits.max_depth`` or with more than ``limits.max_nodes``
+        nodes. The message and ``error_context["path"]`` name the key path.
+    """
+    if limits is None:
+        limits = LoadLimits()
+    elif not isinstance(limits, LoadLimits):
+        raise CheckpointValueError(f"limits must be a LoadLimits, not {type(limits).__name__}")
+    max_depth = limits.max_depth
+    max_nodes = limits.max_nodes
+    nodes = 1
+    ancestors: set[int] = set()
+    stack: list[tuple[Any, Any, _Path]] = [(value, 0, None)]
+    while stack:
+        v, depth, node = stack.pop()
+        if v is _EXIT:
+            ancestors.discard(depth)
+            continue
+        tag = _native_tag(v)
+        if tag is None:
+            if not allow_pickle:
+                raise _refuse(path, node, v)
+            _check_picklable(v, path, node)
+            continue
+        if tag not in _CONTAINERS or not v:
+            continue
+        vid = id(v)
+        if vid in ancestors:
+            where = _render(path, node)
+            raise CheckpointValueError(
+                f"{where}: the value contains itself (a reference cycle); only trees can be stored",
+                {"path": where},
+            )
+        if depth >= max_depth:
+            where = _render(path, node)
+            raise CheckpointValueError(
+                f"{where}: the value nests deeper than max_depth={max_depth}",
+                {"path": where, "max_depth": max_depth},
+            )
+        nodes += len(v)
+        if nodes > max_nodes:
+            where = _render(path, node)
+            raise CheckpointValueError(
+                f"{where}: the value has more than max_nodes={max_nodes} nodes",
+                {"path": where, "max_nodes": max_nodes},
+            )
+        ancestors.add(vid)
+        stack.append((_EXIT, vid, None))
+        child_depth = depth + 1
+        if tag is _DICT:
+            stack.extend((item, child_depth, (node, k)) for k, item in v.items())
+        else:
+            stack.extend((item, child_depth, (node, i)) for i, item in enumerate(v))
+
+
+# ------------------------------------------------------------------- write_value
+
+PutArray = Callable[[h5py.Group, str, np.ndarray], h5py.Dataset]
+
+
+def default_put_array(group: h5py.Group, name: str, arr: np.ndarray) -> h5py.Dataset:
+    """Create ``group[name]`` holding ``arr`` (contiguous, uncompressed).
+
+    Parameters
+    ----------
+    group : h5py.Group
+    name : str
+        Link name (already escaped).
+    arr : numpy.ndarray
+        C-contiguous array; may be 0-d or empty.
+
+    Returns
+    -------
+    h5py.Dataset
+        The new dataset.
+    """
+    return group.create_dataset(name, data=arr, dtype=hdf5_type(arr.dtype))
+
+
+def _tag_type(tag: str) -> tuple[h5t.TypeID, np.ndarray]:
+    buf = np.array(tag.encode("ascii"), dtype=f"S{len(tag)}")
+    return h5t.py_create(buf.dtype), buf
+
+
+_TAG_TYPES = {tag: _tag_type(tag) for tag in TAGS}
+
+
+class _Writer:
+    """HDF5 handles shared by one write_value call."""
+
+    def __init__(self, put_array: PutArray) -> None:
+        self.put_array = put_array
+        self.scalar_space = h5s.create(h5s.SCALAR)
+        self.null_space = h5s.create(h5s.NULL)
+        self.lcpl = h5p.create(h5p.LINK_CREATE)
+        self.lcpl.set_char_encoding(h5t.CSET_UTF8)
+        self.gcpl = h5p.create(h5p.GROUP_CREATE)
+        self.gcpl.set_link_creation_order(h5p.CRT_ORDER_TRACKED | h5p.CRT_ORDER_INDEXED)
+        self.compact = h5p.create(h5p.DATASET_CREATE)
+        self.compact.set_layout(h5d.COMPACT)
+        self.vlen_type = h5t.py_create(_VLEN_UTF8, logical=True)
+        self.types = {
+            _INT: h5t.STD_I64LE,
+            _FLOAT: h5t.IEEE_F64LE,
+            _BOOL: h5t.py_create(np.dtype(np.bool_)),
+        }
+
+    def tag(self, obj: Any, tag: str) -> None:
+        tid, buf = _TAG_TYPES[tag]
+        h5a.create(obj, _TYPE_ATTR_B, tid, self.scalar_space).write(buf)
+
+    def group(self, gid: h5g.GroupID, name: str, tag: str) -> h5g.GroupID:
+        group = h5g.create(gid, name.encode("utf-8"), lcpl=self.lcpl, gcpl=self.gcpl)
+        self.tag(group, tag)
+        return group
+
+    def scalar(self, gid: h5g.GroupID, name: str, tid: h5t.TypeID, data: np.ndarray, tag: str):
+        dset = h5d.create(
+            gid, name.encode("utf-8"), tid, self.scalar_space, dcpl=self.compact, lcpl=self.lcpl
+        )
+        dset.write(h5s.ALL, h5s.ALL, data)
+        self.tag(dset, tag)
+
+    def text(self, gid: h5g.GroupID, name: str, text: str, tag: str) -> None:
+        data = np.array(text.encode("utf-8"), dtype=_VLEN_UTF8)
+        self.scalar(gid, name, self.vlen_type, data, tag)
+
+    def none(self, gid: h5g.GroupID, name: str) -> None:
+        dset = h5d.create(gid, name.encode("utf-8"), h5t.STD_U8LE, self.null_space, lcpl=self.lcpl)
+        self.tag(dset, _NONE)
+
+    def array(self, gid: h5g.GroupID, name: str, arr: np.ndarray, tag: str) -> None:
+        arr = np.require(arr, requirements="CA")
+        dset = self.put_array(h5py.Group(gid), name, arr)
+        if not isinstance(dset, h5py.Dataset):
+            raise CheckpointValueError(
+                f"put_array must return the h5py.Dataset it created, not {type(dset).__name__}"
+            )
+        stored = dset.id.get_type().dtype
+        if stored != arr.dtype or dset.id.shape != arr.shape:
+            raise CheckpointValueError(
+                f"put_array stored {name!r} as dtype {stored.str} shape {dset.id.shape} for an "
+                f"array of dtype {arr.dtype.str} shape {arr.shape}; it must keep the array's "
+                "dtype (byte order included) and shape, 0-d arrays too",
+                {"name": name},
+            )
+        self.tag(dset.id, tag)
+
+
+def write_value(
+    parent: h5py.Group,
+    name: str,
+    value: Any,
+    *,
+    allow_pickle: bool,
+    put_array: PutArray | None = None,
+) -> None:
+    """Write ``value`` as the child ``name`` of ``parent``.
+
+    Call :func:`check_value` first: it refuses everything this function would
+    refuse, before anything is written. This function raises the same
+    :class:`~h5ckpt.errors.CheckpointValueError` for an unsupported value it meets,
+    but by then the file holds the part of the tree written so far.
+
+    Parameters
+    ----------
+    parent : h5py.Group
+        Group (or file) to write into; it must not have a child ``name``.
+    name : str
+        Link name of the new node, used as given (it is not escaped).
+    value : Any
+        The value; see ``docs/format.md`` for what is stored natively.
+    allow_pickle : bool
+        Pickle values that have no native encoding (only those values).
+    put_array : callable, optional
+        ``put_array(group, link_name, arr) -> h5py.Dataset`` creates every dataset
+        that holds an array: numpy arrays (any shape, including 0-d and empty) and
+        the uint8 vectors of bytes, bytearray, str with NUL or lone surrogates, and
+        pickles (possibly empty). ``arr`` is C-contiguous and aligned. The dataset
+        must have exactly ``arr``'s dtype (byte order included, i.e. the HDF5 type
+        :func:`hdf5_type` gives) and shape (``()`` for 0-d arrays: do not pass them
+        through ``np.ascontiguousarray``, which makes them 1-d); chunking, filters
+        and writing the data later are up to it. Default: :func:`default_put_array`.
+        Scalars, strings and containers are written directly.
+
+    Raises
+    ------
+    CheckpointValueError
+        For an unsupported value (with its key path), or when ``put_array`` does
+        not return a dataset of ``arr``'s dtype and shape.
+    """
+    w = _Writer(put_array or default_put_array)
+    stack: list[tuple[h5g.GroupID, str, Any, _Path]] = [(parent.id, name, value, None)]
+    while stack:
+        gid, nm, v, node = stack.pop()
+        tag = _native_tag(v)
+        if tag is None:
+            if not allow_pickle:
+                raise _refuse(name, node, v)
+            try:
+                data = pickle.dumps(v, protocol=PICKLE_PROTOCOL)
+            except Exception as exc:
+                where = _render(name, node)
+                raise CheckpointValueError(
+                    f"{where}: cannot pickle a value of type {_type_name(type(v))}: {exc}",
+                    {"path": where},
+                ) from exc
+            w.array(gid, nm, np.frombuffer(data, dtype=_U8), _PICKLE)
+        elif tag is _DICT:
+            group = w.group(gid, nm, tag)
+            children = [(group, escape_key(k), item, (node, k)) for k, item in v.items()]
+            children.reverse()
+            stack.extend(children)
+        elif tag is _LIST or tag is _TUPLE:
+            group = w.group(gid, nm, tag)
+            children = [(group, str(i), item, (node, i)) for i, item in enumerate(v)]
+            children.reverse()
+            stack.extend(children)
+        elif tag is _INT:
+            w.scalar(gid, nm, w.types[_INT], np.array(v, dtype=np.int64), tag)
+        elif tag is _FLOAT:
+            w.scalar(gid, nm, w.types[_FLOAT], np.array(v, dtype=np.float64), tag)
+        elif tag is _BOOL:
+            w.scalar(gid, nm, w.types[_BOOL], np.array(v, dtype=np.bool_), tag)
+        elif tag is _NONE:
+            w.none(gid, nm)
+        elif tag is _STR:
+            w.text(gid, nm, v, tag)
+        elif tag is _BIGINT:
+            w.text(gid, nm, hex(v), tag)
+        elif tag is _NP_SCALAR:
+            data = np.array(v)
+            w.scalar(gid, nm, hdf5_type(data.dtype), data, tag)
+        elif tag is _NDARRAY:
+            w.array(gid, nm, v, tag)
+        elif tag is _STR_BYTES:
+            raw = v.encode("utf-8", "surrogatepass")
+            w.array(gid, nm, np.frombuffer(raw, dtype=_U8), tag)
+        else:  # bytes, bytearray
+            w.array(gid, nm, np.frombuffer(v, dtype=_U8), tag)
+
+
+# -------------------------------------------------------------------- read_value
+
+
+class _Corrupt(Exception):
+    """Internal: a malformed node; turned into CheckpointCorruptError with its path."""
+
+
+def _read_tag(obj: Any) -> str:
+    try:
+        attr = h5a.open(obj, _TYPE_ATTR_B)
+    except KeyError:
+        raise _Corrupt(f"has no {TYPE_ATTR} attribute") from None
+    tid = attr.get_type()
+    if not isinstance(tid, h5t.TypeStringID):
+        raise _Corrupt(f"has a {TYPE_ATTR} attribute that is not a string")
+    if attr.get_space().get_simple_extent_type() != h5s.SCALAR:
+        raise _Corrupt(f"has a {TYPE_ATTR} attribute that is not a scalar")
+    if tid.is_variable_str():
+        buf = np.empty((), dtype=_VLEN_UTF8)
+        attr.read(buf)
+    else:
+        size = tid.get_size()
+        if size > _MAX_TAG_BYTES:
+            raise _Corrupt(f"has a {TYPE_ATTR} attribute of {size} bytes")
+        buf = np.empty((), dtype=f"S{size}")
+        attr.read(buf, mtype=tid)
+    raw = buf[()]
+    tag = raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw)
+    if tag not in TAGS:
+        raise _Corrupt(f"has the unknown type tag {tag[:_MAX_TAG_BYTES]!r}")
+    return tag
+
+
+class _Reader:
+    def __init__(self, allow_pickle: bool, limits: LoadLimits, root: str, budget: int) -> None:
+        self.allow_pickle = allow_pickle
+        self.limits = limits
+        self.root = root
+        self.budget = budget
+        self.used = 0
+        self.nodes = 1
+
+    def where(self, node: _Path) -> str:
+        return _render(self.root, node)
+
+    def limit(self, node: _Path, message: str, **context: Any) -> CheckpointLimitError:
+        where = self.where(node)
+        return CheckpointLimitError(f"{where}: {message}", {"path": where, **context})
+
+    def take_bytes(self, node: _Path, nbytes: int) -> None:
+        self.used += nbytes
+        if self.used > self.budget:
+            raise self.limit(
+                node,
+                f"arrays total more than max_array_bytes={self.budget} bytes (this dataset "
+                f"declares {nbytes} bytes)",
+                max_array_bytes=self.budget,
+                declared_bytes=nbytes,
+            )
+
+    def run(self, obj: Any) -> Any:
+        result: list[Any] = [None]
+        # Tasks: (obj or None, parent gid, link name, depth, path, target, key) to
+        # visit a node; (None, None, tuple-items, ...) to finish a tuple.
+        stack: list[tuple] = [(obj, None, None, 0, None, result, 0)]
+        self.node: _Path = None
+        while stack:
+            obj, gid, name, depth, node, target, key = stack.pop()
+            self.node = node
+            if obj is None:
+                if gid is None:  # finish a tuple
+                    target[key] = tuple(name)
+                    continue
+                obj = h5o.open(gid, name)
+            self.obj = obj
+            if h5o.get_info(obj).num_attrs > self.limits.max_attributes:
+                raise self.limit(
+                    node,
+                    f"an HDF5 object has more than max_attributes={self.limits.max_attributes} "
+                    "attributes",
+                    max_attributes=self.limits.max_attributes,
+                )
+            tag = _read_tag(obj)
+            if isinstance(obj, h5g.GroupID):
+                if tag not in _CONTAINERS:
+                    raise _Corrupt(f"is a group with the leaf type tag {tag!r}")
+                self.container(obj, tag, depth, node, target, key, stack)
+            elif isinstance(obj, h5d.DatasetID):
+                if tag in _CONTAINERS:
+                    raise _Corrupt(f"is a dataset with the container type tag {tag!r}")
+                target[key] = self.leaf(obj, tag, node)
+            else:
+                raise _Corrupt("is neither a group nor a dataset")
+        return result[0]
+
+    def container(self, gid, tag, depth, node, target, key, stack) -> None:
+        n = len(gid)
+        if n:
+            if depth >= self.limits.max_depth:
+                raise self.limit(
+                    node,
+                    f"the tree nests deeper than max_depth={self.limits.max_depth}",
+                    max_depth=self.limits.max_depth,
+                )
+            self.nodes += n
+            if self.nodes > self.limits.max_nodes:
+                raise self.limit(
+                    node,
+                    f"the tree has more than max_nodes={self.limits.max_nodes} nodes",
+                    max_nodes=self.limits.max_nodes,
+                )
+        child_depth = depth + 1
+        if tag == _DICT:
+            value: dict[str, Any] = {}
+            target[key] = value
+            links: list[tuple[bytes, int]] = []
+
+            def collect(link_name: bytes, info: Any) -> None:
+                links.append((link_name, info.type))
+
+            try:
+                gid.links.iterate(collect, idx_type=h5.INDEX_CRT_ORDER, info=True)
+            except RuntimeError:
+                # Creation order not tracked (not written by h5ckpt): name order.
+                links.clear()
+                gid.links.iterate(collect, idx_type=h5.INDEX_NAME, info=True)
+            if len(links) != n:
+                raise _Corrupt("lists a different number of links than it holds")
+            tasks = []
+            for link_name, link_type in links:
+                try:
+                    k = unescape_key(link_name.decode("utf-8"))
+                except ValueError as exc:
+                    raise _Corrupt(f"has the malformed link name {link_name!r}") from exc
+                if link_type != h5l.TYPE_HARD:
+                    raise _Corrupt(f"has the soft or external link {link_name!r}")
+                tasks.append((None, gid, link_name, child_depth, (node, k), value, k))
+            tasks.reverse()
+            stack.extend(tasks)
+            return
+        items: list[Any] = [None] * n
+        if tag == _TUPLE:
+            if not n:
+                target[key] = ()
+                return
+            stack.append((None, None, items, depth, node, target, key))
+        else:
+            target[key] = items
+        tasks = []
+        for i in range(n):
+            link_name = str(i).encode("ascii")
+            try:
+                link_type = gid.links.get_info(link_name).type
+            except (KeyError, RuntimeError):
+                raise _Corrupt(f"has {n} links but none named {i}") from None
+            if link_type != h5l.TYPE_HARD:
+                raise _Corrupt(f"has the soft or external link {i}")
+            tasks.append((None, gid, link_name, child_depth, (node, i), items, i))
+        tasks.reverse()
+        stack.extend(tasks)
+
+    def leaf(self, dset: h5d.DatasetID, tag: str, node: _Path) -> Any:
+        if tag == _PICKLE and not self.allow_pickle:
+            where = self.where(node)
+            raise CheckpointPickleError(
+                f"{where} was saved with allow_pickle=True; pass allow_pickle=True to load "
+                "it — unpickling can run code, only do it for files you trust",
+                {"path": where},
+            )
+        space = dset.get_space()
+        kind = space.get_simple_extent_type()
+        if tag == _NONE:
+            if kind != h5s.NULL:
+                raise _Corrupt("is tagged none but its dataspace is not null")
+            return None
+        tid = dset.get_type()
+        if tag in (_STR, _BIGINT):
+            if kind != h5s.SCALAR:
+                raise _Corrupt(f"is tagged {tag} but is not a scalar")
+            if not (isinstance(tid, h5t.TypeStringID) and tid.is_variable_str()):
+                raise _Corrupt(f"is tagged {tag} but is not a variable-length string")
+            buf = np.empty((), dtype=_VLEN_UTF8)
+            dset.read(h5s.ALL, h5s.ALL, buf)
+            raw = buf[()]
+            text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+            if tag == _STR:
+                return text
+            if _BIGINT_RE.fullmatch(text) is None:
+                raise _Corrupt(f"is tagged bigint but holds {text[:40]!r}")
+            return int(text, 16)
+        dt = tid.dtype
+        if dt.metadata is not None:
+            raise _Corrupt(f"is tagged {tag} but has the special dtype {dt}")
+        if tag in _BLOBS:
+            if kind != h5s.SIMPLE or space.get_simple_extent_ndims() != 1 or dt != _U8:
+                raise _Corrupt(f"is tagged {tag} but is not a 1-d uint8 dataset")
+            (size,) = space.get_simple_extent_dims()
+            self.take_bytes(node, size)
+            data = bytearray(size)
+            if size:
+                dset.read(h5s.ALL, h5s.ALL, np.frombuffer(data, dtype=_U8))
+            if tag == _BYTEARRAY:
+                return data
+            if tag == _BYTES:
+                return bytes(data)
+            if tag == _STR_BYTES:
+                return data.decode("utf-8", "surrogatepass")
+            return pickle.loads(data)
+        if tag == _NDARRAY:
+            if kind not in (h5s.SCALAR, h5s.SIMPLE):
+                raise _Corrupt("is tagged ndarray but has a null dataspace")
+            if not _dtype_storable(dt):
+                raise _Corrupt(f"is tagged ndarray but has the unsupported dtype {dt}")
+            shape = space.get_simple_extent_dims() if kind == h5s.SIMPLE else ()
+            self.take_bytes(node, math.prod(shape) * dt.itemsize)
+            out = np.empty(shape, dtype=dt)
+            if out.size:
+                dset.read(h5s.ALL, h5s.ALL, out)
+            return out
+        # Scalars: int, float, bool, np_scalar.
+        if kind != h5s.SCALAR:
+            raise _Corrupt(f"is tagged {tag} but is not a scalar")
+        if tag == _INT:
+            ok = dt.kind == "i" and dt.itemsize == 8
+        elif tag == _FLOAT:
+            ok = dt.kind == "f" and dt.itemsize == 8
+        elif tag == _BOOL:
+            ok = dt.kind == "b"
+        else:
+            ok = _dtype_storable(dt)
+        if not ok:
+            raise _Corrupt(f"is tagged {tag} but has the dtype {dt}")
+        out = np.empty((), dtype=dt)
+        dset.read(h5s.ALL, h5s.ALL, out)
+        if tag == _INT:
+            return int(out[()])
+        if tag == _FLOAT:
+            return float(out[()])
+        if tag == _BOOL:
+            return bool(out[()])
+        return out[()]
+
+
+def _hdf5_name(obj: Any) -> str | None:
+    try:
+        name = h5i.get_name(obj)
+    except Exception:
+        return None
+    return name.decode("utf-8", "replace") if isinstance(name, bytes) else name
+
+
+def read_value(
+    node: h5py.Group | h5py.Dataset,
+    *,
+    allow_pickle: bool,
+    limits: LoadLimits,
+    path: str = "",
+) -> Any:
+    """Read the value stored at ``node`` by :func:`write_value`.
+
+    Every limit is checked before the memory it guards is allocated: the
+    attribute count of each object before its tag is read, depth and node count
+    before a group's links are listed, and each array's declared size (shape times
+    item size, from its dataspace) before it is read. Links must be hard links;
+    soft and external links are refused without being followed.
+
+    Parameters
+    ----------
+    node : h5py.Group or h5py.Dataset
+        The node written by ``write_value``.
+    allow_pickle : bool
+        Whether pickled nodes may be unpickled. Only for trusted files.
+    limits : LoadLimits
+        Bounds on depth, node count, attributes per object and total array bytes.
+        With ``max_array_bytes=None`` the budget is
+        ``limits.resolved_max_bytes(size of node's file)``.
+    path : str, default ""
+        Name of the value in messages; ``""`` reads "value".
+
+    Returns
+    -------
+    Any
+        The value.
+
+    Raises
+    ------
+    CheckpointLimitError
+        When the tree exceeds a limit.
+    CheckpointPickleError
+        On a pickled node when ``allow_pickle`` is False; nothing is unpickled.
+    CheckpointCorruptError
+        On anything malformed: missing or unknown type tags, a tag that does not
+        match its object's kind, dtype or dataspace, badly escaped keys, missing list
+        items, soft or external links, undecodable text, and any error HDF5 or
+        unpickling raises. No other exception type escapes (``KeyboardInterrupt``
+        and ``MemoryError`` aside).
+    """
+    if not isinstance(limits, LoadLimits):
+        raise CheckpointValueError(f"limits must be a LoadLimits, not {type(limits).__name__}")
+    reader: _Reader | None = None
+    try:
+        if limits.max_array_bytes is not None:
+            budget = limits.max_array_bytes
+        else:
+            budget = limits.resolved_max_bytes(node.file.id.get_filesize())
+        reader = _Reader(allow_pickle, limits, path, budget)
+        # A File's id is a FileID; its root group is a GroupID.
+        return reader.run(node["/"].id if isinstance(node, h5py.File) else node.id)
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        tree_node = reader.node if reader is not None else None
+        where = _render(path, tree_node)
+        obj = getattr(reader, "obj", None)
+        hdf5_name = _hdf5_name(obj) if obj is not None else None
+        if isinstance(exc, _Corrupt):
+            message = f"{where}: malformed checkpoint tree: the node {exc}"
+            cause = exc.__cause__
+        else:
+            message = f"{where}: malformed checkpoint tree: {type(exc).__name__}: {exc}"
+            cause = exc
+        context = {"path": where}
+        if hdf5_name is not None:
+            context["hdf5_path"] = hdf5_name
+        raise CheckpointCorruptError(message, context) from cause
+
+
+# ------------------------------------------------------------------ values_equal
+
+
+def _float_equal(x: float, y: float) -> bool:
+    if x != x:
+        return y != y
+    return x == y and math.copysign(1.0, x) == math.copysign(1.0, y)
+
+
+def _arrays_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    """Exact comparison of two non-object arrays (dtype, shape, values)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    kind = a.dtype.kind
+    if kind in "fc":
+        pairs = [(a.real, b.real), (a.imag, b.imag)] if kind == "c" else [(a, b)]
+        for x, y in pairs:
+            with np.errstate(invalid="ignore"):
+                same = (x == y) & (np.signbit(x) == np.signbit(y))
+                same |= np.isnan(x) & np.isnan(y)
+            if not same.all():
+                return False
+        return True
+    if kind in "biu":
+        return bool(np.array_equal(a, b))
+    return a.tobytes() == b.tobytes()
+
+
+def values_equal(a: Any, b: Any) -> bool:
+    """Whether two values are exactly equal, as a round trip must preserve them.
+
+    Types must match exactly at every level (``True`` is not ``1``, a tuple is not
+    a list, ``np.float32(1)`` is not ``1.0``). Dicts must have the same keys in the
+    same order. Floats (Python, numpy scalars and arrays, real and imaginary parts
+    of complex values) are equal when both are NaN or when they are equal with the
+    same sign, so ``-0.0`` differs from ``0.0``. Arrays must have the same dtype
+    (byte order included) and shape. Object arrays are compared element by
+    element; other values (e.g. unpickled objects) with ``==``.
+
+    Parameters
+    ----------
+    a, b : Any
+
+    Returns
+    -------
+    bool
+    """
+    stack: list[tuple[Any, Any]] = [(a, b)]
+    while stack:
+        x, y = stack.pop()
+        t = type(x)
+        if t is not type(y):
+            return False
+        if t is dict:
+            if len(x) != len(y):
+                return False
+            stack.extend(zip(x.keys(), y.keys(), strict=True))
+            stack.extend(zip(x.values(), y.values(), strict=True))
+        elif t is list or t is tuple:
+            if len(x) != len(y):
+                return False
+            stack.extend(zip(x, y, strict=True))
+        elif t is float:
+            if not _float_equal(x, y):
+                return False
+        elif t is complex:
+            if not (_float_equal(x.real, y.real) and _float_equal(x.imag, y.imag)):
+                return False
+        elif t is np.ndarray:
+            if x.dtype.hasobject:
+                if x.dtype != y.dtype or x.shape != y.shape:
+                    return False
+                stack.extend(zip(x.ravel().tolist(), y.ravel().tolist(), strict=True))
+            elif not _arrays_equal(x, y):
+                return False
+        elif isinstance(x, np.generic):
+            if not _arrays_equal(np.asarray(x), np.asarray(y)):
+                return False
+        elif x is not y:
+            try:
+                if not bool(x == y):
+                    return False
+            except Exception:
+                return False
+    return True
