@@ -9,8 +9,8 @@
 use std::ffi::OsStr;
 use std::path::PathBuf;
 
-use pyo3::buffer::PyUntypedBuffer;
-use pyo3::exceptions::{PyMemoryError, PyOSError};
+use pyo3::exceptions::{PyBufferError, PyMemoryError, PyOSError, PyValueError};
+use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyType};
@@ -137,39 +137,62 @@ where
 // ---------------------------------------------------------------------------
 // Arguments
 
-/// Exports the buffer of `obj` (bytes, bytearray, memoryview, numpy array of any
-/// dtype, ...); it must be C-contiguous. Its bytes are read as raw bytes.
-fn contiguous_buffer(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<PyUntypedBuffer> {
-    let buf = PyUntypedBuffer::get(obj)?;
-    if !buf.is_c_contiguous() {
-        return Err(value_error(
-            obj.py(),
-            format!("{what} must be a C-contiguous buffer (use numpy.ascontiguousarray)"),
-        ));
+/// An exported buffer read as plain bytes: bytes, bytearray, memoryview, numpy
+/// arrays of any dtype and shape (0-d included), anything with the buffer protocol,
+/// as long as it is C-contiguous. The export (and so the memory) lives until drop.
+struct ByteBuffer(Box<ffi::Py_buffer>);
+
+impl ByteBuffer {
+    fn get(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Self> {
+        let py = obj.py();
+        let mut raw = Box::<ffi::Py_buffer>::new_uninit();
+        // SAFETY: `raw` is writable memory for one Py_buffer, at a stable address
+        // (exporters may point fields of the struct at itself). PyBUF_SIMPLE asks
+        // for `len` contiguous bytes at `buf`, which C-contiguous data satisfies.
+        let rc =
+            unsafe { ffi::PyObject_GetBuffer(obj.as_ptr(), raw.as_mut_ptr(), ffi::PyBUF_SIMPLE) };
+        if rc != 0 {
+            let err = PyErr::fetch(py);
+            if err.is_instance_of::<PyBufferError>(py) || err.is_instance_of::<PyValueError>(py) {
+                return Err(value_error(
+                    py,
+                    format!("{what} must be a C-contiguous buffer ({err})"),
+                ));
+            }
+            return Err(err);
+        }
+        // SAFETY: PyObject_GetBuffer succeeded, so it filled the struct.
+        Ok(ByteBuffer(unsafe { raw.assume_init() }))
     }
-    Ok(buf)
+
+    /// The bytes, valid while `self` lives.
+    ///
+    /// Another Python thread may still write into a mutable buffer (bytearray, numpy
+    /// array) while the GIL is released; callers must not do that, as with any
+    /// extension that reads a buffer without the GIL.
+    fn bytes(&self) -> &[u8] {
+        let len = usize::try_from(self.0.len).unwrap_or(0);
+        if len == 0 || self.0.buf.is_null() {
+            return &[];
+        }
+        // SAFETY: a PyBUF_SIMPLE export spans `len` bytes from `buf`, kept alive and
+        // in place by the export that `self` holds.
+        unsafe { std::slice::from_raw_parts(self.0.buf.cast::<u8>(), len) }
+    }
 }
 
-/// The bytes of an exported buffer, valid while `buf` lives.
-///
-/// Another Python thread may still write into a mutable buffer (bytearray, numpy
-/// array) while the GIL is released; callers must not do that, as with any
-/// extension that reads a buffer without the GIL.
-fn buffer_bytes(buf: &PyUntypedBuffer) -> &[u8] {
-    let len = buf.len_bytes();
-    if len == 0 {
-        return &[];
+impl Drop for ByteBuffer {
+    fn drop(&mut self) {
+        // SAFETY: the struct was filled by a successful PyObject_GetBuffer and is
+        // released exactly once, with the interpreter attached.
+        Python::attach(|_| unsafe { ffi::PyBuffer_Release(&mut *self.0) });
     }
-    // SAFETY: a C-contiguous buffer spans `len_bytes` bytes from `buf_ptr`, and the
-    // export (held by `buf`) keeps that memory alive and in place.
-    unsafe { std::slice::from_raw_parts(buf.buf_ptr().cast::<u8>(), len) }
 }
 
 /// Copies an optional HMAC key out of any bytes-like object.
 fn key_bytes(key: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Vec<u8>>> {
     key.map(|k| {
-        let buf = contiguous_buffer(k, "hmac_key")?;
-        let bytes = buffer_bytes(&buf).to_vec();
+        let bytes = ByteBuffer::get(k, "hmac_key")?.bytes().to_vec();
         if bytes.is_empty() {
             return Err(value_error(k.py(), "hmac_key must not be empty"));
         }
@@ -382,8 +405,8 @@ fn tree_digest<'py>(
     chunk_size: i128,
 ) -> PyResult<Bound<'py, PyBytes>> {
     let log2 = chunk_log2(py, chunk_size)?;
-    let buf = contiguous_buffer(data, "data")?;
-    let bytes = buffer_bytes(&buf);
+    let buf = ByteBuffer::get(data, "data")?;
+    let bytes = buf.bytes();
     let root = detach(py, || Ok(digest::tree_digest(bytes, log2)))?;
     Ok(PyBytes::new(py, &root))
 }
@@ -391,8 +414,8 @@ fn tree_digest<'py>(
 /// Parse and check the first 512 bytes of a file (no payload check).
 #[pyfunction]
 fn parse_header<'py>(py: Python<'py>, data: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyHeader>> {
-    let buf = contiguous_buffer(data, "data")?;
-    let bytes = buffer_bytes(&buf);
+    let buf = ByteBuffer::get(data, "data")?;
+    let bytes = buf.bytes();
     let header = detach(py, || header::parse(bytes))?;
     py_header(py, header)
 }
@@ -458,14 +481,11 @@ fn read_verified<'py>(
     // into it (one copy, from the page cache), with the GIL released.
     // SAFETY: a NULL source asks CPython for an uninitialised object of `len` bytes.
     let bytes = unsafe {
-        Bound::from_owned_ptr_or_err(
-            py,
-            pyo3::ffi::PyBytes_FromStringAndSize(std::ptr::null(), len),
-        )?
-        .cast_into_unchecked::<PyBytes>()
+        Bound::from_owned_ptr_or_err(py, ffi::PyBytes_FromStringAndSize(std::ptr::null(), len))?
+            .cast_into_unchecked::<PyBytes>()
     };
     // SAFETY: `bytes` is a bytes object.
-    let ptr = Unshared(unsafe { pyo3::ffi::PyBytes_AsString(bytes.as_ptr()) }.cast::<u8>());
+    let ptr = Unshared(unsafe { ffi::PyBytes_AsString(bytes.as_ptr()) }.cast::<u8>());
     let len = len as usize;
     let header = detach(py, move || {
         let ptr = ptr;
@@ -507,13 +527,13 @@ fn finalize<'py>(
     let mut buffers = Vec::with_capacity(segments.len());
     for (offset, obj) in &segments {
         let offset = to_u64(py, *offset, "segment offset")?;
-        buffers.push((offset, contiguous_buffer(obj, "segment")?));
+        buffers.push((offset, ByteBuffer::get(obj, "segment")?));
     }
     let segs: Vec<Segment<'_>> = buffers
         .iter()
         .map(|(offset, buf)| Segment {
             offset: *offset,
-            data: buffer_bytes(buf),
+            data: buf.bytes(),
         })
         .collect();
     let seal = Seal {

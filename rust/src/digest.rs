@@ -372,3 +372,40 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod throughput {
+    use super::*;
+    use std::time::Instant;
+
+    /// Prints hashing throughput; run with
+    /// `cargo test --release -- --ignored --nocapture throughput`.
+    #[test]
+    #[ignore]
+    fn throughput() {
+        let data: Vec<u8> = (0..256usize << 20)
+            .map(|i| ((i * 2_654_435_761) >> 13) as u8)
+            .collect();
+        let gbs = |f: &dyn Fn() -> Hash| {
+            f();
+            let best = (0..3)
+                .map(|_| {
+                    let t = Instant::now();
+                    std::hint::black_box(f());
+                    t.elapsed().as_secs_f64()
+                })
+                .fold(f64::INFINITY, f64::min);
+            data.len() as f64 / best / 1e9
+        };
+        println!("sha256 one pass:        {:.2} GB/s", gbs(&|| sha256(&data)));
+        println!(
+            "tree, one thread:       {:.2} GB/s",
+            gbs(&|| tree_digest_sequential(&data, 20))
+        );
+        println!(
+            "tree, {} threads:        {:.2} GB/s",
+            rayon::current_num_threads(),
+            gbs(&|| tree_digest(&data, 20))
+        );
+    }
+}

@@ -1,0 +1,675 @@
+"""Tests of the Rust core, ``h5ckpt._native``, against docs/format.md.
+
+Headers and digests are rebuilt here with ``struct`` and ``hashlib`` straight from the
+spec, so that the spec and the code must agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import pickle
+import struct
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from h5ckpt import _native as native
+from h5ckpt.errors import (
+    CheckpointAuthenticationError,
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointPermissionError,
+    CheckpointValueError,
+    CheckpointVersionError,
+)
+
+MAGIC = b"\x89H5C\r\n\x1a\n"
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+C_DEFAULT = 1 << 20
+
+
+# --- an independent implementation of docs/format.md --------------------------------
+
+
+def spec_tree_digest(payload: bytes, chunk_size: int = C_DEFAULT) -> bytes:
+    n = -(-len(payload) // chunk_size)
+    root = hashlib.sha256(struct.pack("<QQ", chunk_size, n))
+    for i in range(n):
+        root.update(hashlib.sha256(payload[i * chunk_size : (i + 1) * chunk_size]).digest())
+    return root.digest()
+
+
+def spec_header(
+    payload: bytes,
+    *,
+    batch_idx: int = 7,
+    loss: float = 0.125,
+    timestamp: float = 1_700_000_000.25,
+    chunk_log2: int = 20,
+    key: bytes | None = None,
+    major: int = 1,
+    minor: int = 0,
+    flags: int | None = None,
+    chunk_count: int | None = None,
+    header_size: int = 512,
+    payload_offset: int = 512,
+    tag: bytes | None = None,
+) -> bytes:
+    """Header bytes built per the spec; keyword overrides break one rule at a time."""
+    c = 1 << chunk_log2
+    n = -(-len(payload) // c) if chunk_count is None else chunk_count
+    if flags is None:
+        flags = 1 if key is not None else 0
+    head = struct.pack(
+        "<8sHHIQQIIQQdd32s",
+        MAGIC,
+        major,
+        minor,
+        header_size,
+        payload_offset,
+        len(payload),
+        chunk_log2,
+        flags,
+        n,
+        batch_idx,
+        loss,
+        timestamp,
+        spec_tree_digest(payload, c),
+    )
+    assert len(head) == 104
+    if tag is None:
+        tag = hmac.new(key, head, hashlib.sha256).digest() if key is not None else bytes(32)
+    body = head + tag + bytes(344)
+    return body + hashlib.sha256(body).digest()
+
+
+def write_spec_file(path: Path, payload: bytes, **kw) -> bytes:
+    data = spec_header(payload, **kw) + payload
+    path.write_bytes(data)
+    return data
+
+
+# --- constants ------------------------------------------------------------------------
+
+
+def test_constants():
+    assert native.MAGIC == MAGIC
+    assert native.HDF5_SIGNATURE == HDF5_SIGNATURE
+    assert native.HEADER_SIZE == 512
+    assert (native.FORMAT_MAJOR, native.FORMAT_MINOR) == (1, 0)
+    assert native.DEFAULT_CHUNK_SIZE == C_DEFAULT
+    assert isinstance(native.__version__, str) and native.__version__
+
+
+# --- tree digest ----------------------------------------------------------------------
+
+
+SIZES = {
+    "0": lambda c: 0,
+    "1": lambda c: 1,
+    "C-1": lambda c: c - 1,
+    "C": lambda c: c,
+    "C+1": lambda c: c + 1,
+    "3C+5": lambda c: 3 * c + 5,
+}
+
+
+@pytest.mark.parametrize("chunk_size", [4096, C_DEFAULT])
+@pytest.mark.parametrize("size", SIZES)
+def test_tree_digest_matches_spec(size, chunk_size):
+    data = os.urandom(SIZES[size](chunk_size))
+    want = spec_tree_digest(data, chunk_size)
+    if chunk_size == C_DEFAULT:
+        assert native.tree_digest(data) == want
+    assert native.tree_digest(data, chunk_size) == want
+    assert native.tree_digest(data, chunk_size=chunk_size) == want
+
+
+def test_tree_digest_known_values():
+    assert (
+        native.tree_digest(b"").hex()
+        == "35c6d6e5b93657e4a741a1cec71c21813fe05aab219909ebbb0f62fb0ae648dc"
+    )
+    assert (
+        native.tree_digest(b"abc").hex()
+        == "f9755727e5da141a03685ec606215d3e3785418d6f940df6c6504b54d55f7149"
+    )
+
+
+def test_tree_digest_accepts_buffers():
+    arr = np.arange(3000, dtype=np.float64).reshape(30, 100)
+    raw = arr.tobytes()
+    want = spec_tree_digest(raw, 4096)
+    for buf in (raw, bytearray(raw), memoryview(raw), arr, arr.view(np.uint8), memoryview(arr)):
+        assert native.tree_digest(buf, 4096) == want
+    assert native.tree_digest(np.array(3.5), 4096) == spec_tree_digest(np.array(3.5).tobytes(), 4096)
+    with pytest.raises(CheckpointValueError, match="C-contiguous"):
+        native.tree_digest(arr[:, ::2], 4096)
+    with pytest.raises(CheckpointValueError, match="contiguous"):
+        native.tree_digest(np.asfortranarray(arr), 4096)
+    with pytest.raises(TypeError):
+        native.tree_digest("text")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("chunk_size", [0, 1, 2048, 4095, 4097, 3 << 20, 1 << 31, -4096])
+def test_tree_digest_rejects_chunk_sizes(chunk_size):
+    with pytest.raises(CheckpointValueError, match="chunk_size"):
+        native.tree_digest(b"x", chunk_size)
+
+
+# --- header parsing -------------------------------------------------------------------
+
+
+def test_parse_spec_header():
+    payload = os.urandom(5000)
+    raw = spec_header(payload, batch_idx=99, loss=-2.5, timestamp=12.75, chunk_log2=12)
+    h = native.parse_header(raw)
+    assert h.format_major == 1 and h.format_minor == 0
+    assert h.payload_offset == 512
+    assert h.payload_length == 5000
+    assert h.chunk_size == 4096
+    assert h.chunk_count == 2
+    assert h.flags == 0 and h.keyed is False and h.hmac_tag is None
+    assert h.batch_idx == 99 and h.loss == -2.5 and h.timestamp == 12.75
+    assert h.payload_digest == spec_tree_digest(payload, 4096)
+    assert h.header_digest == raw[480:]
+    d = h.to_dict()
+    assert d["batch_idx"] == 99 and d["chunk_size"] == 4096 and d["hmac_tag"] is None
+    assert set(d) >= {
+        "format_major", "format_minor", "payload_offset", "payload_length", "chunk_size",
+        "chunk_count", "flags", "keyed", "batch_idx", "loss", "timestamp",
+        "payload_digest", "hmac_tag", "header_digest",
+    }  # fmt: skip
+    assert "batch_idx=99" in repr(h)
+    # Bytes beyond 512 are ignored; a minor version is accepted.
+    assert native.parse_header(raw + b"more").batch_idx == 99
+    assert native.parse_header(spec_header(payload, minor=9)).format_minor == 9
+
+
+def test_parse_keyed_header_and_special_floats():
+    raw = spec_header(b"p", key=b"k", loss=float("nan"), timestamp=float("-inf"))
+    h = native.parse_header(raw)
+    assert h.keyed and h.flags == 1
+    assert h.hmac_tag == raw[104:136]
+    assert np.isnan(h.loss) and h.timestamp == float("-inf")
+
+
+def test_parse_header_rejects_garbage_and_truncation():
+    raw = spec_header(b"payload")
+    bad_inputs = [
+        b"",
+        b"\x89H5C",
+        os.urandom(512),
+        bytes(512),
+        raw[:511],
+        raw[:12],
+        HDF5_SIGNATURE + bytes(504),
+    ]
+    for data in bad_inputs:
+        with pytest.raises(CheckpointCorruptError):
+            native.parse_header(data)
+
+
+def test_parse_header_every_flipped_byte():
+    raw = bytearray(spec_header(b"payload", key=b"k"))
+    for i in range(512):
+        for bit in (0x01, 0x80):
+            raw[i] ^= bit
+            # Flipping the major version up gives a version error; all else: corrupt.
+            with pytest.raises((CheckpointCorruptError, CheckpointVersionError)):
+                native.parse_header(bytes(raw))
+            raw[i] ^= bit
+
+
+@pytest.mark.parametrize(
+    ("override", "reason"),
+    [
+        ({"major": 0}, "major"),
+        ({"header_size": 1024}, "header_size"),
+        ({"payload_offset": 4096}, "payload_offset"),
+        ({"chunk_log2": 11}, "chunk_log2"),
+        ({"chunk_log2": 31}, "chunk_log2"),
+        ({"flags": 2}, "flag"),
+        ({"flags": 0x80000001, "key": b"k"}, "flag"),
+        ({"chunk_count": 3}, "chunk_count"),
+        ({"tag": b"\x01" * 32}, "HMAC"),
+    ],
+)
+def test_parse_header_field_rules(override, reason):
+    with pytest.raises(CheckpointCorruptError, match=reason) as info:
+        native.parse_header(spec_header(b"x" * 5000, **override))
+    assert info.value.error_context["reason"]
+
+
+def test_newer_major_is_version_error():
+    raw = spec_header(b"x", major=2, minor=5)
+    with pytest.raises(CheckpointVersionError) as info:
+        native.parse_header(raw)
+    assert info.value.error_context["format_major"] == 2
+    assert info.value.error_context["format_minor"] == 5
+    # Even with everything after the version broken.
+    odd = MAGIC + struct.pack("<HH", 3, 0) + b"\xff" * 500
+    with pytest.raises(CheckpointVersionError):
+        native.parse_header(odd)
+
+
+def test_read_header_checks_length(tmp_path):
+    p = tmp_path / "a.h5"
+    data = write_spec_file(p, b"x" * 100)
+    assert native.read_header(p).payload_length == 100
+    assert native.read_header(str(p)).payload_length == 100
+    p.write_bytes(data + b"!")
+    with pytest.raises(CheckpointCorruptError, match="extra bytes"):
+        native.read_header(p)
+    p.write_bytes(data[:-1])
+    with pytest.raises(CheckpointCorruptError, match="truncated"):
+        native.read_header(p)
+
+
+# --- finalize + verify ----------------------------------------------------------------
+
+
+def make_hdf5_part(path: Path, length: int, hole: tuple[int, int]) -> tuple[int, bytes]:
+    """A file as HDF5 leaves it: 512-byte user block, bytes written with pwrite, and a
+    hole that the segment fills. Returns the open fd and the final file bytes."""
+    final = bytearray(length)
+    final[512:] = (np.arange(length - 512) % 251).astype(np.uint8).tobytes()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    os.pwrite(fd, bytes(final[512 : hole[0]]), 512)
+    os.pwrite(fd, bytes(final[hole[1] :]), hole[1])
+    return fd, bytes(final)
+
+
+def finalize_file(tmp_path, *, key=None, chunk_size=4096, name="ck.h5", as_array=False):
+    p = tmp_path / name
+    length = 512 + 9 * 4096 + 77
+    hole = (4096 + 100, 6 * 4096 + 3)
+    fd, final = make_hdf5_part(p, length, hole)
+    try:
+        segment = final[hole[0] : hole[1]]
+        if as_array:
+            segment = np.frombuffer(segment, dtype=np.uint8).copy()
+        h = native.finalize(
+            fd, [(hole[0], segment)], 12, 0.5, 99.0, hmac_key=key, chunk_size=chunk_size
+        )
+    finally:
+        os.close(fd)
+    return p, h, final
+
+
+@pytest.mark.parametrize("chunk_size", [4096, C_DEFAULT])
+def test_finalize_then_verify(tmp_path, chunk_size):
+    p, h, final = finalize_file(tmp_path, chunk_size=chunk_size)
+    data = p.read_bytes()
+    payload = final[512:]
+    assert data[512:] == payload
+    assert data[:512] == spec_header(
+        payload, batch_idx=12, loss=0.5, timestamp=99.0, chunk_log2=chunk_size.bit_length() - 1
+    )
+    assert h.payload_length == len(payload) and h.chunk_size == chunk_size
+    v = native.verify_file(p)
+    assert v.to_dict() == h.to_dict()
+    assert native.read_header(p).header_digest == h.header_digest
+
+
+def test_finalize_accepts_numpy_segments(tmp_path):
+    p, _, final = finalize_file(tmp_path, as_array=True)
+    assert p.read_bytes()[512:] == final[512:]
+    native.verify_file(p)
+
+
+def test_every_flipped_byte_is_detected(tmp_path):
+    p, _, _ = finalize_file(tmp_path)
+    orig = p.read_bytes()
+    offsets = sorted({0, 8, 72, 104, 479, 480, 511, 512, 513, len(orig) - 1, *range(0, len(orig), 397)})
+    for off in offsets:
+        damaged = bytearray(orig)
+        damaged[off] ^= 0x10
+        p.write_bytes(damaged)
+        with pytest.raises((CheckpointCorruptError, CheckpointVersionError)):
+            native.verify_file(p)
+        with pytest.raises((CheckpointCorruptError, CheckpointVersionError)):
+            native.read_verified(p)
+    p.write_bytes(orig)
+    native.verify_file(p)
+
+
+def test_payload_mismatch_message(tmp_path):
+    p, _, _ = finalize_file(tmp_path)
+    data = bytearray(p.read_bytes())
+    data[3000] ^= 1
+    p.write_bytes(data)
+    with pytest.raises(CheckpointCorruptError) as info:
+        native.verify_file(p)
+    assert str(info.value) == f"checkpoint {p}: payload digest mismatch (file changed or corrupted)"
+    assert info.value.error_context["path"] == str(p)
+
+
+def test_extra_and_missing_bytes(tmp_path):
+    p, _, _ = finalize_file(tmp_path)
+    orig = p.read_bytes()
+    for data in (orig + b"\0", orig[:-1], orig[:600], orig[:512], orig[:100], b""):
+        p.write_bytes(data)
+        with pytest.raises(CheckpointCorruptError):
+            native.verify_file(p)
+
+
+def test_finalize_rejects_bad_arguments(tmp_path):
+    p = tmp_path / "f.h5"
+    fd, _ = make_hdf5_part(p, 512 + 8192, (600, 700))
+    try:
+        for segments in (
+            [(100, b"x" * 10)],
+            [(511, b"xx")],
+            [(512 + 8190, b"xxx")],
+            [(600, b"x" * 50), (640, b"y" * 50)],
+            [(-1, b"x")],
+        ):
+            with pytest.raises(CheckpointValueError):
+                native.finalize(fd, segments, 1, 0.0, 0.0)
+        with pytest.raises(CheckpointValueError):
+            native.finalize(fd, [], -1, 0.0, 0.0)
+        with pytest.raises(CheckpointValueError):
+            native.finalize(fd, [], 1, 0.0, 0.0, chunk_size=1000)
+        with pytest.raises(CheckpointValueError):
+            native.finalize(fd, [], 1, 0.0, 0.0, hmac_key=b"")
+        with pytest.raises(CheckpointValueError):
+            native.finalize(fd, [(600, np.zeros((10, 10))[:, ::2])], 1, 0.0, 0.0)
+    finally:
+        os.close(fd)
+    ro = os.open(p, os.O_RDONLY)
+    try:
+        with pytest.raises(CheckpointValueError, match="reading and writing"):
+            native.finalize(ro, [], 1, 0.0, 0.0)
+    finally:
+        os.close(ro)
+    short = tmp_path / "short.h5"
+    short.write_bytes(b"x" * 100)
+    fd = os.open(short, os.O_RDWR)
+    try:
+        with pytest.raises(CheckpointValueError, match="user block"):
+            native.finalize(fd, [], 1, 0.0, 0.0)
+    finally:
+        os.close(fd)
+
+
+def test_finalize_leaves_fd_open(tmp_path):
+    p = tmp_path / "f.h5"
+    fd, _ = make_hdf5_part(p, 512 + 100, (512, 520))
+    native.finalize(fd, [(512, b"12345678")], 1, 0.0, 0.0, durable=False)
+    os.fstat(fd)  # still open
+    os.close(fd)
+    native.verify_file(p)
+
+
+# --- HMAC -----------------------------------------------------------------------------
+
+
+def test_hmac(tmp_path):
+    keyed, hk, _ = finalize_file(tmp_path, key=b"secret", name="k.h5")
+    plain, hp, _ = finalize_file(tmp_path, name="p.h5")
+    assert hk.keyed and hk.hmac_tag is not None
+    head = keyed.read_bytes()[:104]
+    assert hk.hmac_tag == hmac.new(b"secret", head, hashlib.sha256).digest()
+    assert native.verify_file(keyed, b"secret").keyed
+    assert native.verify_file(keyed, bytearray(b"secret")).keyed
+    native.verify_file(keyed)  # a reader without a key accepts a keyed file
+    with pytest.raises(CheckpointAuthenticationError, match="mismatch"):
+        native.verify_file(keyed, b"wrong")
+    with pytest.raises(CheckpointAuthenticationError, match="no HMAC tag"):
+        native.verify_file(plain, b"secret")
+    with pytest.raises(CheckpointAuthenticationError):
+        native.read_verified(plain, b"secret")
+    with pytest.raises(CheckpointAuthenticationError):
+        native.read_verified(keyed, b"wrong")
+    assert native.read_verified(keyed, b"secret")[0].keyed
+    # An authentication error is a corruption error too.
+    assert issubclass(CheckpointAuthenticationError, CheckpointCorruptError)
+    with pytest.raises(CheckpointValueError):
+        native.verify_file(keyed, b"")
+
+
+def test_spec_keyed_file_verifies(tmp_path):
+    p = tmp_path / "s.h5"
+    write_spec_file(p, os.urandom(10_000), key=b"k2", chunk_log2=12)
+    assert native.verify_file(p, b"k2").keyed
+    with pytest.raises(CheckpointAuthenticationError):
+        native.verify_file(p, b"k3")
+
+
+# --- read_verified, verify_files ------------------------------------------------------
+
+
+def test_read_verified_returns_exact_bytes(tmp_path):
+    for n in (0, 1, 4095, 4096, 3 * 4096 + 5, 2 * C_DEFAULT + 9):
+        p = tmp_path / f"r{n}.h5"
+        data = write_spec_file(p, os.urandom(n), chunk_log2=12 if n < 20000 else 20)
+        h, got = native.read_verified(p)
+        assert type(got) is bytes
+        assert got == data
+        assert h.payload_length == n
+
+
+def test_verify_files_returns_exceptions_in_place(tmp_path):
+    good = tmp_path / "good.h5"
+    write_spec_file(good, b"abc")
+    bad = tmp_path / "bad.h5"
+    data = bytearray(write_spec_file(bad, b"abcdef"))
+    data[-1] ^= 1
+    bad.write_bytes(data)
+    missing = tmp_path / "missing.h5"
+    out = native.verify_files([good, str(bad), missing, good])
+    assert len(out) == 4
+    assert isinstance(out[0], native.Header) and isinstance(out[3], native.Header)
+    assert isinstance(out[1], CheckpointCorruptError)
+    assert isinstance(out[2], CheckpointNotFoundError)
+    assert out[2].error_context["path"] == str(missing)
+    assert native.verify_files([]) == []
+    # Returned exceptions pickle with their context.
+    again = pickle.loads(pickle.dumps(out[1]))
+    assert again.error_context == out[1].error_context
+
+
+# --- errors ---------------------------------------------------------------------------
+
+
+def test_missing_file_errors(tmp_path):
+    missing = tmp_path / "nope.h5"
+    for call in (native.verify_file, native.read_header, native.read_verified):
+        with pytest.raises(CheckpointNotFoundError) as info:
+            call(missing)
+        e = info.value
+        assert isinstance(e, FileNotFoundError) and isinstance(e, CheckpointError)
+        assert e.error_context["path"] == str(missing)
+        assert e.error_context["op"] == "open"
+        assert e.error_context["errno"] == 2
+        assert "No such file or directory" in str(e)
+        assert isinstance(e.__cause__, FileNotFoundError)
+        assert e.__cause__.errno == 2 and e.__cause__.filename == str(missing)
+    with pytest.raises(FileNotFoundError):
+        native.scan(missing, "x")
+    with pytest.raises(CheckpointNotFoundError):
+        native.fsync_directory(missing)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
+def test_permission_error(tmp_path):
+    p = tmp_path / "a.h5"
+    write_spec_file(p, b"x")
+    p.chmod(0)
+    with pytest.raises(CheckpointPermissionError) as info:
+        native.verify_file(p)
+    assert isinstance(info.value, PermissionError)
+    entries = native.scan(tmp_path, "a")
+    assert entries == []  # name does not match; check the matching case
+    q = tmp_path / "r_batch_1.h5"
+    write_spec_file(q, b"x")
+    q.chmod(0)
+    (entry,) = native.scan(tmp_path, "r")
+    assert entry.error is not None and entry.header is None
+
+
+def test_directory_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointCorruptError, match="not a regular file"):
+        native.verify_file(tmp_path)
+
+
+# --- scan -----------------------------------------------------------------------------
+
+
+def test_scan(tmp_path):
+    d = tmp_path
+    write_spec_file(d / "run_batch_0010.h5", b"ten")
+    write_spec_file(d / "run_batch_2.h5", b"two", key=b"k", batch_idx=2, loss=1.5)
+    data = write_spec_file(d / "run_batch_3.h5", b"three")
+    (d / "run_batch_3.h5").write_bytes(data + b"extra")
+    (d / "run_batch_4.h5").write_bytes(HDF5_SIGNATURE + bytes(200))
+    (d / "run_batch_5.h5").write_bytes(b"not hdf5 at all")
+    (d / "run_batch_6.h5").write_bytes(b"tiny")
+    (d / "run_batch_7.h5").write_bytes(spec_header(b"x", major=2))
+    (d / "run_batch_8.h5").mkdir()
+    (d / "run_batch_9.h5").symlink_to(d / "run_batch_2.h5")
+    (d / "run_batch_11.h5").symlink_to(d / "nowhere")
+    for name in (
+        "run_batch_.h5",
+        "run_batch_1.h5.tmp",
+        ".run_batch_1.h5.tmp",
+        "run_batch_x.h5",
+        "run_batch_99999999999999999999999.h5",
+        "other_batch_1.h5",
+        "run_batch_1.hdf5",
+    ):
+        (d / name).write_bytes(b"")
+
+    entries = native.scan(d, "run")
+    got = [(e.name, e.batch_idx, e.kind) for e in entries]
+    assert got == [
+        ("run_batch_2.h5", 2, "h5ckpt"),
+        ("run_batch_3.h5", 3, "h5ckpt"),
+        ("run_batch_4.h5", 4, "legacy"),
+        ("run_batch_5.h5", 5, "foreign"),
+        ("run_batch_6.h5", 6, "foreign"),
+        ("run_batch_7.h5", 7, "h5ckpt"),
+        ("run_batch_0010.h5", 10, "h5ckpt"),
+    ]
+    by = {e.batch_idx: e for e in entries}
+    e2 = by[2]
+    assert e2.header is not None and e2.error is None
+    assert e2.header.keyed and e2.header.batch_idx == 2 and e2.header.loss == 1.5
+    assert e2.path == str(d / "run_batch_2.h5")
+    st = os.stat(e2.path)
+    assert (e2.size, e2.mtime_ns, e2.inode, e2.device) == (
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_ino,
+        st.st_dev,
+    )
+    assert by[3].header is None and "extra bytes" in by[3].error
+    assert by[4].header is None and by[4].error is None
+    assert by[5].error is None and by[6].error is None
+    assert by[7].header is None and "version" in by[7].error
+    assert by[10].header is not None
+    assert "run_batch_2.h5" in repr(e2)
+    assert native.scan(d, "nomatch") == []
+    assert [e.name for e in native.scan(str(d), "other")] == ["other_batch_1.h5"]
+
+
+# --- retention ------------------------------------------------------------------------
+
+
+def test_plan_retention_basics():
+    c = [(1, True, 0.5), (2, True, 0.4), (3, False, 0.0), (4, True, 0.3), (5, False, 0.0)]
+    assert native.plan_retention(c, 2) == [0]
+    assert native.plan_retention(c, 1) == [0, 1]
+    assert native.plan_retention(c, 0) == [0, 1]  # the newest valid one always stays
+    assert native.plan_retention(c, None) == []
+    assert native.plan_retention(c, 1, delete_invalid=True) == [0, 1, 2, 4]
+    assert native.plan_retention(c, 1, keep_every=2) == [0]
+    assert native.plan_retention(c, 1, keep_best_n=1) == [0, 1]
+    assert native.plan_retention(c, 1, keep_best_n=1, maximize=True) == [1]
+    assert native.plan_retention([], 3) == []
+    nan = [(1, True, float("nan")), (2, True, 1.0), (3, True, 2.0)]
+    assert native.plan_retention(nan, 1, keep_best_n=1) == [0]
+
+
+def test_plan_retention_never_deletes_only_valid():
+    c = [(1, True, 0.0), (2, False, 0.0), (3, False, 0.0), (4, False, 0.0)]
+    assert native.plan_retention(c, 2, delete_invalid=True) == [1, 2, 3]
+    assert native.plan_retention(c, 2) == []
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"keep_last_n": -1}, {"keep_every": 0}, {"keep_every": -3}, {"keep_best_n": -1}],
+)
+def test_plan_retention_rejects_bad_policy(kwargs):
+    args = {"keep_last_n": 1, **kwargs}
+    with pytest.raises(CheckpointValueError):
+        native.plan_retention([(1, True, 0.0)], **args)
+
+
+def test_plan_retention_rejects_negative_batch():
+    with pytest.raises(CheckpointValueError):
+        native.plan_retention([(-1, True, 0.0)], 1)
+
+
+# --- misc -----------------------------------------------------------------------------
+
+
+def test_fsync_directory(tmp_path):
+    native.fsync_directory(tmp_path)
+    native.fsync_directory(str(tmp_path))
+
+
+def test_gil_is_released(tmp_path):
+    """Hashing in one thread lets another Python thread run meanwhile."""
+    import threading
+
+    data = os.urandom(64 << 20)
+    ticks = 0
+    stop = threading.Event()
+
+    def spin():
+        nonlocal ticks
+        while not stop.is_set():
+            ticks += 1
+
+    t = threading.Thread(target=spin)
+    t.start()
+    try:
+        before = ticks
+        for _ in range(3):
+            native.tree_digest(data)
+        during = ticks - before
+    finally:
+        stop.set()
+        t.join()
+    assert during > 0
+
+
+def test_throughput_report(capsys):
+    """Prints tree_digest vs hashlib.sha256 on 512 MB; no timing assertion."""
+    data = np.random.default_rng(0).integers(0, 256, 512 << 20, dtype=np.uint8).tobytes()
+    native.tree_digest(data[: 1 << 20])
+
+    def best(f):
+        times = []
+        for _ in range(2):
+            t = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    t_tree = best(lambda: native.tree_digest(data))
+    t_sha = best(lambda: hashlib.sha256(data).digest())
+    with capsys.disabled():
+        print(
+            f"\ntree_digest 512 MB: {len(data) / t_tree / 1e9:.2f} GB/s, "
+            f"hashlib.sha256: {len(data) / t_sha / 1e9:.2f} GB/s, "
+            f"ratio {t_sha / t_tree:.2f}x"
+        )
