@@ -38,7 +38,8 @@ class ArrayWriter:
     pending: list[tuple[h5py.h5d.DatasetID, np.ndarray]] = field(default_factory=list)
 
     def __call__(self, group: h5py.Group, name: str, arr: np.ndarray) -> h5py.Dataset:
-        arr = np.ascontiguousarray(arr)
+        if not arr.flags.c_contiguous:  # np.ascontiguousarray would turn 0-d into 1-d
+            arr = arr.copy(order="C")
         chosen = codec.codec_for(arr, self.compression)
         if chosen is not None:
             return group.create_dataset(
