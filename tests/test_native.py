@@ -652,6 +652,31 @@ def test_gil_is_released(tmp_path):
     assert during > 0
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_parallel_work_after_fork():
+    """A forked child (the pool's threads are not there) still hashes in parallel."""
+    data = os.urandom(4 << 20)
+    want = spec_tree_digest(data, 4096)
+    assert native.tree_digest(data, 4096) == want  # the parent's pool is running
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 1
+        try:
+            code = 0 if native.tree_digest(data, 4096) == want else 3
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("tree_digest hung in a forked child")
+
+
 def test_throughput_report(capsys):
     """Prints tree_digest vs hashlib.sha256 on 512 MB; no timing assertion."""
     data = np.random.default_rng(0).integers(0, 256, 512 << 20, dtype=np.uint8).tobytes()
@@ -672,4 +697,32 @@ def test_throughput_report(capsys):
             f"\ntree_digest 512 MB: {len(data) / t_tree / 1e9:.2f} GB/s, "
             f"hashlib.sha256: {len(data) / t_sha / 1e9:.2f} GB/s, "
             f"ratio {t_sha / t_tree:.2f}x"
+        )
+
+
+def test_file_throughput_report(tmp_path, capsys):
+    """Prints finalize / verify_file / read_verified speed on 256 MB (page cache)."""
+    size = 256 << 20
+    p = tmp_path / "big.h5"
+    segment = np.random.default_rng(1).integers(0, 256, size, dtype=np.uint8)
+    fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.ftruncate(fd, 512 + size)
+        t = time.perf_counter()
+        native.finalize(fd, [(512, segment)], 1, 0.0, 0.0, durable=False)
+        t_fin = time.perf_counter() - t
+    finally:
+        os.close(fd)
+    t = time.perf_counter()
+    native.verify_file(p)
+    t_ver = time.perf_counter() - t
+    t = time.perf_counter()
+    _, data = native.read_verified(p)
+    t_read = time.perf_counter() - t
+    assert len(data) == 512 + size
+    with capsys.disabled():
+        print(
+            f"\n256 MB: finalize {size / t_fin / 1e9:.2f} GB/s, "
+            f"verify_file {size / t_ver / 1e9:.2f} GB/s, "
+            f"read_verified {size / t_read / 1e9:.2f} GB/s"
         )

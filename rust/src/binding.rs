@@ -124,14 +124,15 @@ fn value_error(py: Python<'_>, msg: impl Into<String>) -> PyErr {
     to_pyerr(py, Error::invalid(msg))
 }
 
-/// Runs `f` with the GIL released and maps its error: the one pattern every
-/// function that does I/O or hashing goes through.
+/// Runs `f` with the GIL released, in this process's thread pool, and maps its
+/// error: the one pattern every function that does I/O or hashing goes through.
 fn detach<T, F>(py: Python<'_>, f: F) -> PyResult<T>
 where
     F: FnOnce() -> Result<T, Error> + Send,
     T: Send,
 {
-    py.detach(f).map_err(|e| to_pyerr(py, e))
+    py.detach(|| crate::parallel::install(f))
+        .map_err(|e| to_pyerr(py, e))
 }
 
 // ---------------------------------------------------------------------------
@@ -449,7 +450,8 @@ fn verify_files<'py>(
     hmac_key: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Vec<Bound<'py, PyAny>>> {
     let key = key_bytes(hmac_key)?;
-    let results = py.detach(|| verify::verify_files(&paths, key.as_deref()));
+    let results =
+        py.detach(|| crate::parallel::install(|| verify::verify_files(&paths, key.as_deref())));
     results
         .into_iter()
         .map(|r| match r {
@@ -490,11 +492,11 @@ fn read_verified<'py>(
     let header = detach(py, move || {
         let ptr = ptr;
         // SAFETY: `ptr` addresses `len` writable bytes owned by `bytes`, which outlives
-        // this closure and is not visible to any other code yet. They are zeroed
-        // first, so the slice never exposes uninitialised memory.
+        // this closure and is not visible to any other code yet. They are handed over
+        // as uninitialised memory, which read_verified_into fills completely before
+        // it returns Ok; on error `bytes` is dropped unseen.
         let buf = unsafe {
-            std::ptr::write_bytes(ptr.0, 0, len);
-            std::slice::from_raw_parts_mut(ptr.0, len)
+            std::slice::from_raw_parts_mut(ptr.0.cast::<std::mem::MaybeUninit<u8>>(), len)
         };
         verify::read_verified_into(&file, &path, key.as_deref(), buf)
     })?;

@@ -7,6 +7,7 @@ pub mod digest;
 pub mod error;
 pub mod finalize;
 pub mod header;
+pub mod parallel;
 pub mod retention;
 pub mod scan;
 pub mod verify;

@@ -2,6 +2,9 @@
 //! HMAC tag.
 
 use std::fs::File;
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -128,21 +131,62 @@ pub fn verify_files<P: AsRef<Path> + Sync>(paths: &[P], key: Option<&[u8]>) -> V
         .collect()
 }
 
+/// Fills `buf` from `file` at `offset` with positional reads straight into the
+/// (possibly uninitialised) memory; returns it as initialised bytes. A short file
+/// gives `UnexpectedEof`.
+fn read_exact_uninit<'a>(
+    file: &File,
+    buf: &'a mut [MaybeUninit<u8>],
+    offset: u64,
+) -> io::Result<&'a mut [u8]> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let at = i64::try_from(offset + done as u64)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let rest = &mut buf[done..];
+        // SAFETY: pread writes at most `rest.len()` bytes into `rest`, which is valid
+        // for writes; the kernel never reads the (uninitialised) destination.
+        let n = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                rest.as_mut_ptr().cast::<libc::c_void>(),
+                rest.len(),
+                at as libc::off_t,
+            )
+        };
+        match n {
+            0 => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+            n if n > 0 => done += n as usize,
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    // SAFETY: the loop initialised all `buf.len()` bytes.
+    Ok(unsafe { &mut *(buf as *mut [MaybeUninit<u8>] as *mut [u8]) })
+}
+
 /// Reads a whole open file of length `buf.len()` into `buf` and verifies it from
 /// memory. The header is read first (it gives the chunk size); then every rayon task
 /// reads one chunk into its own slice of `buf` and hashes it while it is hot.
+///
+/// `buf` may be uninitialised: the file is read straight into it (one copy, no
+/// zero-fill). When this returns `Ok`, every byte of `buf` is initialised.
 pub fn read_verified_into(
     file: &File,
     path: &Path,
     key: Option<&[u8]>,
-    buf: &mut [u8],
+    buf: &mut [MaybeUninit<u8>],
 ) -> Result<Header> {
     header::check_key(key)?;
     let len = buf.len() as u64;
     let head_len = buf.len().min(HEADER_SIZE);
     let (head, payload) = buf.split_at_mut(head_len);
-    let got = read_prefix(file, head, path)?;
-    let header = parse_and_check_length(&head[..got], len, path)?;
+    let head = read_exact_uninit(file, head, 0).map_err(|e| read_error(path, e))?;
+    let header = parse_and_check_length(head, len, path)?;
     let head: &[u8; HEADER_SIZE] = (&*head)
         .try_into()
         .map_err(|_| Error::corrupt(path, "truncated header"))?;
@@ -153,9 +197,9 @@ pub fn read_verified_into(
         .par_chunks_mut(chunk)
         .enumerate()
         .map(|(i, dst)| {
-            file.read_exact_at(dst, offset + (i as u64) * chunk as u64)
+            let bytes = read_exact_uninit(file, dst, offset + (i as u64) * chunk as u64)
                 .map_err(|e| read_error(path, e))?;
-            Ok(sha256(dst))
+            Ok(sha256(bytes))
         })
         .collect::<Result<Vec<Hash>>>()?;
     check_payload(&header, &root(header.chunk_log2, &digests), path)?;
@@ -166,8 +210,10 @@ pub fn read_verified_into(
 pub fn read_verified(path: &Path, key: Option<&[u8]>) -> Result<(Header, Vec<u8>)> {
     let (file, len) = open(path)?;
     let len = usize::try_from(len).map_err(|_| Error::invalid("file too large for memory"))?;
-    let mut buf = vec![0u8; len];
-    let header = read_verified_into(&file, path, key, &mut buf)?;
+    let mut buf = Vec::with_capacity(len);
+    let header = read_verified_into(&file, path, key, &mut buf.spare_capacity_mut()[..len])?;
+    // SAFETY: read_verified_into returned Ok, so it initialised all `len` bytes.
+    unsafe { buf.set_len(len) };
     Ok((header, buf))
 }
 
