@@ -90,7 +90,10 @@ def _regions(path: Path) -> dict[str, tuple[int, int]]:
                         regions[f"dataset {name}"] = (off, off + obj.id.get_storage_size())
                 else:
                     info = obj.id.get_chunk_info(0)
-                    regions[f"dataset {name} chunk 0"] = (info.byte_offset, info.byte_offset + info.size)
+                    regions[f"dataset {name} chunk 0"] = (
+                        info.byte_offset,
+                        info.byte_offset + info.size,
+                    )
 
         f.visititems(visit)
     raw = path.read_bytes()

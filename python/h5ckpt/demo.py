@@ -123,7 +123,11 @@ def run_fit(
         if manager is not None and manager.should_save(batch):
             t0 = time.perf_counter()
             path = manager.save_checkpoint(
-                batch, params, state, loss, metadata={"model": "g2 = b + c exp(-2 r t)", "n_q": cfg.n_q}
+                batch,
+                params,
+                state,
+                loss,
+                metadata={"model": "g2 = b + c exp(-2 r t)", "n_q": cfg.n_q},
             )
             run.save_seconds += time.perf_counter() - t0
             run.checkpoints.append(path)
@@ -134,9 +138,7 @@ def run_fit(
 
 
 def _worker(directory: Path, cfg: FitConfig) -> None:
-    manager = CheckpointManager(
-        directory, cfg.checkpoint_frequency, cfg.keep_last_n, prefix=PREFIX
-    )
+    manager = CheckpointManager(directory, cfg.checkpoint_frequency, cfg.keep_last_n, prefix=PREFIX)
     run_fit(cfg, manager, manager.load_latest())
 
 
@@ -202,35 +204,54 @@ def _demo(directory: str | None, cfg: FitConfig, kill_after: int) -> int:
             for old in d.glob(f"{PREFIX}_batch_*.h5"):
                 old.unlink()
         state_mb = (cfg.n_q * 3 * 8 + cfg.n_q * 9 * 8) / 1e6
-        print(f"h5ckpt demo: XPCS g2 fit, {cfg.n_q} q-bins, {cfg.n_batches} batches, "
-              f"checkpoint every {cfg.checkpoint_frequency} (~{state_mb:.2f} MB of state)")
+        print(
+            f"h5ckpt demo: XPCS g2 fit, {cfg.n_q} q-bins, {cfg.n_batches} batches, "
+            f"checkpoint every {cfg.checkpoint_frequency} (~{state_mb:.2f} MB of state)"
+        )
 
         t0 = time.perf_counter()
         reference = run_fit(
             cfg,
-            CheckpointManager(reference_dir, cfg.checkpoint_frequency, cfg.keep_last_n, prefix=PREFIX),
+            CheckpointManager(
+                reference_dir, cfg.checkpoint_frequency, cfg.keep_last_n, prefix=PREFIX
+            ),
         )
         ref_seconds = time.perf_counter() - t0
-        print(f"uninterrupted run: {cfg.n_batches} batches in {ref_seconds:.2f}s, "
-              f"{len(reference.checkpoints)} checkpoints, {reference.save_seconds:.3f}s saving "
-              f"({reference.save_seconds / max(1, len(reference.checkpoints)) * 1e3:.1f} ms each)")
+        print(
+            f"uninterrupted run: {cfg.n_batches} batches in {ref_seconds:.2f}s, "
+            f"{len(reference.checkpoints)} checkpoints, {reference.save_seconds:.3f}s saving "
+            f"({reference.save_seconds / max(1, len(reference.checkpoints)) * 1e3:.1f} ms each)"
+        )
 
         code, _ = _spawn_and_kill(killed_dir, cfg, kill_after)
         survivors = sorted(p.name for p in killed_dir.glob(f"{PREFIX}_batch_*.h5"))
         leftovers = [p.name for p in killed_dir.iterdir() if p.name.endswith(".tmp")]
         how = "SIGKILL" if code == -signal.SIGKILL else f"exit code {code}"
-        print(f"child process stopped by {how}; files left: {', '.join(survivors) or 'none'}"
-              + (f"; temp files: {len(leftovers)}" if leftovers else ""))
+        print(
+            f"child process stopped by {how}; files left: {', '.join(survivors) or 'none'}"
+            + (f"; temp files: {len(leftovers)}" if leftovers else "")
+        )
 
-        manager = CheckpointManager(killed_dir, cfg.checkpoint_frequency, cfg.keep_last_n, prefix=PREFIX)
+        manager = CheckpointManager(
+            killed_dir, cfg.checkpoint_frequency, cfg.keep_last_n, prefix=PREFIX
+        )
         gone = [p for p in leftovers if (killed_dir / p).exists()]
         latest = manager.find_latest_checkpoint()
         resume = manager.load_checkpoint(latest) if latest is not None else None
         point = "scratch" if resume is None else f"{latest.name} (batch {resume['batch_idx']})"
-        print(f"resuming from {point}" + (f"; {len(leftovers) - len(gone)} dead writer temp file(s) removed" if leftovers else ""))
+        print(
+            f"resuming from {point}"
+            + (
+                f"; {len(leftovers) - len(gone)} dead writer temp file(s) removed"
+                if leftovers
+                else ""
+            )
+        )
         resumed = run_fit(cfg, manager, resume)
-        print(f"resumed run: batches {resumed.start_batch}..{cfg.n_batches - 1}, "
-              f"{len(resumed.checkpoints)} checkpoints, {resumed.save_seconds:.3f}s saving")
+        print(
+            f"resumed run: batches {resumed.start_batch}..{cfg.n_batches - 1}, "
+            f"{len(resumed.checkpoints)} checkpoints, {resumed.save_seconds:.3f}s saving"
+        )
 
         same = np.array_equal(resumed.parameters, reference.parameters)
         truth = _true_parameters(cfg)

@@ -117,7 +117,7 @@ def load_legacy(path: Path, *, allow_pickle: bool, limits: LoadLimits) -> dict[s
             f"legacy checkpoint {path} cannot be read: {exc}", {"path": str(path)}
         ) from exc
     try:
-        optimizer_state = pickle.loads(blob)  # noqa: S301 - only with allow_pickle=True
+        optimizer_state = pickle.loads(blob)
     except Exception as exc:
         raise CheckpointCorruptError(
             f"legacy checkpoint {path}: the pickled optimizer state does not load: {exc}",

@@ -164,7 +164,9 @@ class CheckpointManager:
         try:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise oserror_to_checkpoint(exc, "create the checkpoint directory", checkpoint_dir) from exc
+            raise oserror_to_checkpoint(
+                exc, "create the checkpoint directory", checkpoint_dir
+            ) from exc
         if not self.checkpoint_dir.is_dir():
             raise CheckpointValueError(
                 f"checkpoint_dir {self.checkpoint_dir} is not a directory",
@@ -411,7 +413,7 @@ class CheckpointManager:
                 )
             except CheckpointError as exc:
                 exc.error_context.setdefault("path", str(path))
-                if not str(path) in exc.message:
+                if str(path) not in exc.message:
                     exc.message = f"{path}: {exc.message}"
                     exc.args = (exc.message,)
                 raise
@@ -588,7 +590,9 @@ def _sniff(path: Path) -> str:
         with open(path, "rb") as f:
             head = f.read(8)
     except IsADirectoryError as exc:
-        raise CheckpointValueError(f"{path} is a directory, not a checkpoint", {"path": str(path)}) from exc
+        raise CheckpointValueError(
+            f"{path} is a directory, not a checkpoint", {"path": str(path)}
+        ) from exc
     except OSError as exc:
         raise oserror_to_checkpoint(exc, "open checkpoint", path) from exc
     if head == _native.MAGIC:
@@ -614,4 +618,3 @@ def _snapshot(value: Any) -> Any:
     if isinstance(value, (str, bytes, int, float, bool, complex, type(None), np.generic)):
         return value
     return copy.deepcopy(value)
-

@@ -123,7 +123,9 @@ def write_payload(
         f.attrs["timestamp"] = np.float64(timestamp)
         ds = writer(f, "parameters", parameters)
         ds.attrs[_TYPE_ATTR] = "ndarray"
-        write_value(f, "optimizer_state", optimizer_state, allow_pickle=allow_pickle, put_array=writer)
+        write_value(
+            f, "optimizer_state", optimizer_state, allow_pickle=allow_pickle, put_array=writer
+        )
         write_value(f, "metadata", metadata, allow_pickle=allow_pickle, put_array=writer)
         segments = writer.segments()
     return segments
@@ -183,4 +185,3 @@ def _same_float(a: float, b: float) -> bool:
 
 def _as_str(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-

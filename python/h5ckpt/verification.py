@@ -115,7 +115,7 @@ class Verifier:
                 to_hash.append(i)
         if to_hash:
             outcomes = _native.verify_files([entries[i].path for i in to_hash], self.hmac_key)
-            for i, outcome in zip(to_hash, outcomes):
+            for i, outcome in zip(to_hash, outcomes, strict=True):
                 entry = entries[i]
                 if isinstance(outcome, Exception):
                     results[i] = (INVALID, True, str(outcome))
@@ -123,9 +123,11 @@ class Verifier:
                 else:
                     results[i] = (VALID, True, None)
                 self._known[entry.path] = (identity(entry), results[i][0], results[i][2])
-        return [self._info(e, r) for e, r in zip(entries, results)]  # type: ignore[arg-type]
+        return [self._info(e, r) for e, r in zip(entries, results, strict=True)]  # type: ignore[arg-type]
 
-    def _cheap_status(self, entry: _native.Entry, full: bool) -> tuple[str, bool, str | None] | None:
+    def _cheap_status(
+        self, entry: _native.Entry, full: bool
+    ) -> tuple[str, bool, str | None] | None:
         """The status without hashing, or None when the file must be hashed."""
         if entry.kind == "foreign":
             return (INVALID, True, entry.error or "not a checkpoint file")
