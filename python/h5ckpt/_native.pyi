@@ -40,7 +40,12 @@ class Header:
     def to_dict(self) -> dict[str, object]: ...
 
 class Entry:
-    """One file of a directory scan whose name matches ``{prefix}_batch_<digits>.h5``."""
+    """One file of a directory scan whose name matches ``{prefix}_batch_<digits>.h5``.
+
+    ``header`` is set for an ``"h5ckpt"`` file whose header parses and whose length
+    agrees with it; otherwise ``error`` says why (``header`` is then None). A file that
+    cannot be read is listed as ``"foreign"`` with ``error`` set.
+    """
 
     path: str
     name: str
@@ -54,7 +59,11 @@ class Entry:
     error: str | None
 
 def tree_digest(data: Buffer, chunk_size: int = ...) -> bytes:
-    """Payload digest (docs/format.md) of an in-memory byte string."""
+    """Payload digest (docs/format.md) of an in-memory byte string.
+
+    ``data``: any C-contiguous buffer (bytes, bytearray, memoryview, numpy array of any
+    dtype), read as raw bytes. ``chunk_size``: a power of two from 4096 to 2**30.
+    """
 
 def parse_header(data: bytes) -> Header:
     """Parse and check the first 512 bytes of a file (no payload check)."""
@@ -88,6 +97,10 @@ def finalize(
     Writes each ``(file_offset, bytes)`` segment into the open file ``fd`` while hashing
     the payload (the segments from memory, everything else read back from the file),
     writes the header at offset 0 and, when ``durable``, fsyncs ``fd``.
+
+    ``fd`` stays open (the caller owns it); it must be open for reading and writing,
+    not in append mode. Segments are C-contiguous buffers read as raw bytes; they must
+    lie inside ``[512, file length)`` without overlapping.
     """
 
 def scan(directory: _Path, prefix: str) -> list[Entry]:
