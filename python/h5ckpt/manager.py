@@ -492,7 +492,22 @@ class CheckpointManager:
         with self._lock.held():
             return self._cleanup_locked()
 
-    def _cleanup_locked(self) -> list[Path]:
+    def plan_cleanup(self) -> list[Path]:
+        """The paths ``cleanup_old_checkpoints`` would delete now; deletes nothing.
+
+        Every file is verified (results are remembered), so the plan is the one a
+        cleanup run at this moment carries out.
+
+        Returns
+        -------
+        list of Path
+            The checkpoint files the retention policy would delete, by batch index.
+        """
+        with self._lock.held():
+            infos, doomed = self._plan_locked()
+        return [infos[index].path for index in doomed]
+
+    def _plan_locked(self) -> tuple[list[CheckpointInfo], list[int]]:
         infos = self._verifier.check(self._scan(), full=True)
         candidates = [(i.batch_idx, i.is_valid, i.loss) for i in infos]
         doomed = _native.plan_retention(
@@ -503,6 +518,10 @@ class CheckpointManager:
             self.best_mode == "max",
             self.delete_invalid,
         )
+        return infos, doomed
+
+    def _cleanup_locked(self) -> list[Path]:
+        infos, doomed = self._plan_locked()
         deleted: list[Path] = []
         for index in doomed:
             path = infos[index].path
