@@ -24,6 +24,7 @@ from h5ckpt.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CheckpointPermissionError,
+    CheckpointStorageError,
     CheckpointValueError,
     CheckpointVersionError,
 )
@@ -515,6 +516,17 @@ def test_permission_error(tmp_path):
     (entry,) = native.scan(tmp_path, "r")
     assert entry.kind == "foreign" and entry.header is None
     assert entry.error is not None and "Permission denied" in entry.error
+
+
+def test_other_os_errors_are_storage_errors(tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_bytes(b"")
+    with pytest.raises(CheckpointStorageError) as info:
+        native.verify_file(not_a_dir / "x.h5")  # ENOTDIR
+    assert isinstance(info.value, OSError)
+    assert info.value.error_context["errno"] == 20
+    with pytest.raises(CheckpointStorageError):
+        native.scan(not_a_dir, "x")
 
 
 def test_directory_is_not_a_checkpoint(tmp_path):
