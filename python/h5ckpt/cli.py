@@ -1,19 +1,695 @@
-"""The ``h5ckpt`` command line."""
+"""The ``h5ckpt`` command line (also ``python -m h5ckpt``).
+
+Commands::
+
+    h5ckpt ls DIR [--prefix P] [--verify] [--json]
+    h5ckpt verify PATH... [--json]
+    h5ckpt show FILE [--json]
+    h5ckpt prune DIR --keep-last N [--keep-best M] [--keep-every K]
+                 [--delete-invalid] [--dry-run] [--prefix P] [--json]
+    h5ckpt migrate SRC_DIR DST_DIR [--prefix homodyne_state] [--dst-prefix P]
+                   [--allow-pickle] [--native-only] [--overwrite]
+    h5ckpt demo [DIR] [demo options]
+
+Exit status: 0 on success, 1 when a file is invalid or an operation failed, 2 on a
+usage error. Errors are one line on stderr, ``h5ckpt: error: ...``; ``--debug``
+adds the traceback and the library's debug log. An HMAC key in the environment
+variable ``H5CKPT_HMAC_KEY`` is used as the manager uses it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import logging
+import math
+import os
 import sys
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.filesize import decimal as human_size
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+from rich.text import Text
+from rich.tree import Tree
+
+from . import _native
+from .errors import CheckpointError, CheckpointNotFoundError, CheckpointPickleError
+from .inspection import CHECKPOINT_NAME, checkpoint_files, describe_file, json_safe, verify_paths
+from .manager import HMAC_KEY_ENV, CheckpointManager, _resolve_key
+from .migrate import migrate_directory
+from .payload import FORMAT_VERSION
+
+__all__ = ["build_parser", "main"]
+
+PROG = "h5ckpt"
+STATUS_STYLE = {
+    "valid": "green",
+    "legacy": "yellow",
+    "unverified": "cyan",
+    "invalid": "bold red",
+    "converted": "green",
+    "skipped": "yellow",
+    "failed": "bold red",
+}
 
 
-def main(argv: list[str] | None = None) -> int:
+class UsageError(Exception):
+    """A command line that parses but asks for something impossible (exit status 2)."""
+
+
+# ----------------------------------------------------------------------- helpers
+
+
+def _console() -> Console:
+    """Rich console on stdout; wide and plain when stdout is not a terminal."""
+    tty = sys.stdout.isatty()
+    return Console(highlight=False, width=None if tty else 200, soft_wrap=not tty)
+
+
+def _emit(out: Console, renderable: Any) -> None:
+    """Print a table or tree; without a terminal, without trailing blanks."""
+    if out.is_terminal:
+        out.print(renderable)
+        return
+    with out.capture() as captured:
+        out.print(renderable)
+    lines = [line.rstrip() for line in captured.get().splitlines()]
+    while lines and not lines[0]:
+        lines.pop(0)
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+def _directory(path: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointNotFoundError(f"no such directory: {p}", {"path": str(p)})
+    if not p.is_dir():
+        raise CheckpointError(f"not a directory: {p}", {"path": str(p)})
+    return p
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _when(timestamp: float) -> str:
+    if not math.isfinite(timestamp) or timestamp <= 0:
+        return "-"
+    return datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _loss(loss: float) -> str:
+    return f"{loss:.6g}" if not math.isnan(loss) else "nan"
+
+
+def _status(status: str) -> Text:
+    return Text(status, style=STATUS_STYLE.get(status, ""))
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n")
+
+
+def _other_prefixes(directory: Path, prefix: str) -> list[str]:
+    found = set()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(directory):
+            match = CHECKPOINT_NAME.match(entry.name)
+            if match and match["prefix"] != prefix:
+                found.add(match["prefix"])
+    return sorted(found)
+
+
+def _nothing_found(directory: Path, prefix: str) -> str:
+    message = f"no checkpoints named {prefix}_batch_<n>.h5 in {directory}"
+    others = _other_prefixes(directory, prefix)
+    if others:
+        message += f" (files with prefix {', '.join(others)} exist: use --prefix)"
+    return message
+
+
+@contextlib.contextmanager
+def _without_key_from_environment() -> Iterator[None]:
+    """Construct a manager that reads without a key (seed files carry no tag)."""
+    saved = os.environ.pop(HMAC_KEY_ENV, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ[HMAC_KEY_ENV] = saved
+
+
+# ---------------------------------------------------------------------- commands
+
+
+def cmd_ls(args: argparse.Namespace, out: Console) -> int:
+    """``h5ckpt ls``: the checkpoints of one directory and prefix."""
+    directory = _directory(args.directory)
+    manager = CheckpointManager(directory, keep_last_n=None, auto_cleanup=False, prefix=args.prefix)
+    latest = manager.find_latest_checkpoint()  # verifies the newest files only
+    infos = manager.list_checkpoints(verify=args.verify)
+    if args.json:
+        _print_json(
+            [
+                {
+                    "path": str(i.path),
+                    "name": i.path.name,
+                    "batch_idx": i.batch_idx,
+                    "loss": i.loss,
+                    "timestamp": i.timestamp,
+                    "size_bytes": i.size_bytes,
+                    "status": i.status,
+                    "verified": i.verified,
+                    "latest": i.path == latest,
+                    "error": i.error,
+                }
+                for i in infos
+            ]
+        )
+        return 0
+    if not infos:
+        out.print(escape(_nothing_found(directory, args.prefix)))
+        return 0
+    notes = any(i.error for i in infos)
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        title=escape(f"{directory}  ({args.prefix}_batch_*.h5)"),
+    )
+    table.add_column("", width=1)
+    table.add_column("batch", justify="right")
+    table.add_column("loss", justify="right")
+    table.add_column("saved")
+    table.add_column("size", justify="right")
+    table.add_column("status")
+    if notes:
+        table.add_column("note", overflow="fold")
+    for i in infos:
+        newest = i.path == latest
+        row: list[Any] = [
+            Text("*", style="bold green") if newest else "",
+            str(i.batch_idx),
+            _loss(i.loss),
+            _when(i.timestamp),
+            human_size(i.size_bytes),
+            _status(i.status),
+        ]
+        if notes:
+            row.append(Text(i.error or ""))
+        table.add_row(*row, style="bold" if newest else None)
+    _emit(out, table)
+    caption = "* newest valid checkpoint: load_latest() resumes from it"
+    if latest is None:
+        caption = "no valid checkpoint: load_latest() would start from scratch"
+    if not args.verify and any(i.status == "unverified" or not i.verified for i in infos):
+        caption += "\nunverified / legacy without --verify: header read, content not checked"
+    out.print(caption, style="dim")
+    return 0
+
+
+def _verify_with_progress(files: list[Path], key: bytes | None, show: bool, out: Console):
+    if not show:
+        return verify_paths(files, key)
+    total = 0
+    for f in files:
+        with contextlib.suppress(OSError):
+            total += f.stat().st_size
+    columns = (
+        TextColumn("verifying {task.fields[count]} files"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=out, transient=True) as progress:
+        task = progress.add_task("verify", total=total, count=len(files))
+        return verify_paths(files, key, lambda n: progress.advance(task, n))
+
+
+def cmd_verify(args: argparse.Namespace, out: Console) -> int:
+    """``h5ckpt verify``: check every byte of files and directories."""
+    files = checkpoint_files(args.paths)
+    if not files:
+        raise CheckpointNotFoundError(
+            "no checkpoint files (*_batch_<n>.h5) under " + ", ".join(args.paths), {}
+        )
+    key = _resolve_key(None)
+    reports = _verify_with_progress(files, key, out.is_terminal and not args.json, out)
+    bad = sum(not r.is_valid for r in reports)
+    if args.json:
+        _print_json([r.to_dict() for r in reports])
+        return 1 if bad else 0
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False)
+    table.add_column("status")
+    table.add_column("batch", justify="right")
+    table.add_column("loss", justify="right")
+    table.add_column("size", justify="right")
+    table.add_column("file", overflow="fold")
+    if bad:
+        table.add_column("problem", overflow="fold")
+    for r in reports:
+        row: list[Any] = [
+            _status(r.status),
+            "-" if r.batch_idx is None else str(r.batch_idx),
+            "-" if r.format in ("unknown", "unreadable") else _loss(r.loss),
+            human_size(r.size_bytes),
+            Text(str(r.path)),
+        ]
+        if bad:
+            row.append(Text(r.error or ""))
+        table.add_row(*row)
+    _emit(out, table)
+    counts = {s: sum(r.status == s for r in reports) for s in ("valid", "legacy", "invalid")}
+    summary = f"{len(reports)} file(s): {counts['valid']} valid"
+    if counts["legacy"]:
+        summary += f", {counts['legacy']} legacy (seed format, own checksum only)"
+    summary += f", {counts['invalid']} invalid"
+    out.print(summary, style="bold red" if bad else "bold green")
+    return 1 if bad else 0
+
+
+def _tree_label(name: str, node: dict[str, Any]) -> Text:
+    label = Text(name, style="bold")
+    kind = node.get("type", "?")
+    label.append(f"  {kind}", style="cyan")
+    if "dtype" in node:
+        label.append(f"  {node['dtype']}")
+    if "shape" in node:
+        label.append(
+            "  ("
+            + ", ".join(str(d) for d in node["shape"])
+            + ("," if len(node["shape"]) == 1 else "")
+            + ")"
+        )
+    if "length" in node and kind not in ("str", "bigint"):
+        label.append(f"  {node['length']} item(s)", style="dim")
+    if "nbytes" in node:
+        label.append(f"  {human_size(node['nbytes'])}", style="dim")
+    if "storage" in node:
+        label.append(f"  [{node['storage']}]", style="dim")
+    if "value" in node:
+        label.append(
+            " = "
+            + (
+                json.dumps(node["value"], ensure_ascii=False)
+                if isinstance(node["value"], str)
+                else str(node["value"])
+            )
+        )
+    if "values" in node:
+        label.append(" = " + str(node["values"]))
+    summary = node.get("summary")
+    if summary:
+        label.append(
+            "  "
+            + ", ".join(
+                f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()
+            ),
+            style="dim",
+        )
+    if "note" in node:
+        label.append(f"  ({node['note']})", style="yellow")
+    return label
+
+
+def _add_children(tree: Tree, node: dict[str, Any]) -> None:
+    for key, child in node.get("children", {}).items():
+        branch = tree.add(_tree_label(key, child))
+        _add_children(branch, child)
+    if node.get("truncated"):
+        tree.add(Text(f"… {node['truncated']} more", style="dim"))
+
+
+def cmd_show(args: argparse.Namespace, out: Console) -> int:
+    """``h5ckpt show``: header, digest status and payload tree of one file."""
+    info = describe_file(args.file, _resolve_key(None))
+    valid = info["status"] in ("valid", "legacy")
+    if args.json:
+        _print_json(info)
+        return 0 if valid else 1
+    out.print(Text(info["path"], style="bold"))
+    fmt = "h5ckpt" if info["format"] == "h5ckpt" else "seed format (legacy)"
+    out.print(f"format: {fmt}, {human_size(info['size_bytes'])}")
+    status = Text("status: ")
+    status.append_text(_status(info["status"]))
+    if info["status"] == "valid":
+        status.append(
+            " — every byte verified (header digest, SHA-256 tree digest of the payload"
+            + (", HMAC tag)" if (info["header"] or {}).get("keyed") else ")")
+        )
+    elif info["status"] == "legacy":
+        status.append(" — the seed's checksum matches; it covers only the pickled optimizer state")
+    else:
+        status.append(f" — {info['error']}")
+    out.print(status)
+    header = info["header"]
+    if header:
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, title="header", title_justify="left")
+        table.add_column("field")
+        table.add_column("value", overflow="fold")
+        for key, value in header.items():
+            shown = value
+            if key == "timestamp" and isinstance(value, float):
+                shown = f"{value} ({_when(value)})"
+            table.add_row(key, Text(str(shown)))
+        _emit(out, table)
+    if info["tree"] is None:
+        out.print(
+            "payload not shown: the file did not verify, and h5ckpt parses only verified files",
+            style="yellow",
+        )
+        return 1
+    root = Tree(Text("payload", style="bold"))
+    for key, attr in (info["attributes"] or {}).items():
+        if key in ("h5ckpt_format", "h5ckpt_version", "version"):
+            root.add(Text(f"@{key} = {attr}", style="dim"))
+    for name, node in info["tree"].items():
+        branch = root.add(_tree_label(name, node))
+        _add_children(branch, node)
+    _emit(out, root)
+    return 0 if valid else 1
+
+
+def cmd_prune(args: argparse.Namespace, out: Console) -> int:
+    """``h5ckpt prune``: apply the manager's retention policy."""
+    directory = _directory(args.directory)
+    manager = CheckpointManager(
+        directory,
+        keep_last_n=args.keep_last,
+        keep_best_n=args.keep_best,
+        keep_every=args.keep_every,
+        best_mode=args.best_mode,
+        delete_invalid=args.delete_invalid,
+        auto_cleanup=False,
+        prefix=args.prefix,
+    )
+    before = manager.list_checkpoints()
+    removed = manager.plan_cleanup() if args.dry_run else manager.cleanup_old_checkpoints()
+    kept = [i.path for i in before if i.path not in removed]
+    if args.json:
+        _print_json(
+            {
+                "dry_run": args.dry_run,
+                "deleted": [str(p) for p in removed],
+                "kept": [str(p) for p in kept],
+            }
+        )
+        return 0
+    if not before:
+        out.print(escape(_nothing_found(directory, args.prefix)))
+        return 0
+    verb = "would delete" if args.dry_run else "deleted"
+    for path in removed:
+        out.print(Text(f"{verb} {path}"))
+    summary = f"{verb} {len(removed)} of {len(before)} checkpoint file(s), kept {len(kept)}"
+    if args.dry_run:
+        summary += " (dry run: nothing deleted)"
+    out.print(summary, style="bold")
+    return 0
+
+
+def _refuse_pickle(source: CheckpointManager) -> None:
+    """Stop before writing anything when a source file needs unpickling."""
+    for info in source.list_checkpoints():
+        if info.status == "legacy":
+            try:
+                source.load_checkpoint(info.path)
+            except CheckpointPickleError:
+                raise CheckpointPickleError(_pickle_reason(source.checkpoint_dir), {}) from None
+            except CheckpointError:
+                continue
+            return
+
+
+def _pickle_reason(directory: Path) -> str:
+    return (
+        f"{directory} holds seed-format checkpoints whose optimizer state the seed pickled; "
+        "converting them unpickles it, and unpickling can run arbitrary code: pass "
+        "--allow-pickle (allow_pickle=True) only for files you trust"
+    )
+
+
+def cmd_migrate(args: argparse.Namespace, out: Console) -> int:
+    """``h5ckpt migrate``: convert seed-format checkpoints into h5ckpt files."""
+    src = _directory(args.src_dir)
+    dst = Path(args.dst_dir)
+    dst_prefix = args.dst_prefix or args.prefix
+    if dst.exists() and dst.resolve() == src.resolve() and dst_prefix == args.prefix:
+        raise UsageError(
+            "DST_DIR is SRC_DIR and the prefix is the same: choose another directory "
+            "or --dst-prefix"
+        )
+    with _without_key_from_environment():
+        source = CheckpointManager(
+            src,
+            keep_last_n=None,
+            auto_cleanup=False,
+            prefix=args.prefix,
+            allow_pickle=args.allow_pickle,
+        )
+    if not source.list_checkpoints():
+        raise CheckpointNotFoundError(_nothing_found(src, args.prefix), {"path": str(src)})
+    if not args.allow_pickle:
+        _refuse_pickle(source)
+    destination = CheckpointManager(
+        dst,
+        keep_last_n=None,
+        auto_cleanup=False,
+        prefix=dst_prefix,
+        allow_pickle=args.allow_pickle and not args.native_only,
+    )
+    counts = {"converted": 0, "skipped": 0, "failed": 0}
+    try:
+        for result in migrate_directory(
+            source, destination, native_only=args.native_only, overwrite=args.overwrite
+        ):
+            counts[result.outcome] += 1
+            line = Text()
+            line.append_text(_status(f"{result.outcome:<9}"))
+            line.append(f" {result.source.name} -> {result.destination}  ({result.message})")
+            out.print(line)
+    except CheckpointPickleError as exc:
+        raise CheckpointPickleError(_pickle_reason(src), exc.error_context) from exc
+    summary = ", ".join(f"{n} {k}" for k, n in counts.items())
+    out.print(
+        f"{sum(counts.values())} file(s): {summary}",
+        style="bold red" if counts["failed"] else "bold green",
+    )
+    return 1 if counts["failed"] else 0
+
+
+def cmd_demo(args: argparse.Namespace, out: Console) -> int:
+    """``h5ckpt demo``: the kill-and-resume demo (see :mod:`h5ckpt.demo`)."""
+    from .demo import main as demo_main
+
+    return demo_main(args.demo_args)
+
+
+# ------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``h5ckpt`` command.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        Each sub-command stores its handler in ``func``.
+    """
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show tracebacks and the library's debug log",
+    )
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Crash-safe, verified HDF5 checkpoints: inspect, verify, prune, migrate.",
+        epilog=f"An HMAC key in ${HMAC_KEY_ENV} is used as CheckpointManager uses it. "
+        "Exit status: 0 ok, 1 invalid file or failure, 2 usage error.",
+        parents=[common],
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"{PROG} {_native.__version__} (file format {FORMAT_VERSION})",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func: Callable[..., int], help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_, parents=[common])
+        p.set_defaults(func=func)
+        return p
+
+    p = command("ls", cmd_ls, "list the checkpoints of a directory")
+    p.add_argument("directory", metavar="DIR")
+    p.add_argument("--prefix", default="checkpoint", help="file name prefix (default: %(default)s)")
+    p.add_argument("--verify", action="store_true", help="hash every file (default: headers only)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = command(
+        "verify", cmd_verify, "check every byte of checkpoint files (exit 1 if any is invalid)"
+    )
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="files, or directories searched recursively for *_batch_<n>.h5 files",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output, no progress bar")
+
+    p = command("show", cmd_show, "header, digest status and payload tree of one checkpoint")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = command("prune", cmd_prune, "delete old checkpoints by the manager's retention policy")
+    p.add_argument("directory", metavar="DIR")
+    p.add_argument("--prefix", default="checkpoint", help="file name prefix (default: %(default)s)")
+    p.add_argument(
+        "--keep-last",
+        type=_positive,
+        required=True,
+        metavar="N",
+        help="keep the N newest valid checkpoints",
+    )
+    p.add_argument(
+        "--keep-best",
+        type=_non_negative,
+        default=0,
+        metavar="M",
+        help="also keep the M valid checkpoints with the best loss",
+    )
+    p.add_argument(
+        "--best-mode",
+        choices=("min", "max"),
+        default="min",
+        help="whether the best loss is the lowest or highest (default: %(default)s)",
+    )
+    p.add_argument(
+        "--keep-every",
+        type=_positive,
+        default=None,
+        metavar="K",
+        help="also keep valid checkpoints whose batch index is a multiple of K",
+    )
+    p.add_argument(
+        "--delete-invalid", action="store_true", help="also delete invalid files (kept by default)"
+    )
+    p.add_argument("--dry-run", action="store_true", help="print what would go, delete nothing")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = command("migrate", cmd_migrate, "convert seed-format checkpoints into h5ckpt files")
+    p.add_argument("src_dir", metavar="SRC_DIR")
+    p.add_argument("dst_dir", metavar="DST_DIR")
+    p.add_argument(
+        "--prefix",
+        default="homodyne_state",
+        help="prefix of the source files (default: %(default)s)",
+    )
+    p.add_argument("--dst-prefix", default=None, help="prefix of the new files (default: --prefix)")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="unpickle the seed's optimizer state (can run code: trusted files only); values "
+        "without a native HDF5 form stay pickled in the new files",
+    )
+    p.add_argument(
+        "--native-only",
+        action="store_true",
+        help="fail files whose state has values without a native form",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace existing destination files")
+
+    p = command("demo", cmd_demo, "run the streaming-fit demo: SIGKILL, resume, compare")
+    p.add_argument("demo_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
+
+
+# -------------------------------------------------------------------------- main
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``h5ckpt`` command line.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Arguments without the program name; default ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        The exit status: 0 success, 1 invalid file or failed operation, 2 usage error.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="h5ckpt", description="Crash-safe HDF5 checkpoints.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="run the streaming-fit demo: kill, resume, compare", add_help=False)
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "demo":
-        from .demo import main as demo_main
-
-        return demo_main(rest)
-    return 2
+    if argv[:1] == ["demo"]:  # the demo parses its own options, --help included
+        return cmd_demo(argparse.Namespace(demo_args=argv[1:]), _console())
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
+    log = logging.getLogger("h5ckpt")
+    if not any(isinstance(h, logging.NullHandler) for h in log.handlers):
+        log.addHandler(logging.NullHandler())  # no stray warnings on stderr
+    if debug:
+        logging.basicConfig(
+            level=logging.DEBUG, stream=sys.stderr, format="h5ckpt: %(levelname)s: %(message)s"
+        )
+    try:
+        return args.func(args, _console())
+    except UsageError as exc:
+        sys.stderr.write(f"{PROG}: error: {_one_line(exc)}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        # The reader went away (``| head``): stop quietly.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        message = _one_line(exc)
+        if not isinstance(exc, (CheckpointError, OSError)):
+            message = f"{type(exc).__name__}: {message}"
+        sys.stderr.write(f"{PROG}: error: {message}\n")
+        return 1

@@ -1,0 +1,567 @@
+"""Finding, verifying and describing checkpoint files, for the command line.
+
+Verification goes through the Rust core (:func:`h5ckpt._native.verify_files`, many
+files at once, on all cores); seed-format files through their own checksum
+(:mod:`h5ckpt.legacy`). A file's HDF5 content is parsed only after it verified.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from . import _native
+from .errors import CheckpointError, CheckpointNotFoundError
+from .legacy import read_legacy_summary, validate_legacy
+from .staging import oserror_to_checkpoint
+from .tree import TYPE_ATTR, unescape_key
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "FileReport",
+    "checkpoint_files",
+    "describe_file",
+    "file_format",
+    "json_safe",
+    "verify_paths",
+]
+
+#: Names of checkpoint files, whatever their prefix: ``{prefix}_batch_<digits>.h5``.
+CHECKPOINT_NAME = re.compile(r"^(?P<prefix>.+)_batch_(?P<batch>\d+)\.h5$")
+
+VALID, LEGACY, INVALID = "valid", "legacy", "invalid"
+
+#: A batch of files handed to the Rust core at once holds at most this many bytes...
+_BATCH_BYTES = 256 * 1024 * 1024
+#: ...and at most this many files per CPU.
+_FILES_PER_CPU = 4
+#: ``describe_file`` summarises numeric arrays up to this size (min, max, mean).
+_STATS_MAX_BYTES = 64 * 1024 * 1024
+#: ``describe_file`` lists the values of arrays with at most this many elements.
+_INLINE_ELEMENTS = 8
+_TEXT_CHARS = 80
+
+
+def _batch_from_name(path: Path) -> int | None:
+    match = CHECKPOINT_NAME.match(path.name)
+    return int(match["batch"]) if match else None
+
+
+def checkpoint_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """The files named by ``paths``, directories searched for checkpoint files.
+
+    Parameters
+    ----------
+    paths : iterable of str or Path
+        Files (taken as they are, whatever their name) and directories (searched
+        recursively, hidden subdirectories skipped, for regular files whose name
+        matches :data:`CHECKPOINT_NAME`, any prefix).
+
+    Returns
+    -------
+    list of Path
+        Each file once, in the order given; a directory's files sorted by folder,
+        prefix and batch index.
+
+    Raises
+    ------
+    CheckpointNotFoundError
+        When a path does not exist.
+    """
+    out: list[Path] = []
+    seen: set[str] = set()
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found: list[tuple[str, str, int, Path]] = []
+            for root, dirs, files in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in files:
+                    match = CHECKPOINT_NAME.match(name)
+                    full = Path(root) / name
+                    if match and full.is_file():
+                        found.append((root, match["prefix"], int(match["batch"]), full))
+            group = [entry[3] for entry in sorted(found)]
+        elif path.exists():
+            group = [path]
+        else:
+            raise CheckpointNotFoundError(f"no such file or directory: {path}", {"path": str(path)})
+        for file in group:
+            key = os.path.realpath(file)
+            if key not in seen:
+                seen.add(key)
+                out.append(file)
+    return out
+
+
+def file_format(path: str | os.PathLike[str]) -> str:
+    """``"h5ckpt"``, ``"legacy"`` (plain HDF5, the seed's format) or ``"unknown"``.
+
+    Only the first 8 bytes are read; nothing is verified.
+
+    Raises
+    ------
+    CheckpointError
+        When the file cannot be opened or read.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as exc:
+        raise oserror_to_checkpoint(exc, "read", path) from exc
+    if head == _native.MAGIC:
+        return "h5ckpt"
+    if head == _native.HDF5_SIGNATURE:
+        return "legacy"
+    return "unknown"
+
+
+@dataclass(frozen=True)
+class FileReport:
+    """The outcome of verifying one file.
+
+    Attributes
+    ----------
+    path : Path
+        The file.
+    format : str
+        ``"h5ckpt"``, ``"legacy"``, ``"unknown"`` (neither) or ``"unreadable"``.
+    status : str
+        ``"valid"`` (every byte verified), ``"legacy"`` (a seed-format file whose own
+        checksum matches) or ``"invalid"``.
+    batch_idx : int or None
+        From the header, the legacy attributes or, failing those, the file name.
+    loss : float
+        NaN when unknown.
+    timestamp : float
+        Seconds since the epoch; NaN when unknown.
+    size_bytes : int
+        File size (0 when it cannot be read).
+    error : str or None
+        Why the file is invalid.
+    keyed : bool
+        Whether the file carries an HMAC tag.
+    """
+
+    path: Path
+    format: str
+    status: str
+    batch_idx: int | None
+    loss: float = math.nan
+    timestamp: float = math.nan
+    size_bytes: int = 0
+    error: str | None = None
+    keyed: bool = False
+
+    @property
+    def is_valid(self) -> bool:
+        """True for ``"valid"`` and ``"legacy"`` (intact as far as its format can tell)."""
+        return self.status in (VALID, LEGACY)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the fields (non-finite floats as strings)."""
+        return json_safe(
+            {
+                "path": str(self.path),
+                "format": self.format,
+                "status": self.status,
+                "valid": self.is_valid,
+                "batch_idx": self.batch_idx,
+                "loss": self.loss,
+                "timestamp": self.timestamp,
+                "size_bytes": self.size_bytes,
+                "keyed": self.keyed,
+                "error": self.error,
+            }
+        )
+
+
+def _file_batches(indices: list[int], sizes: Sequence[int]) -> Iterable[list[int]]:
+    max_files = _FILES_PER_CPU * (os.cpu_count() or 1)
+    batch: list[int] = []
+    nbytes = 0
+    for i in indices:
+        batch.append(i)
+        nbytes += sizes[i]
+        if nbytes >= _BATCH_BYTES or len(batch) >= max_files:
+            yield batch
+            batch, nbytes = [], 0
+    if batch:
+        yield batch
+
+
+def _legacy_report(path: Path, size: int, hmac_key: bytes | None) -> FileReport:
+    batch = _batch_from_name(path)
+    if hmac_key is not None:
+        return FileReport(
+            path,
+            "legacy",
+            INVALID,
+            batch,
+            size_bytes=size,
+            error="seed-format file without an HMAC tag, refused when a key is set",
+        )
+    try:
+        validate_legacy(path)
+        batch, loss, timestamp = read_legacy_summary(path)
+    except CheckpointError as exc:
+        return FileReport(path, "legacy", INVALID, batch, size_bytes=size, error=str(exc))
+    return FileReport(path, "legacy", LEGACY, batch, loss, timestamp, size)
+
+
+def verify_paths(
+    paths: Sequence[Path],
+    hmac_key: bytes | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[FileReport]:
+    """Verify files, h5ckpt ones in parallel batches through the Rust core.
+
+    Parameters
+    ----------
+    paths : sequence of Path
+        The files.
+    hmac_key : bytes, optional
+        With a key, h5ckpt files must carry a matching HMAC tag and seed-format files
+        (which have none) are invalid.
+    progress : callable, optional
+        Called with the number of bytes done after each file or batch.
+
+    Returns
+    -------
+    list of FileReport
+        One per path, in order. Nothing raises for a bad file: it is reported.
+    """
+    reports: list[FileReport | None] = [None] * len(paths)
+    sizes = [0] * len(paths)
+    hashed: list[int] = []
+    for i, path in enumerate(paths):
+        try:
+            sizes[i] = path.stat().st_size
+            kind = file_format(path)
+        except (OSError, CheckpointError) as exc:
+            if not isinstance(exc, CheckpointError):
+                exc = oserror_to_checkpoint(exc, "read", path)
+            batch = _batch_from_name(path)
+            reports[i] = FileReport(path, "unreadable", INVALID, batch, error=str(exc))
+            continue
+        if kind == "h5ckpt":
+            hashed.append(i)
+            continue
+        if kind == "legacy":
+            reports[i] = _legacy_report(path, sizes[i], hmac_key)
+        else:
+            reports[i] = FileReport(
+                path,
+                "unknown",
+                INVALID,
+                _batch_from_name(path),
+                size_bytes=sizes[i],
+                error="not a checkpoint file (neither an h5ckpt header nor an HDF5 signature)",
+            )
+        if progress is not None:
+            progress(sizes[i])
+    for batch in _file_batches(hashed, sizes):
+        outcomes = _native.verify_files([paths[i] for i in batch], hmac_key)
+        for i, outcome in zip(batch, outcomes, strict=True):
+            path = paths[i]
+            if isinstance(outcome, Exception):
+                try:
+                    header = _native.read_header(path)
+                except Exception:
+                    header = None
+                reports[i] = FileReport(
+                    path,
+                    "h5ckpt",
+                    INVALID,
+                    header.batch_idx if header is not None else _batch_from_name(path),
+                    header.loss if header is not None else math.nan,
+                    header.timestamp if header is not None else math.nan,
+                    sizes[i],
+                    str(outcome),
+                    header.keyed if header is not None else False,
+                )
+            else:
+                reports[i] = FileReport(
+                    path,
+                    "h5ckpt",
+                    VALID,
+                    outcome.batch_idx,
+                    outcome.loss,
+                    outcome.timestamp,
+                    sizes[i],
+                    None,
+                    outcome.keyed,
+                )
+        if progress is not None:
+            progress(sum(sizes[i] for i in batch))
+    return reports  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------- describing
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with numpy scalars made Python, bytes made hex, non-finite floats
+    made the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` (strict JSON has no
+    such numbers) and complex numbers made strings."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).hex()
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "NaN"
+        if math.isinf(value):
+            return "Infinity" if value > 0 else "-Infinity"
+        return value
+    if isinstance(value, complex):
+        return str(value)
+    return repr(value)
+
+
+def _text(value: str) -> dict[str, Any]:
+    if len(value) <= _TEXT_CHARS:
+        return {"value": value}
+    return {"value": value[: _TEXT_CHARS - 1] + "…", "length": len(value)}
+
+
+def _storage(ds: h5py.Dataset) -> str:
+    plist = ds.id.get_create_plist()
+    names = []
+    for i in range(plist.get_nfilters()):
+        code, _flags, _values, name = plist.get_filter(i)
+        label = name.decode("ascii", "replace") if isinstance(name, bytes) else str(name)
+        names.append(label.split()[0].lower() if label else f"filter {code}")
+    if names:
+        return "+".join(names)
+    return {h5py.h5d.COMPACT: "compact", h5py.h5d.CONTIGUOUS: "raw"}.get(
+        plist.get_layout(), "chunked"
+    )
+
+
+def _array_node(ds: h5py.Dataset, tag: str) -> dict[str, Any]:
+    dtype = ds.dtype
+    shape = list(ds.shape) if ds.shape is not None else []
+    nbytes = int(math.prod(shape)) * dtype.itemsize
+    node: dict[str, Any] = {
+        "type": tag,
+        "dtype": str(dtype),
+        "shape": shape,
+        "nbytes": nbytes,
+        "storage": _storage(ds),
+    }
+    size = int(math.prod(shape))
+    if 0 < size <= _INLINE_ELEMENTS:
+        node["values"] = np.asarray(ds[()]).reshape(-1).tolist()
+    elif size and dtype.kind in "biuf" and nbytes <= _STATS_MAX_BYTES:
+        data = np.asarray(ds[()])
+        if dtype.kind == "b":
+            node["summary"] = {"true": int(np.count_nonzero(data))}
+        else:
+            finite = data[np.isfinite(data)] if dtype.kind == "f" else data
+            summary: dict[str, Any] = {}
+            if finite.size:
+                summary = {
+                    "min": finite.min().item(),
+                    "max": finite.max().item(),
+                    "mean": float(finite.mean(dtype=np.float64)),
+                }
+            if dtype.kind == "f":
+                summary["non_finite"] = int(data.size - finite.size)
+            node["summary"] = summary
+    return node
+
+
+def _leaf_node(ds: h5py.Dataset, tag: str) -> dict[str, Any]:
+    if tag == "none":
+        return {"type": tag}
+    if tag == "ndarray":
+        return _array_node(ds, tag)
+    if tag in ("bytes", "bytearray", "str_bytes", "pickle"):
+        node: dict[str, Any] = {"type": tag, "nbytes": int(ds.shape[0]) if ds.shape else 0}
+        if tag == "pickle":
+            node["note"] = "pickled, not loaded"
+        return node
+    raw = ds[()]
+    if tag in ("str", "bigint"):
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+        if tag == "bigint":
+            text = str(int(text, 16))
+        return {"type": tag, **_text(text)}
+    value = raw.item() if isinstance(raw, np.generic) else raw
+    if not isinstance(value, (int, float, bool)):
+        value = repr(value)
+    return {"type": tag, "dtype": str(ds.dtype), "value": value}
+
+
+def _links(group: h5py.Group) -> list[str]:
+    names: list[bytes] = []
+    try:
+        group.id.links.iterate(names.append, idx_type=h5py.h5.INDEX_CRT_ORDER)
+    except RuntimeError:
+        names.clear()
+        group.id.links.iterate(names.append, idx_type=h5py.h5.INDEX_NAME)
+    return [n.decode("utf-8", "surrogateescape") for n in names]
+
+
+class _Budget:
+    def __init__(self, max_nodes: int) -> None:
+        self.left = max_nodes
+
+
+def _tree_node(obj: h5py.Group | h5py.Dataset, depth: int, budget: _Budget) -> dict[str, Any]:
+    budget.left -= 1
+    raw_tag = obj.attrs.get(TYPE_ATTR)
+    tag = raw_tag.decode("ascii", "replace") if isinstance(raw_tag, bytes) else str(raw_tag)
+    if isinstance(obj, h5py.Dataset):
+        return _leaf_node(obj, tag)
+    names = _links(obj)
+    node: dict[str, Any] = {"type": tag, "length": len(names), "children": {}}
+    if tag in ("list", "tuple"):
+        names = sorted(names, key=lambda n: int(n) if n.isdigit() else -1)
+    if depth >= 64:
+        node["truncated"] = len(names)
+        return node
+    for i, name in enumerate(names):
+        if budget.left <= 0:
+            node["truncated"] = len(names) - i
+            break
+        key = unescape_key(name) if tag == "dict" else name
+        link = obj.get(name, getlink=True)
+        if not isinstance(link, h5py.HardLink):
+            node["children"][key] = {"type": "link", "note": f"{type(link).__name__}, not followed"}
+            continue
+        node["children"][key] = _tree_node(obj[name], depth + 1, budget)
+    return node
+
+
+def _legacy_tree(f: h5py.File) -> dict[str, Any]:
+    tree: dict[str, Any] = {"parameters": _array_node(f["parameters"], "ndarray")}
+    tree["optimizer_state"] = {
+        "type": "pickle",
+        "nbytes": int(f["optimizer_state"].dtype.itemsize),
+        "note": "seed format: pickled, not loaded",
+    }
+    if "metadata" in f:
+        group = f["metadata"]
+        children: dict[str, Any] = {}
+        for key, value in group.attrs.items():
+            value = value.item() if isinstance(value, np.generic) else value
+            if isinstance(value, str):
+                children[key] = {"type": "attribute", **_text(value)}
+            elif isinstance(value, (int, float, bool)):
+                children[key] = {"type": "attribute", "value": value}
+            else:
+                children[key] = {"type": "attribute", **_text(repr(value))}
+        for key in group:
+            children[key] = _array_node(group[key], "ndarray")
+        tree["metadata"] = {"type": "group", "length": len(children), "children": children}
+    return tree
+
+
+def _header_dict(header: _native.Header) -> dict[str, Any]:
+    fields = header.to_dict()
+    return json_safe(fields)
+
+
+def describe_file(
+    path: str | os.PathLike[str], hmac_key: bytes | None = None, max_nodes: int = 2000
+) -> dict[str, Any]:
+    """Header, verification status and a summary of the payload tree of one file.
+
+    The file is verified first; its HDF5 content is only read when it verified.
+    Arrays are described by dtype, shape, storage and, when small, a summary
+    (min / max / mean, or the values of arrays of at most 8 elements); pickled
+    values are never unpickled.
+
+    Parameters
+    ----------
+    path : str or Path
+        An h5ckpt or seed-format checkpoint file.
+    hmac_key : bytes, optional
+        Key the file's HMAC tag must match.
+    max_nodes : int, default 2000
+        At most this many tree nodes are described; larger groups say how many of
+        their items were left out (``"truncated"``).
+
+    Returns
+    -------
+    dict
+        ``path``, ``format``, ``size_bytes``, ``status`` (``"valid"``,
+        ``"legacy"``, ``"invalid"``), ``error``, ``header`` (the h5ckpt header
+        fields, or a seed file's attributes), ``attributes`` (the HDF5 root
+        attributes) and ``tree`` (``parameters``, ``optimizer_state``,
+        ``metadata``; ``None`` for an invalid file). JSON-ready.
+
+    Raises
+    ------
+    CheckpointError
+        When the file does not exist, cannot be read or is not a checkpoint at all.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointNotFoundError(f"no such file: {path}", {"path": str(path)})
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file", {"path": str(path)})
+    kind = file_format(path)
+    if kind == "unknown":
+        raise CheckpointError(
+            f"{path} is not a checkpoint file (neither an h5ckpt header nor an HDF5 signature)",
+            {"path": str(path)},
+        )
+    report = verify_paths([path], hmac_key)[0]
+    info: dict[str, Any] = {
+        "path": str(path),
+        "format": kind,
+        "size_bytes": report.size_bytes,
+        "status": report.status,
+        "error": report.error,
+        "header": None,
+        "attributes": None,
+        "tree": None,
+    }
+    if kind == "h5ckpt":
+        try:
+            info["header"] = _header_dict(_native.read_header(path))
+        except CheckpointError:
+            info["header"] = None
+    if not report.is_valid:
+        return json_safe(info)
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            info["attributes"] = {
+                key: (value.decode() if isinstance(value, bytes) else value)
+                for key, value in f.attrs.items()
+            }
+            if kind == "legacy":
+                info["header"] = {
+                    key: info["attributes"].get(key)
+                    for key in ("batch_idx", "loss", "timestamp", "version", "checksum")
+                }
+                info["tree"] = _legacy_tree(f)
+            else:
+                budget = _Budget(max_nodes)
+                info["tree"] = {
+                    name: _tree_node(f[name], 0, budget)
+                    for name in ("parameters", "optimizer_state", "metadata")
+                    if name in f
+                }
+    except Exception as exc:
+        info["status"] = INVALID
+        info["error"] = f"verified, but the HDF5 content cannot be read: {exc}"
+        info["tree"] = None
+    return json_safe(info)
