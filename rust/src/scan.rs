@@ -1,8 +1,10 @@
 //! Listing the checkpoints of a directory: `{prefix}_batch_<digits>.h5`, regular
 //! files only, the first 512 bytes of each read in parallel.
 
+use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -66,7 +68,16 @@ pub fn parse_name(name: &str, prefix: &str) -> Option<u64> {
 /// Lists `directory`: the matching regular files (symlinks and directories are
 /// skipped), sorted by `(batch_idx, name)`. Files that vanish while being listed are
 /// skipped; files that cannot be read are listed with `error` set.
+///
+/// Each candidate costs `openat` (relative to the directory, `O_NOFOLLOW`), `fstat`,
+/// one 512-byte `pread` and `close`; names whose directory entry already says
+/// "symlink" or "directory" cost nothing.
 pub fn scan(directory: &Path, prefix: &str) -> Result<Vec<Entry>> {
+    let dir = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(directory)
+        .map_err(|e| Error::io("list", directory, e))?;
     let read_dir = std::fs::read_dir(directory).map_err(|e| Error::io("list", directory, e))?;
     let mut names = Vec::new();
     for dirent in read_dir {
@@ -74,46 +85,67 @@ pub fn scan(directory: &Path, prefix: &str) -> Result<Vec<Entry>> {
         let Ok(name) = dirent.file_name().into_string() else {
             continue;
         };
-        if let Some(batch_idx) = parse_name(&name, prefix) {
-            names.push((batch_idx, name));
+        let Some(batch_idx) = parse_name(&name, prefix) else {
+            continue;
+        };
+        // `file_type` comes from the directory entry (no syscall) where the file
+        // system fills it in; `examine` checks the opened file again anyway.
+        if let Ok(t) = dirent.file_type() {
+            if t.is_symlink() || t.is_dir() {
+                continue;
+            }
         }
+        names.push((batch_idx, name));
     }
     let mut entries: Vec<Entry> = names
         .into_par_iter()
-        .filter_map(|(batch_idx, name)| {
-            let path = directory.join(&name);
-            examine(path, name, batch_idx)
-        })
+        .filter_map(|(batch_idx, name)| examine(&dir, directory, name, batch_idx))
         .collect();
     entries.sort_by(|a, b| (a.batch_idx, &a.name).cmp(&(b.batch_idx, &b.name)));
     Ok(entries)
 }
 
-/// Reads one candidate; `None` when it is not a regular file or has vanished.
-fn examine(path: PathBuf, name: String, batch_idx: u64) -> Option<Entry> {
-    let meta = match std::fs::symlink_metadata(&path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
-        Err(e) => return Some(unreadable(path, name, batch_idx, None, "stat", e)),
-    };
-    if !meta.file_type().is_file() {
-        return None;
+/// Opens `name` in the directory `dir` without following a symlink and without
+/// blocking on a FIFO.
+fn open_in(dir: &File, name: &str) -> io::Result<File> {
+    let c_name = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC;
+    // SAFETY: `dir` is an open directory descriptor and `c_name` a NUL-terminated
+    // string, both alive for the call; a non-negative result is a new descriptor
+    // that nothing else owns.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), c_name.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
     }
-    // O_NOFOLLOW: the name may have become a symlink since; O_NONBLOCK: or a FIFO.
-    let file = match OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(&path)
-    {
+    // SAFETY: see above: `fd` is open and owned by nobody else.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Reads one candidate; `None` when it is not a regular file or has vanished.
+fn examine(dir: &File, directory: &Path, name: String, batch_idx: u64) -> Option<Entry> {
+    let path = directory.join(&name);
+    let file = match open_in(dir, &name) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+        // A symlink (O_NOFOLLOW).
         Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return None,
-        Err(e) => return Some(unreadable(path, name, batch_idx, Some(&meta), "open", e)),
+        Err(e) => {
+            // Unreadable: list it with what `lstat` still tells, unless it is not a
+            // regular file after all.
+            return match std::fs::symlink_metadata(&path) {
+                Ok(m) if m.file_type().is_file() => {
+                    Some(unreadable(path, name, batch_idx, Some(&m), "open", e))
+                }
+                Ok(_) => None,
+                Err(s) if s.kind() == io::ErrorKind::NotFound => None,
+                Err(_) => Some(unreadable(path, name, batch_idx, None, "open", e)),
+            };
+        }
     };
     let meta = match file.metadata() {
         Ok(m) if m.file_type().is_file() => m,
         Ok(_) => return None,
-        Err(e) => return Some(unreadable(path, name, batch_idx, Some(&meta), "stat", e)),
+        Err(e) => return Some(unreadable(path, name, batch_idx, None, "stat", e)),
     };
     let mut entry = Entry {
         path,
@@ -279,6 +311,22 @@ mod tests {
         assert!(scan(dir, "nothing").unwrap().is_empty());
         let err = scan(&dir.join("missing"), "ck").unwrap_err();
         assert_eq!(err.io_kind(), Some(io::ErrorKind::NotFound));
+    }
+
+    #[test]
+    fn fifo_and_dangling_names_are_skipped_without_blocking() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path();
+        make_file(dir, "ck_batch_1.h5", b"x", None);
+        let fifo = std::ffi::CString::new(dir.join("ck_batch_2.h5").to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        std::os::unix::fs::symlink(dir.join("ck_batch_1.h5"), dir.join("ck_batch_3.h5")).unwrap();
+        std::fs::create_dir(dir.join("ck_batch_4.h5")).unwrap();
+        let e = scan(dir, "ck").unwrap();
+        let names: Vec<&str> = e.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, vec!["ck_batch_1.h5"]);
+        assert!(e[0].header.is_some() && e[0].error.is_none());
     }
 
     #[test]
