@@ -29,7 +29,7 @@ from .limits import LoadLimits
 from .payload import as_parameters, read_payload, write_payload
 from .staging import DirectoryLock, StagedFile, oserror_to_checkpoint, sweep_temp_files
 from .tree import check_value
-from .verification import INVALID, CheckpointInfo, Verifier
+from .verification import INVALID, CheckpointInfo, Verifier, stat_identity
 
 __all__ = ["CheckpointManager"]
 
@@ -469,15 +469,24 @@ class CheckpointManager:
 
     def load_latest(self) -> dict[str, Any] | None:
         """Load the newest valid checkpoint, or return None when there is none."""
-        for _ in range(3):
+        changed = 0
+        while changed < 3:
             path = self.find_latest_checkpoint()
             if path is None:
                 return None
+            before = stat_identity(path)
             try:
                 return self.load_checkpoint(path)
             except (CheckpointCorruptError, FileNotFoundError) as exc:
+                if isinstance(exc, CheckpointCorruptError) and stat_identity(path) == before:
+                    # The same file does not load (rotted since it was verified, or
+                    # intact bytes that are not a loadable payload): skip it.
+                    self._verifier.remember(path, INVALID, str(exc))
+                    logger.warning("latest checkpoint %s does not load: %s", path, exc)
+                    continue
                 # Replaced or removed by another process since it was verified.
                 self._verifier.forget(path)
+                changed += 1
                 logger.warning("latest checkpoint %s changed while loading: %s", path, exc)
         return None
 
