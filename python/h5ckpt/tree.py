@@ -100,6 +100,7 @@ TAGS = frozenset(
 _CONTAINERS = frozenset({_DICT, _LIST, _TUPLE})
 _BLOBS = frozenset({_STR_BYTES, _BYTES, _BYTEARRAY, _PICKLE})
 _MAX_TAG_BYTES = 32
+_COMPACT_TEXT_BYTES = 4096  # longer strings are stored contiguously (compact max: 64 KiB)
 
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
@@ -260,7 +261,7 @@ def _scalar_type_storable(t: type) -> bool:
 
 
 def _is_plain_text(s: str) -> bool:
-    """True when ``s`` can be a plain HDF5 variable-length UTF-8 string."""
+    """True when ``s`` can be a plain HDF5 UTF-8 string (no NUL, no lone surrogate)."""
     return "\x00" not in s and (s.isascii() or _SURROGATE_RE.search(s) is None)
 
 
@@ -488,11 +489,15 @@ class _Writer:
         self.null_space = h5s.create(h5s.NULL)
         self.lcpl = h5p.create(h5p.LINK_CREATE)
         self.lcpl.set_char_encoding(h5t.CSET_UTF8)
+        # No modification times: the same value always gives the same bytes.
         self.gcpl = h5p.create(h5p.GROUP_CREATE)
         self.gcpl.set_link_creation_order(h5p.CRT_ORDER_TRACKED | h5p.CRT_ORDER_INDEXED)
+        self.gcpl.set_obj_track_times(False)
+        self.contiguous = h5p.create(h5p.DATASET_CREATE)
+        self.contiguous.set_obj_track_times(False)
         self.compact = h5p.create(h5p.DATASET_CREATE)
+        self.compact.set_obj_track_times(False)
         self.compact.set_layout(h5d.COMPACT)
-        self.vlen_type = h5t.py_create(_VLEN_UTF8, logical=True)
         self.types = {
             _INT: h5t.STD_I64LE,
             _FLOAT: h5t.IEEE_F64LE,
@@ -508,19 +513,44 @@ class _Writer:
         self.tag(group, tag)
         return group
 
-    def scalar(self, gid: h5g.GroupID, name: str, tid: h5t.TypeID, data: np.ndarray, tag: str):
+    def scalar(
+        self,
+        gid: h5g.GroupID,
+        name: str,
+        tid: h5t.TypeID,
+        data: np.ndarray,
+        tag: str,
+        compact: bool = True,
+    ) -> None:
+        dcpl = self.compact if compact else self.contiguous
         dset = h5d.create(
-            gid, name.encode("utf-8"), tid, self.scalar_space, dcpl=self.compact, lcpl=self.lcpl
+            gid, name.encode("utf-8"), tid, self.scalar_space, dcpl=dcpl, lcpl=self.lcpl
         )
-        dset.write(h5s.ALL, h5s.ALL, data)
+        # Numbers: the memory type follows the native array; text: same as the file.
+        dset.write(h5s.ALL, h5s.ALL, data, mtype=tid if data.dtype.kind == "S" else None)
         self.tag(dset, tag)
 
     def text(self, gid: h5g.GroupID, name: str, text: str, tag: str) -> None:
-        data = np.array(text.encode("utf-8"), dtype=_VLEN_UTF8)
-        self.scalar(gid, name, self.vlen_type, data, tag)
+        # A fixed-length string: variable-length ones live in the global heap, and
+        # HDF5 can loop forever reading a damaged global heap.
+        raw = text.encode("utf-8")
+        size = max(len(raw), 1)  # HDF5 strings have at least one byte; NUL pads
+        tid = h5t.C_S1.copy()
+        tid.set_size(size)
+        tid.set_strpad(h5t.STR_NULLPAD)
+        tid.set_cset(h5t.CSET_UTF8)
+        data = np.array(raw, dtype=f"S{size}")
+        self.scalar(gid, name, tid, data, tag, compact=size <= _COMPACT_TEXT_BYTES)
 
     def none(self, gid: h5g.GroupID, name: str) -> None:
-        dset = h5d.create(gid, name.encode("utf-8"), h5t.STD_U8LE, self.null_space, lcpl=self.lcpl)
+        dset = h5d.create(
+            gid,
+            name.encode("utf-8"),
+            h5t.STD_U8LE,
+            self.null_space,
+            dcpl=self.contiguous,
+            lcpl=self.lcpl,
+        )
         self.tag(dset, _NONE)
 
     def array(self, gid: h5g.GroupID, name: str, arr: np.ndarray, tag: str) -> None:
@@ -652,6 +682,8 @@ def _read_tag(obj: Any) -> str:
     if attr.get_space().get_simple_extent_type() != h5s.SCALAR:
         raise _Corrupt(f"has a {TYPE_ATTR} attribute that is not a scalar")
     if tid.is_variable_str():
+        # Accepted for tags written with h5py's ``attrs[...] = "..."``; h5ckpt
+        # itself writes fixed-length tags.
         buf = np.empty((), dtype=_VLEN_UTF8)
         attr.read(buf)
     else:
@@ -813,12 +845,13 @@ class _Reader:
         if tag in (_STR, _BIGINT):
             if kind != h5s.SCALAR:
                 raise _Corrupt(f"is tagged {tag} but is not a scalar")
-            if not (isinstance(tid, h5t.TypeStringID) and tid.is_variable_str()):
-                raise _Corrupt(f"is tagged {tag} but is not a variable-length string")
-            buf = np.empty((), dtype=_VLEN_UTF8)
-            dset.read(h5s.ALL, h5s.ALL, buf)
-            raw = buf[()]
-            text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+            if not isinstance(tid, h5t.TypeStringID) or tid.is_variable_str():
+                raise _Corrupt(f"is tagged {tag} but is not a fixed-length string")
+            size = tid.get_size()
+            self.take_bytes(node, size)
+            buf = np.empty((), dtype=f"S{size}")
+            dset.read(h5s.ALL, h5s.ALL, buf, mtype=tid)
+            text = buf[()].decode("utf-8")  # numpy drops the NUL padding
             if tag == _STR:
                 return text
             if _BIGINT_RE.fullmatch(text) is None:
@@ -896,9 +929,10 @@ def read_value(
 
     Every limit is checked before the memory it guards is allocated: the
     attribute count of each object before its tag is read, depth and node count
-    before a group's links are listed, and each array's declared size (shape times
-    item size, from its dataspace) before it is read. Links must be hard links;
-    soft and external links are refused without being followed.
+    before a group's links are listed, and each array's or string's declared size
+    (shape times item size, from its dataspace and datatype) before it is read.
+    Links must be hard links; soft and external links are refused without being
+    followed.
 
     Parameters
     ----------
