@@ -6,7 +6,9 @@ from __future__ import annotations
 import collections
 import copy
 import fractions
+import io
 import itertools
+import random
 import sys
 import time
 import types
@@ -23,6 +25,7 @@ from hypothesis import strategies as st
 try:
     from h5ckpt.errors import (
         CheckpointCorruptError,
+        CheckpointError,
         CheckpointLimitError,
         CheckpointPickleError,
         CheckpointValueError,
@@ -48,6 +51,7 @@ except ImportError:  # pragma: no cover - the compiled core is not built
     try:
         from h5ckpt.errors import (
             CheckpointCorruptError,
+            CheckpointError,
             CheckpointLimitError,
             CheckpointPickleError,
             CheckpointValueError,
@@ -217,7 +221,7 @@ pickled_only = st.one_of(
 trees_with_pickles = st.recursive(st.one_of(leaves, pickled_only), _containers, max_leaves=16)
 
 HYPOTHESIS = settings(
-    max_examples=120,
+    max_examples=200,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -333,7 +337,8 @@ def test_plain_strings_are_hdf5_utf8_strings(tmp_path: Path) -> None:
         write_value(f, "v", {"plain": "héllo", "nul": "a\x00b"}, allow_pickle=False)
     with h5py.File(path, "r") as f:
         plain = f["v/plain"]
-        assert h5py.check_string_dtype(plain.dtype).encoding == "utf-8"
+        # A fixed-length UTF-8 string: no global heap.
+        assert h5py.check_string_dtype(plain.dtype) == ("utf-8", len("héllo".encode()))
         assert plain.shape == ()
         assert plain.asstr()[()] == "héllo"
         assert plain.attrs[TYPE_ATTR] == b"str"
@@ -749,12 +754,27 @@ def test_declared_size_overflowing_int64_is_refused(tmp_path: Path) -> None:
 
 def test_array_budget_counts_all_arrays_of_a_tree(tmp_path: Path) -> None:
     path = tmp_path / "budget.h5"
-    value = {"a": np.zeros(100, dtype=np.uint8), "b": b"x" * 100, "c": np.zeros(10)}
+    value = {"a": np.zeros(100, dtype=np.uint8), "b": b"x" * 100, "c": np.zeros(10), "s": "é" * 5}
     with h5py.File(path, "w") as f:
         write_value(f, "v", value, allow_pickle=False)
-    assert values_equal(read_file(path, limits=LoadLimits(max_array_bytes=280)), value)
-    with pytest.raises(CheckpointLimitError, match="max_array_bytes=279"):
-        read_file(path, limits=LoadLimits(max_array_bytes=279))
+    assert values_equal(read_file(path, limits=LoadLimits(max_array_bytes=290)), value)
+    with pytest.raises(CheckpointLimitError, match="max_array_bytes=289"):
+        read_file(path, limits=LoadLimits(max_array_bytes=289))
+
+
+def test_string_declaring_gigabytes_is_refused_before_allocation(tmp_path: Path) -> None:
+    path = tmp_path / "long_string.h5"
+    with h5py.File(path, "w") as f:
+        tid = h5py.h5t.C_S1.copy()
+        tid.set_size(2**32 - 1)  # declared in the datatype, never written
+        space = h5py.h5s.create(h5py.h5s.SCALAR)
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_LATE)
+        h5py.h5d.create(f.id, b"v", tid, space, dcpl=dcpl)
+        tag(f["v"], "str")
+    assert path.stat().st_size < 100_000
+    with pytest.raises(CheckpointLimitError, match="max_array_bytes"):
+        read_file(path, limits=LoadLimits(max_array_bytes=2**31))
 
 
 def test_node_limit_is_checked_before_listing_links(tmp_path: Path) -> None:
@@ -859,18 +879,24 @@ def _bool_tag_on_int(f):
     _scalar(f, "v", 1, "bool")
 
 
-def _str_tag_on_fixed_string(f):
-    _scalar(f, "v", np.bytes_(b"abc"), "str")
+def _str_tag_on_vlen_string(f):
+    _scalar(f, "v", "abc", "str")  # h5py writes a variable-length string
+
+
+def _str_tag_on_string_array(f):
+    _scalar(f, "v", np.array([b"a", b"b"]), "str")
 
 
 def _str_tag_on_bad_utf8(f):
-    ds = f.create_dataset("v", shape=(), dtype=h5py.string_dtype("utf-8"))
-    ds[()] = b"\xff\xfe"
-    tag(ds, "str")
+    _scalar(f, "v", np.bytes_(b"\xff\xfe"), "str")
 
 
 def _bigint_not_hex(f):
-    _scalar(f, "v", "12345", "bigint")
+    _scalar(f, "v", np.bytes_(b"12345"), "bigint")
+
+
+def _bigint_tag_on_int(f):
+    _scalar(f, "v", 12345, "bigint")
 
 
 def _bytes_tag_on_int32(f):
@@ -977,9 +1003,11 @@ MALFORMED = [
     _int_tag_on_array,
     _float_tag_on_string,
     _bool_tag_on_int,
-    _str_tag_on_fixed_string,
+    _str_tag_on_vlen_string,
+    _str_tag_on_string_array,
     _str_tag_on_bad_utf8,
     _bigint_not_hex,
+    _bigint_tag_on_int,
     _bytes_tag_on_int32,
     _bytes_tag_on_2d,
     _str_bytes_not_utf8,
@@ -1011,6 +1039,50 @@ def test_malformed_trees_are_corrupt(tmp_path: Path, build) -> None:
         read_file(path, allow_pickle=True)
     assert type(info.value) is CheckpointCorruptError
     assert "path" in info.value.error_context
+
+
+def test_same_value_gives_the_same_bytes(tmp_path: Path) -> None:
+    value = {"a": [1, "x", None, (2.5,)], "b": np.arange(3)}
+    images = []
+    for i in range(2):
+        path = tmp_path / f"same{i}.h5"
+        with h5py.File(path, "w") as f:
+            write_value(f, "v", value, allow_pickle=False)
+        images.append(path.read_bytes())
+        time.sleep(1.1 if i == 0 else 0)  # HDF5 object times have 1 s resolution
+    assert images[0] == images[1]
+
+
+def test_damaged_files_raise_only_checkpoint_errors() -> None:
+    value = {
+        "a": [1, 2.5, "x", None, True, (1, 2)],
+        "arr": np.arange(20.0),
+        "s": {"k/": b"zz", "": 2**80},
+        "t": "a\x00b",
+    }
+    image = io.BytesIO()
+    with h5py.File(image, "w") as f:
+        write_value(f, "v", value, allow_pickle=False)
+    good = image.getvalue()
+    rng = random.Random(1234)
+    outcomes: collections.Counter[str] = collections.Counter()
+    for _ in range(300):
+        damaged = bytearray(good)
+        for _ in range(rng.randint(1, 8)):
+            damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+        try:
+            f = h5py.File(io.BytesIO(bytes(damaged)), "r")
+            node = f["v"]
+        except Exception:
+            outcomes["not opened"] += 1  # h5py's business, not the tree's
+            continue
+        with f:
+            try:
+                read_value(node, allow_pickle=False, limits=LIMITS)
+                outcomes["read"] += 1
+            except CheckpointError as exc:
+                outcomes[type(exc).__name__] += 1
+    assert outcomes["CheckpointCorruptError"] > 50, outcomes
 
 
 def test_corrupt_error_names_the_key_path(tmp_path: Path) -> None:
