@@ -92,9 +92,9 @@ class LoadLimits:
         Most HDF5 attributes on any one group or dataset of the tree. h5ckpt writes
         one per node. Must be >= 1.
     max_array_bytes : int or None, default None
-        Most decoded bytes of all arrays of a file together (numpy arrays, bytes,
-        bytearrays, pickles and the like), counted from each dataset's declared
-        shape and item size before it is read. ``None`` means a budget that grows
+        Most decoded bytes of all arrays and strings of a file together (numpy
+        arrays, bytes, bytearrays, pickles, str), counted from each dataset's
+        declared shape and item size before it is read. ``None`` means a budget that grows
         with the file: ``max(8 GiB, 64 * file_size)`` (see :meth:`resolved_max_bytes`).
         Must be >= 0 when given.
 
