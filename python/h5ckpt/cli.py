@@ -79,7 +79,8 @@ class UsageError(Exception):
 def _console() -> Console:
     """Rich console on stdout; wide and plain when stdout is not a terminal."""
     tty = sys.stdout.isatty()
-    return Console(highlight=False, width=None if tty else 200, soft_wrap=not tty)
+    # Piped output is never folded: one table row stays one line, whatever its width.
+    return Console(highlight=False, width=None if tty else 100_000, soft_wrap=not tty)
 
 
 def _emit(out: Console, renderable: Any) -> None:
@@ -221,7 +222,7 @@ def cmd_ls(args: argparse.Namespace, out: Console) -> int:
         row: list[Any] = [
             Text("*", style="bold green") if newest else "",
             str(i.batch_idx),
-            _loss(i.loss),
+            "-" if i.status == "invalid" and math.isnan(i.loss) else _loss(i.loss),
             _when(i.timestamp),
             human_size(i.size_bytes),
             _status(i.status),
@@ -230,11 +231,11 @@ def cmd_ls(args: argparse.Namespace, out: Console) -> int:
             row.append(Text(i.error or ""))
         table.add_row(*row, style="bold" if newest else None)
     _emit(out, table)
-    caption = "* newest valid checkpoint: load_latest() resumes from it"
+    caption = "(* marks the newest valid checkpoint: load_latest() resumes from it)"
     if latest is None:
-        caption = "no valid checkpoint: load_latest() would start from scratch"
+        caption = "(no valid checkpoint: load_latest() would start from scratch)"
     if not args.verify and any(i.status == "unverified" or not i.verified for i in infos):
-        caption += "\nunverified / legacy without --verify: header read, content not checked"
+        caption += "\n(without --verify only headers were read for 'unverified' and 'legacy')"
     out.print(caption, style="dim")
     return 0
 
@@ -433,9 +434,9 @@ def cmd_prune(args: argparse.Namespace, out: Console) -> int:
     verb = "would delete" if args.dry_run else "deleted"
     for path in removed:
         out.print(Text(f"{verb} {path}"))
-    summary = f"{verb} {len(removed)} of {len(before)} checkpoint file(s), kept {len(kept)}"
-    if args.dry_run:
-        summary += " (dry run: nothing deleted)"
+    summary = f"{len(removed)} of {len(before)} checkpoint file(s) "
+    summary += "would be deleted" if args.dry_run else "deleted"
+    summary += f", {len(kept)} kept" + (" (dry run: nothing deleted)" if args.dry_run else "")
     out.print(summary, style="bold")
     return 0
 
