@@ -17,7 +17,7 @@ import numpy as np
 
 from . import codec
 from ._native import HEADER_SIZE, Header
-from .errors import CheckpointCorruptError, CheckpointValueError
+from .errors import CheckpointCorruptError, CheckpointLimitError, CheckpointValueError
 from .limits import LoadLimits
 from .tree import read_value, write_value
 
@@ -137,7 +137,7 @@ def read_payload(
     """Parse the verified bytes of a whole checkpoint file."""
     try:
         with h5py.File(io.BytesIO(data), "r", locking=False) as f:
-            _check_root(f, header)
+            _check_root(f, header, limits)
             params = read_value(f["parameters"], allow_pickle=False, limits=limits)
             if not isinstance(params, np.ndarray):
                 raise CheckpointCorruptError("'parameters' is not an array", {})
@@ -159,8 +159,15 @@ def read_payload(
     }
 
 
-def _check_root(f: h5py.File, header: Header) -> None:
+def _check_root(f: h5py.File, header: Header, limits: LoadLimits) -> None:
     """The header and the HDF5 attributes must tell the same story."""
+    num_attrs = h5py.h5o.get_info(f["/"].id).num_attrs
+    if num_attrs > limits.max_attributes:
+        raise CheckpointLimitError(
+            f"the root group has {num_attrs} attributes, more than "
+            f"max_attributes={limits.max_attributes}",
+            {"max_attributes": limits.max_attributes, "attributes": num_attrs},
+        )
     if f.userblock_size != HEADER_SIZE:
         raise CheckpointCorruptError("the HDF5 user block does not match the header", {})
     attrs = f.attrs
