@@ -10,7 +10,11 @@ import hashlib
 import hmac
 import os
 import pickle
+import shutil
 import struct
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +27,6 @@ from h5ckpt.errors import (
     CheckpointCorruptError,
     CheckpointError,
     CheckpointNotFoundError,
-    CheckpointPermissionError,
     CheckpointStorageError,
     CheckpointValueError,
     CheckpointVersionError,
@@ -501,21 +504,47 @@ def test_missing_file_errors(tmp_path):
         native.fsync_directory(missing)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
-def test_permission_error(tmp_path):
-    p = tmp_path / "a.h5"
-    write_spec_file(p, b"x")
-    p.chmod(0)
-    with pytest.raises(CheckpointPermissionError) as info:
-        native.verify_file(p)
-    assert isinstance(info.value, PermissionError)
-    assert info.value.error_context["errno"] == 13
-    q = tmp_path / "r_batch_1.h5"
-    write_spec_file(q, b"x")
-    q.chmod(0)
-    (entry,) = native.scan(tmp_path, "r")
-    assert entry.kind == "foreign" and entry.header is None
-    assert entry.error is not None and "Permission denied" in entry.error
+_UNPRIVILEGED_CHECK = """
+import os, sys
+from h5ckpt import _native as native
+from h5ckpt.errors import CheckpointPermissionError
+# Root reads every file whatever its mode: drop to "nobody" (after the imports, which
+# may live under root's home), where the kernel really enforces the permissions.
+if os.geteuid() == 0:
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+d = sys.argv[1]
+try:
+    native.verify_file(d + "/a.h5")
+except CheckpointPermissionError as e:
+    assert isinstance(e, PermissionError) and e.error_context["errno"] == 13, e
+else:
+    raise SystemExit("no CheckpointPermissionError")
+(entry,) = native.scan(d, "r")
+assert entry.kind == "foreign" and entry.header is None, entry
+assert entry.error is not None and "Permission denied" in entry.error, entry.error
+print("ok")
+"""
+
+
+def test_permission_error():
+    d = Path(tempfile.mkdtemp(prefix="h5ckpt-perm-"))
+    try:
+        d.chmod(0o755)
+        for name in ("a.h5", "r_batch_1.h5"):
+            write_spec_file(d / name, b"x")
+            (d / name).chmod(0)
+        proc = subprocess.run(
+            [sys.executable, "-c", _UNPRIVILEGED_CHECK, str(d)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+            timeout=120,
+        )
+        assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+    finally:
+        shutil.rmtree(d)
 
 
 def test_other_os_errors_are_storage_errors(tmp_path):
