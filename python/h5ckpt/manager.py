@@ -191,11 +191,33 @@ class CheckpointManager:
     # -- naming ---------------------------------------------------------------------
 
     def checkpoint_path(self, batch_idx: int) -> Path:
-        """The file name a checkpoint of ``batch_idx`` is saved under."""
+        """The file name a checkpoint of ``batch_idx`` is saved under.
+
+        Parameters
+        ----------
+        batch_idx : int
+            Batch index.
+
+        Returns
+        -------
+        Path
+            ``checkpoint_dir / f"{prefix}_batch_{batch_idx:04d}.h5"``.
+        """
         return self.checkpoint_dir / f"{self.prefix}_batch_{batch_idx:04d}.h5"
 
     def should_save(self, batch_idx: int) -> bool:
-        """Whether ``batch_idx`` is a batch to checkpoint (every ``checkpoint_frequency``)."""
+        """Whether ``batch_idx`` is a batch to checkpoint (every ``checkpoint_frequency``).
+
+        Parameters
+        ----------
+        batch_idx : int
+            Non-negative batch index.
+
+        Returns
+        -------
+        bool
+            ``batch_idx % checkpoint_frequency == 0``.
+        """
         return _batch_index(batch_idx) % self.checkpoint_frequency == 0
 
     # -- saving ---------------------------------------------------------------------
@@ -316,6 +338,11 @@ class CheckpointManager:
         once. Saves commit in submission order; at most one snapshot waits at a time
         (a second call blocks until the first is written), which bounds memory.
 
+        Parameters
+        ----------
+        batch_idx, parameters, optimizer_state, loss, metadata
+            As for :meth:`save_checkpoint`; checked before this returns.
+
         Returns
         -------
         concurrent.futures.Future
@@ -384,6 +411,12 @@ class CheckpointManager:
     def load_checkpoint(self, checkpoint_path: _PathLike) -> dict[str, Any]:
         """Verify every byte of a checkpoint, then load it.
 
+        Parameters
+        ----------
+        checkpoint_path : str or Path
+            An h5ckpt file, or a legacy (predecessor's) file: its pickled optimizer
+            state is loaded only when the manager has ``allow_pickle=True``.
+
         Returns
         -------
         dict
@@ -426,7 +459,19 @@ class CheckpointManager:
         return result
 
     def validate_checkpoint(self, checkpoint_path: _PathLike) -> bool:
-        """Whether a file is an intact checkpoint (every byte checked). Never raises."""
+        """Whether a file is an intact checkpoint (every byte checked). Never raises.
+
+        Parameters
+        ----------
+        checkpoint_path : str or Path
+            The file. Legacy files are checked by their own checksum.
+
+        Returns
+        -------
+        bool
+            False for a missing, unreadable, corrupt, foreign or (for a keyed
+            manager) unsigned file.
+        """
         try:
             path = _as_path(checkpoint_path)
             kind = _sniff(path)
@@ -448,11 +493,24 @@ class CheckpointManager:
         ----------
         verify : bool, default False
             Hash every file (in parallel) instead of reading headers only.
+
+        Returns
+        -------
+        list of CheckpointInfo
+            One per file named ``{prefix}_batch_<digits>.h5``, by batch index.
+            Without ``verify``, h5ckpt files not checked before are
+            ``"unverified"``.
         """
         return self._verifier.check(self._scan(), full=verify)
 
     def find_latest_checkpoint(self) -> Path | None:
-        """The newest checkpoint that verifies, skipping any number of invalid ones."""
+        """The newest checkpoint that verifies, skipping any number of invalid ones.
+
+        Returns
+        -------
+        Path or None
+            None when no file of this manager verifies.
+        """
         entries = self._scan()[::-1]
         window = 4
         start = 0
@@ -468,7 +526,13 @@ class CheckpointManager:
         return None
 
     def load_latest(self) -> dict[str, Any] | None:
-        """Load the newest valid checkpoint, or return None when there is none."""
+        """Load the newest valid checkpoint, or return None when there is none.
+
+        Returns
+        -------
+        dict or None
+            What :meth:`load_checkpoint` returns, or None on a fresh start.
+        """
         changed = 0
         while changed < 3:
             path = self.find_latest_checkpoint()
@@ -497,6 +561,11 @@ class CheckpointManager:
 
         Only valid checkpoints count toward ``keep_last_n``; the newest valid one is
         never deleted; invalid files are kept unless ``delete_invalid``.
+
+        Returns
+        -------
+        list of Path
+            The files deleted.
         """
         with self._lock.held():
             return self._cleanup_locked()
