@@ -135,6 +135,10 @@ def _loss(loss: float) -> str:
     return f"{loss:.6g}" if not math.isnan(loss) else "nan"
 
 
+def _num(value: Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
 def _status(status: str) -> Text:
     return Text(status, style=STATUS_STYLE.get(status, ""))
 
@@ -321,16 +325,13 @@ def _tree_label(name: str, node: dict[str, Any]) -> Text:
     if "storage" in node:
         label.append(f"  [{node['storage']}]", style="dim")
     if "value" in node:
+        value = node["value"]
         label.append(
             " = "
-            + (
-                json.dumps(node["value"], ensure_ascii=False)
-                if isinstance(node["value"], str)
-                else str(node["value"])
-            )
+            + (json.dumps(value, ensure_ascii=False) if isinstance(value, str) else _num(value))
         )
     if "values" in node:
-        label.append(" = " + str(node["values"]))
+        label.append(" = [" + ", ".join(_num(v) for v in node["values"]) + "]")
     summary = node.get("summary")
     if summary:
         label.append(
