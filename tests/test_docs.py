@@ -1,0 +1,236 @@
+"""The documentation runs: README examples, the format's reference reader, docstrings."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import h5ckpt
+from h5ckpt import CheckpointManager
+from h5ckpt.tree import values_equal
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+FORMAT = (ROOT / "docs" / "format.md").read_text(encoding="utf-8")
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.DOTALL | re.MULTILINE)
+
+
+def blocks(text: str, language: str) -> list[str]:
+    return [body for lang, body in FENCE.findall(text) if lang == language]
+
+
+def section(text: str, heading: str) -> str:
+    start = text.index(heading + "\n")
+    end = text.find("\n## ", start + len(heading))
+    return text[start : end if end != -1 else len(text)]
+
+
+def run_python(code: str, cwd: Path) -> str:
+    script = cwd / "example.py"
+    script.write_text(code, encoding="utf-8")
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, f"{code}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+    return proc.stdout
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def seed_files(directory: Path, seed_writer) -> None:
+    directory.mkdir(exist_ok=True)
+    for batch in (0, 10, 20):
+        state = {"step": batch, "lr": 0.01, "moment": np.arange(3.0) * batch}
+        seed_writer(directory, batch, np.full(3, batch / 10), state, 1.0 / (batch + 1))
+
+
+# ------------------------------------------------------------------------ README
+
+
+def test_quickstart_commands_are_the_documented_ones():
+    quick = blocks(section(README, "## Quickstart"), "bash")
+    assert quick[0].strip() == "pip install . && python -m h5ckpt demo"
+    assert quick[1].strip() == 'pip install -e ".[test]" && cargo test && python -m pytest'
+
+
+def test_readme_python_examples_run_and_the_loop_resumes(tmp_path: Path, seed_writer):
+    seed_files(tmp_path / "checkpoints", seed_writer)  # for the migration example
+    examples = blocks(README, "python")
+    assert len(examples) >= 2
+    loop = [code for code in examples if "starting at batch" in code]
+    assert len(loop) == 1
+    loop_code = loop[0]
+    assert len(loop_code.strip().splitlines()) <= 20
+
+    outputs = [run_python(code, tmp_path) for code in examples]
+    first = outputs[examples.index(loop_code)]
+    assert first.splitlines()[0] == "starting at batch 0"
+    done = first.splitlines()[-1]
+    assert done.startswith("done: step 100")
+
+    # Run again: it resumes after the newest checkpoint and ends in the same state.
+    again = run_python(loop_code, tmp_path).splitlines()
+    assert again == ["starting at batch 91", done]
+
+    # Lose the newest checkpoint and damage the one before: it resumes from batch 70,
+    # still to exactly the same result.
+    ckpt = tmp_path / "checkpoints"
+    (ckpt / "checkpoint_batch_0090.h5").unlink()
+    flip_byte(ckpt / "checkpoint_batch_0080.h5", 1000)
+    again = run_python(loop_code, tmp_path).splitlines()
+    assert again == ["starting at batch 71", done]
+
+    migration = outputs[next(i for i, code in enumerate(examples) if "homodyne_state" in code)]
+    assert "(0, 'legacy'), (10, 'legacy'), (20, 'legacy')" in migration
+    assert migration.splitlines()[-1] == "20 ['lr', 'moment', 'step']"
+
+
+def test_readme_command_lines_run(tmp_path: Path, seed_writer):
+    """Every ``h5ckpt`` line of the README's bash blocks, on the directories they name."""
+    seed_files(tmp_path / "old_run", seed_writer)
+    loop = next(code for code in blocks(README, "python") if "starting at batch" in code)
+    run_python(loop, tmp_path)  # fills ./checkpoints
+    commands = [
+        line
+        for code in blocks(README, "bash")
+        for line in code.splitlines()
+        if line.startswith("h5ckpt ") and not line.startswith("h5ckpt demo")
+    ]
+    assert any(c.startswith("h5ckpt migrate") for c in commands)
+    assert {c.split()[1] for c in commands} >= {"ls", "verify", "show", "prune", "migrate"}
+    for command in commands:
+        argv = shlex.split(command, comments=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "h5ckpt", *argv[1:]],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, f"{command}\n{proc.stdout}\n{proc.stderr}"
+        assert proc.stderr == "", command
+    assert sorted(p.name for p in (tmp_path / "new_run").iterdir() if p.suffix == ".h5") == [
+        "homodyne_state_batch_0000.h5",
+        "homodyne_state_batch_0010.h5",
+        "homodyne_state_batch_0020.h5",
+    ]
+
+
+# -------------------------------------------------------------- the format's reader
+
+
+@pytest.fixture(scope="module")
+def read_checkpoint():
+    [code] = blocks(section(FORMAT, "## A reader in 20 lines"), "python")
+    assert len(code.rstrip("\n").splitlines()) <= 20
+    namespace: dict = {}
+    exec(compile(code, "docs/format.md", "exec"), namespace)
+    return namespace["read_checkpoint"]
+
+
+def saved(directory: Path, **kwargs) -> tuple[Path, CheckpointManager]:
+    manager = CheckpointManager(directory, **kwargs)
+    params = np.linspace(0.0, 1.0, 300_000).reshape(1000, 300)  # compresses: chunked, Blosc
+    state = {"step": 3, "noise": np.random.default_rng(1).standard_normal(200_000)}
+    return manager.save_checkpoint(12, params, state, 0.25, {"run": "a"}), manager
+
+
+def test_reader_reads_what_h5ckpt_writes(tmp_path: Path, read_checkpoint):
+    for name, kwargs in {
+        "auto": {},
+        "raw": {"compression": None},
+        "gzip": {"compression": "gzip"},
+        "keyed": {"hmac_key": b"key"},  # a reader without the key ignores the tag
+    }.items():
+        path, manager = saved(tmp_path / name, **kwargs)
+        got = read_checkpoint(path)
+        want = manager.load_checkpoint(path)
+        assert got["batch_idx"] == 12 and got["loss"] == 0.25
+        assert got["timestamp"] == want["timestamp"]
+        assert values_equal(got["parameters"], want["parameters"])
+
+
+def test_reader_detects_what_h5ckpt_detects(tmp_path: Path, read_checkpoint):
+    path, manager = saved(tmp_path / "ckpt")
+    size = path.stat().st_size
+    offsets = [0, 9, 20, 50, 60, 70, 100, 200, 479, 500, 511, 512, 600, size // 2, size - 1]
+    offsets += list(np.random.default_rng(7).integers(0, size, 20))
+    original = path.read_bytes()
+    for offset in offsets:
+        flip_byte(path, int(offset))
+        assert not manager.validate_checkpoint(path)
+        with pytest.raises(ValueError):
+            read_checkpoint(path)
+        path.write_bytes(original)
+    read_checkpoint(path)
+    path.write_bytes(original[:-1])  # truncated
+    with pytest.raises(ValueError):
+        read_checkpoint(path)
+    path.write_bytes(original + b"\0")  # a byte too many
+    with pytest.raises(ValueError):
+        read_checkpoint(path)
+
+
+def test_reader_refuses_a_seed_file(tmp_path: Path, read_checkpoint, seed_writer):
+    path = seed_writer(tmp_path, 1, np.ones(2), {}, 1.0)
+    with pytest.raises(ValueError, match="not an h5ckpt file"):
+        read_checkpoint(path)
+
+
+# ------------------------------------------------------------------- docstrings
+
+
+def _public_callables():
+    for name in h5ckpt.__all__:
+        obj = getattr(h5ckpt, name)
+        if name.startswith("__"):
+            continue
+        yield name, obj
+        if inspect.isclass(obj) and not issubclass(obj, BaseException):
+            for attr, member in vars(obj).items():
+                if attr.startswith("_") or (
+                    not callable(member) and not isinstance(member, property)
+                ):
+                    continue
+                yield f"{name}.{attr}", member
+
+
+def test_every_public_name_has_a_numpy_style_docstring():
+    missing, sections = [], []
+    for name, obj in _public_callables():
+        doc = inspect.getdoc(obj.fget if isinstance(obj, property) else obj)
+        if not doc:
+            missing.append(name)
+            continue
+        if inspect.isfunction(obj):
+            sig = inspect.signature(obj)
+            takes = [p for p in sig.parameters if p != "self"]
+            if takes and "Parameters\n----------" not in doc:
+                sections.append(f"{name}: no Parameters section")
+            returns = sig.return_annotation not in (None, "None", inspect.Signature.empty)
+            if returns and "Returns\n-------" not in doc and "Yields\n------" not in doc:
+                sections.append(f"{name}: no Returns section")
+    assert not missing, f"no docstring: {missing}"
+    assert not sections, sections
+
+
+def test_command_line_modules_are_documented():
+    from h5ckpt import cli, inspection, migrate
+
+    for module in (cli, inspection, migrate):
+        assert module.__doc__
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if callable(obj):
+                assert inspect.getdoc(obj), f"{module.__name__}.{name}"
