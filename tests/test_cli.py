@@ -129,6 +129,11 @@ def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path: Path):
         proc = run(*args)
         assert proc.returncode == 1
         assert str(missing) in one_error_line(proc)
+    not_a_dir = tmp_path / "file.txt"
+    not_a_dir.write_text("x")
+    proc = run("ls", not_a_dir)
+    assert proc.returncode == 1
+    assert "not a directory" in one_error_line(proc)
     proc = run("show", missing, "--debug")
     assert proc.returncode == 1
     assert "Traceback (most recent call last)" in proc.stderr
@@ -275,7 +280,10 @@ def test_verify_with_a_key_in_the_environment(tmp_path: Path, seed_dir: Path):
 
 def test_verify_progress_bar_on_a_terminal(run_dir: Path):
     pty = pytest.importorskip("pty")
-    main, child = pty.openpty()
+    try:
+        main, child = pty.openpty()
+    except OSError:
+        pytest.skip("no pseudo-terminal available")
     proc = subprocess.Popen(
         [*H5CKPT, "verify", str(run_dir)],
         stdout=child,
