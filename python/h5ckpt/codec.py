@@ -89,7 +89,10 @@ def _sample_ratio(arr: np.ndarray, codec: str) -> float:
     else:
         starts = np.linspace(0, flat.size - piece, _SAMPLE_PIECES).astype(np.int64)
         sample = np.concatenate([flat[s : s + piece] for s in starts])
-    with h5py.File("sample", "w", driver="core", backing_store=False) as f:
+    # The core driver tells files apart by name: a name shared by two threads
+    # sampling at once makes the second creation fail ("already open").
+    name = f"h5ckpt-sample-{id(sample)}"
+    with h5py.File(name, "w", driver="core", backing_store=False) as f:
         ds = f.create_dataset("s", data=sample, chunks=(piece,), **filter_options(codec))
         stored = ds.id.get_storage_size()
     return stored / max(1, sample.nbytes)
