@@ -295,6 +295,7 @@ class CheckpointManager:
                 self._hmac_key,
                 self.durable,
             )
+            size = os.fstat(staged.fd).st_size
             with self._lock.held():
                 staged.commit(self.durable, _native.fsync_directory)
                 staged.close()
@@ -319,7 +320,7 @@ class CheckpointManager:
             batch_idx,
             loss,
             final.name,
-            final.stat().st_size / 1024,
+            size / 1024,  # the file may be gone already: retention, here or elsewhere
             elapsed,
         )
         return final
