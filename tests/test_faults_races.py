@@ -1,0 +1,118 @@
+"""Races on one directory, from the fault angle: processes that save, list, load and
+clean at once; two managers in one process; a reader loading while a writer
+replaces the same batch. No process ever sees an exception other than a
+CheckpointError, a checkpoint once seen never goes missing, and every load returns
+exactly what was saved for its batch."""
+
+from __future__ import annotations
+
+import threading
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+import faultkit
+from h5ckpt import CheckpointError, CheckpointManager
+
+
+def test_four_processes_save_list_load_and_clean(tmp_path: Path):
+    reports = faultkit.race_round(tmp_path / "ckpt", saves=30)
+    # The others worked while the saver saved (they loop until it is done).
+    assert reports["lister"]["ops"] >= 1
+    assert reports["loader"]["ops"] >= 1
+    assert reports["cleaner"]["ops"] >= 1
+    # Whatever CheckpointErrors were expected (a file deleted by retention between
+    # listing and loading), none was a corruption.
+    for rep in reports.values():
+        assert "CheckpointCorruptError" not in rep["expected"], rep
+
+
+def test_two_managers_in_one_process(tmp_path: Path):
+    directory = tmp_path / "ckpt"
+    a = CheckpointManager(directory, keep_last_n=2)
+    b = CheckpointManager(directory, keep_last_n=2)
+    failures: list[str] = []
+    done = threading.Event()
+
+    def saver(m: CheckpointManager, batches: range) -> None:
+        try:
+            for batch in batches:
+                m.save_checkpoint(
+                    batch,
+                    faultkit.params_for(batch, 20_000),
+                    faultkit.state_for(batch),
+                    0.0,
+                    {"batch": batch},
+                )
+        except BaseException:
+            failures.append(traceback.format_exc())
+
+    def reader() -> None:
+        seen: list[int | None] = []
+        m = CheckpointManager(directory, keep_last_n=2)
+        while not done.is_set():
+            try:
+                data = m.load_latest()
+                seen.append(None if data is None else data["batch_idx"])
+                if data is not None:
+                    faultkit.check_content(data, 20_000)
+                m.list_checkpoints(verify=True)
+                m.cleanup_old_checkpoints()
+            except CheckpointError:
+                pass
+            except BaseException:
+                failures.append(traceback.format_exc())
+        # Two writers commit out of order, so "newest" may step between their
+        # batches; what was seen must still never vanish completely.
+        first = next((i for i, s in enumerate(seen) if s is not None), len(seen))
+        if any(s is None for s in seen[first:]):
+            failures.append(f"the latest checkpoint vanished: {seen}")
+
+    threads = [
+        threading.Thread(target=saver, args=(a, range(0, 40, 2))),
+        threading.Thread(target=saver, args=(b, range(1, 40, 2))),
+    ]
+    watcher = threading.Thread(target=reader)
+    watcher.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done.set()
+    watcher.join()
+    assert failures == []
+    m = CheckpointManager(directory, keep_last_n=2)
+    latest = m.find_latest_checkpoint()
+    assert latest is not None and faultkit.batch_of(latest.name) == 39
+    faultkit.check_content(m.load_checkpoint(latest), 20_000)
+    assert all(i.is_valid for i in m.list_checkpoints(verify=True))
+    assert faultkit.temp_names(directory) == []
+
+
+def test_reader_loads_while_a_writer_replaces_the_same_batch(tmp_path: Path):
+    directory = tmp_path / "ckpt"
+    directory.mkdir()
+    done = tmp_path / "done"
+    writer = faultkit.spawn_child("replace", str(directory), "60", str(done))
+    path = directory / "checkpoint_batch_0007.h5"
+    m = CheckpointManager(directory, keep_last_n=1)
+    loads = 0
+    iterations: set[int] = set()
+    while not done.exists() and writer.poll() is None:
+        if not path.exists():
+            continue
+        # The name always points to a complete file: every load succeeds, and what
+        # it returns is one save, never a mix of two.
+        data = m.load_checkpoint(path)
+        i = data["metadata"]["i"]
+        assert data["optimizer_state"] == {"i": i} and data["loss"] == float(i)
+        np.testing.assert_array_equal(data["parameters"], faultkit.params_for(i, 20_000))
+        assert m.validate_checkpoint(path)
+        loads += 1
+        iterations.add(i)
+    _, stderr = writer.communicate()
+    assert writer.returncode == 0, stderr
+    assert loads >= 1
+    assert m.load_checkpoint(path)["metadata"] == {"i": 59}
+    assert faultkit.checkpoint_names(directory) == [path.name]
