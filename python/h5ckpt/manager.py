@@ -350,14 +350,16 @@ class CheckpointManager:
             Resolves to the checkpoint path, or raises its ``CheckpointError``.
         """
         batch_idx = _batch_index(batch_idx)
-        params = np.array(as_parameters(parameters), copy=True)
+        params = as_parameters(parameters)
         loss_value = _loss(loss)
         if metadata is None:
             metadata = {}
         check_value(optimizer_state, allow_pickle=self.allow_pickle, path="optimizer_state")
         check_value(metadata, allow_pickle=self.allow_pickle, path="metadata")
+        # Copy only once the previous save is done: one snapshot in memory at a time.
         self._slots.acquire()
         try:
+            params = np.array(params, order="C", copy=True)
             state, meta = _snapshot(optimizer_state), _snapshot(metadata)
             with self._async_lock:
                 if self._executor is None:
@@ -365,6 +367,8 @@ class CheckpointManager:
                 future = self._executor.submit(
                     self._write, batch_idx, params, state, loss_value, meta
                 )
+                # Finished saves that succeeded have nothing left to report.
+                self._pending = [f for f in self._pending if not _succeeded(f)]
                 self._pending.append(future)
         except BaseException:
             self._slots.release()
@@ -701,6 +705,10 @@ def _sniff(path: Path) -> str:
         f"{path} is not a checkpoint file (neither an h5ckpt header nor an HDF5 signature)",
         {"path": str(path), "reason": "foreign"},
     )
+
+
+def _succeeded(future: Future[Path]) -> bool:
+    return future.done() and not future.cancelled() and future.exception() is None
 
 
 def _snapshot(value: Any) -> Any:
