@@ -108,27 +108,93 @@ def write_payload(
     The first ``HEADER_SIZE`` bytes are left to the header.
     """
     writer = ArrayWriter(compression)
+    sink = _ErrorKeepingFile(fileobj)
     with h5py.File(
-        fileobj,
+        sink,
         "w",
         userblock_size=HEADER_SIZE,
         locking=False,
         track_order=True,
         libver=("v110", "latest"),
     ) as f:
-        f.attrs["h5ckpt_format"] = FORMAT_VERSION
-        f.attrs["h5ckpt_version"] = version
+        # Fixed-length strings: variable-length ones live in HDF5's global heap, whose
+        # parsing of damaged files can hang libhdf5.
+        f.attrs["h5ckpt_format"] = np.bytes_(FORMAT_VERSION)
+        f.attrs["h5ckpt_version"] = np.bytes_(version)
         f.attrs["batch_idx"] = np.int64(batch_idx)
         f.attrs["loss"] = np.float64(loss)
         f.attrs["timestamp"] = np.float64(timestamp)
         ds = writer(f, "parameters", parameters)
-        ds.attrs[_TYPE_ATTR] = "ndarray"
+        ds.attrs[_TYPE_ATTR] = np.bytes_("ndarray")
         write_value(
             f, "optimizer_state", optimizer_state, allow_pickle=allow_pickle, put_array=writer
         )
         write_value(f, "metadata", metadata, allow_pickle=allow_pickle, put_array=writer)
         segments = writer.segments()
+    if sink.error is not None:
+        raise sink.error
     return segments
+
+
+class _ErrorKeepingFile:
+    """The file object HDF5 writes through: keeps the first ``OSError`` of a write,
+    truncate or flush (a full disk, a file size limit) and makes every later one a
+    no-op, so that HDF5 never sees a driver error.
+
+    An exception raised inside h5py's file-object driver callbacks can leave libhdf5
+    with a half-closed file that crashes the process later (seen on a full disk).
+    The file is discarded anyway; :func:`write_payload` raises the kept error once
+    HDF5 has closed it.
+    """
+
+    def __init__(self, raw: io.RawIOBase) -> None:
+        self.raw = raw
+        self.error: OSError | None = None
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self.raw.seek(pos, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def read(self, size: int = -1) -> bytes | None:
+        return self.raw.read(size)
+
+    def readinto(self, buffer: Any) -> int | None:
+        return self.raw.readinto(buffer)
+
+    def write(self, data: Any) -> int:
+        if self.error is None:
+            try:
+                return self._write_all(data)
+            except OSError as exc:
+                self.error = exc
+        return len(memoryview(data))
+
+    def _write_all(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            n = self.raw.write(view[done:])
+            if not n:
+                raise OSError(f"short write at offset {self.raw.tell()}")
+            done += n
+        return done
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.error is None:
+            try:
+                return self.raw.truncate(size)
+            except OSError as exc:
+                self.error = exc
+        return 0 if size is None else size
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self.raw.flush()
+            except OSError as exc:
+                self.error = exc
 
 
 def read_payload(
