@@ -53,6 +53,11 @@ def state_for(batch: int) -> dict[str, Any]:
     return {"step": batch, "moment": np.arange(50_000, dtype=np.float64) * batch, "tag": "adam"}
 
 
+def compressible_state() -> dict[str, Any]:
+    """16 MB that compress to a few MB: written by HDF5 through its LZ4 filter."""
+    return {"a": np.random.default_rng(0).integers(0, 16, 2_000_000).astype(np.float64)}
+
+
 def check_content(data: dict[str, Any], n: int = STATE_FLOATS) -> None:
     """Assert that a loaded checkpoint holds exactly what was saved for its batch."""
     batch = data["batch_idx"]
@@ -598,6 +603,154 @@ def load_capped(
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# ------------------------------------------------------------ disk and permissions
+
+
+def can_mount(where: Path) -> bool:
+    """Whether this process can mount a tmpfs (root, and mounting is allowed here)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    where.mkdir(parents=True, exist_ok=True)
+    ok = (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)], capture_output=True
+        ).returncode
+        == 0
+    )
+    if ok:
+        subprocess.run(["umount", str(where)], check=True)
+    return ok
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, size: str):
+    """A size-limited tmpfs mounted at ``where`` for the duration."""
+    where.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(where)], check=True
+    )
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def remount(where: Path, mode: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(where)], check=True)
+
+
+def fill(directory: Path, leave: int) -> Path:
+    """Fill the file system of ``directory`` up, then free ``leave`` bytes."""
+    filler = directory / "filler"
+    block = b"\xa5" * 2**20
+    with open(filler, "wb") as f, contextlib.suppress(OSError):
+        while True:
+            f.write(block)
+            f.flush()
+    size = filler.stat().st_size
+    os.truncate(filler, max(0, size - leave))
+    return filler
+
+
+def _drop_dac() -> None:
+    """In a child about to exec: lose the capabilities that let root ignore file
+    permissions, so that mode bits are enforced for it as for anyone else."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_capbset_drop = 24
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(pr_capbset_drop, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def run_unprivileged(*args: str) -> dict[str, Any]:
+    """Run a role in a child for which file permissions are enforced (root loses
+    CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH; others have them not); return its JSON."""
+    preexec = _drop_dac if os.geteuid() == 0 else None
+    proc = subprocess.run(
+        [sys.executable, str(HERE), *args], capture_output=True, text=True, preexec_fn=preexec
+    )
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _outcome(call: Any) -> str:
+    """``"ok"``, the CheckpointError class name, or ``"UNEXPECTED ..."``."""
+    from h5ckpt import CheckpointError
+
+    try:
+        call()
+    except CheckpointError as exc:
+        return type(exc).__name__
+    except BaseException as exc:
+        return f"UNEXPECTED {type(exc).__name__}: {exc}"
+    return "ok"
+
+
+def fsize_main(directory: str) -> None:
+    """A save past RLIMIT_FSIZE, then the limit lifted: print what happened."""
+    import resource
+
+    from h5ckpt import CheckpointManager
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() fails with EFBIG instead
+    d = Path(directory)
+    m = CheckpointManager(d, keep_last_n=None)
+    for b in (1, 2):
+        m.save_checkpoint(b, params_for(b, 1000), {"step": b}, 0.5, {"batch": b})
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    report: dict[str, Any] = {}
+    for name, limit, params, state in (
+        ("raw", 2**20, params_for(3), {"step": 3}),  # written by the Rust core
+        ("compressed", 2**18, np.ones(10), compressible_state()),  # written by HDF5
+        ("tiny", 600, np.ones(10), {"step": 3}),  # HDF5 fails on its metadata
+    ):
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+        report[name] = _outcome(lambda p=params, s=state: m.save_checkpoint(3, p, s, 0.5))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        report[f"{name} temp files"] = temp_names(d)
+        report[f"{name} names"] = checkpoint_names(d)
+        latest = CheckpointManager(d).find_latest_checkpoint()
+        report[f"{name} latest"] = latest.name if latest else None
+        report[f"{name} earlier load"] = [
+            CheckpointManager(d).load_checkpoint(d / n)["batch_idx"] for n in checkpoint_names(d)
+        ]
+    path = m.save_checkpoint(3, params_for(3), state_for(3), 0.5, {"batch": 3})
+    report["after"] = CheckpointManager(d).load_checkpoint(path)["batch_idx"]
+    print(json.dumps(report))
+
+
+def perm_main(kind: str, directory: str) -> None:
+    """Permission faults, seen by a process for which permissions are enforced."""
+    from h5ckpt import CheckpointManager
+
+    d = Path(directory)
+    probe = d.parent / "probe"
+    report: dict[str, Any] = {}
+    try:
+        probe.read_bytes()
+        report["enforced"] = False
+    except PermissionError:
+        report["enforced"] = True
+    m = CheckpointManager(d, keep_last_n=None)
+    if kind == "readonly":
+        report["save"] = _outcome(lambda: m.save_checkpoint(9, np.ones(3), {}, 0.0))
+        report["cleanup"] = _outcome(m.cleanup_old_checkpoints)
+    else:
+        report["load unreadable"] = _outcome(lambda: m.load_checkpoint(d / kind))
+        report["save"] = _outcome(lambda: m.save_checkpoint(9, np.ones(3), {}, 0.0))
+        report["cleanup"] = _outcome(m.cleanup_old_checkpoints)
+    report["validate"] = {n: m.validate_checkpoint(d / n) for n in checkpoint_names(d)}
+    report["listed"] = {i.path.name: i.status for i in m.list_checkpoints(verify=True)}
+    latest = m.find_latest_checkpoint()
+    report["latest"] = latest.name if latest else None
+    data = m.load_latest()
+    report["load_latest"] = data["batch_idx"] if data else None
+    report["temp files"] = temp_names(d)
+    print(json.dumps(report))
+
+
 # -------------------------------------------------------------------------- main
 
 
@@ -613,5 +766,9 @@ if __name__ == "__main__":
         replace_main(*rest)
     elif role == "load":
         load_main(*rest)
+    elif role == "fsize":
+        fsize_main(*rest)
+    elif role == "perm":
+        perm_main(*rest)
     else:
         raise SystemExit(f"unknown role {role!r}")
