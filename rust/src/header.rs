@@ -541,4 +541,121 @@ mod tests {
             prop_assert!(parse(&h).is_err());
         }
     }
+
+    /// Field offsets and widths a fuzz mutation aims at.
+    const FIELDS: [(usize, usize); 11] = [
+        (off::MAJOR, 2),
+        (off::MINOR, 2),
+        (off::HEADER_SIZE, 4),
+        (off::PAYLOAD_OFFSET, 8),
+        (off::PAYLOAD_LENGTH, 8),
+        (off::CHUNK_LOG2, 4),
+        (off::FLAGS, 4),
+        (off::CHUNK_COUNT, 8),
+        (off::BATCH_IDX, 8),
+        (off::LOSS, 8),
+        (off::TIMESTAMP, 8),
+    ];
+
+    /// Values at and around every boundary the parser checks, plus anything.
+    fn edge_value() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            prop::sample::select(vec![
+                0u64,
+                1,
+                2,
+                3,
+                11,
+                12,
+                20,
+                30,
+                31,
+                32,
+                63,
+                64,
+                511,
+                512,
+                513,
+                1024,
+                4096,
+                u64::from(u16::MAX),
+                u64::from(u32::MAX),
+                1 << 63,
+                u64::MAX - 512,
+                u64::MAX - 511,
+                u64::MAX - 1,
+                u64::MAX,
+            ]),
+            any::<u64>(),
+        ]
+    }
+
+    /// Cases of the fuzz run: `H5CKPT_FUZZ_CASES` (default 10,000), bounded so that
+    /// it fits in every `cargo test`; a soak can raise it.
+    fn fuzz_config() -> ProptestConfig {
+        let cases = std::env::var("H5CKPT_FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10_000);
+        ProptestConfig {
+            cases,
+            ..ProptestConfig::default()
+        }
+    }
+
+    proptest! {
+        #![proptest_config(fuzz_config())]
+
+        /// Fuzz-style: start from a VALID header, rewrite fields with edge values and
+        /// random bytes, re-seal the header digest (usually) so that the mutation
+        /// reaches the field checks, then parse. Never panics, and whatever parses
+        /// obeys every rule of docs/format.md.
+        #[test]
+        fn fuzz_mutated_valid_headers(
+            payload_length in prop_oneof![0u64..(1 << 40), edge_value()],
+            chunk_log2 in MIN_CHUNK_LOG2..=MAX_CHUNK_LOG2,
+            keyed in any::<bool>(),
+            field_edits in proptest::collection::vec((0usize..FIELDS.len(), edge_value()), 0..4),
+            byte_edits in proptest::collection::vec((0usize..HEADER_SIZE, any::<u8>()), 0..4),
+            reseal_digest in proptest::bool::weighted(0.9),
+            file_len in edge_value(),
+        ) {
+            let f = HeaderFields {
+                payload_length: payload_length.min(u64::MAX - PAYLOAD_OFFSET),
+                chunk_log2,
+                batch_idx: 7,
+                loss: 0.5,
+                timestamp: 1.0,
+                payload_digest: [3u8; 32],
+            };
+            let key: Option<&[u8]> = if keyed { Some(b"key") } else { None };
+            let mut h = encode(&f, key).unwrap();
+            for (field, value) in field_edits {
+                let (at, width) = FIELDS[field];
+                h[at..at + width].copy_from_slice(&value.to_le_bytes()[..width]);
+            }
+            for (at, value) in byte_edits {
+                h[at] = value;
+            }
+            if reseal_digest {
+                let d: [u8; 32] = Sha256::digest(&h[..DIGEST_COVERED]).into();
+                put(&mut h, off::HEADER_DIGEST, &d);
+            }
+            let Ok(p) = parse(&h) else { return Ok(()) };
+            prop_assert_eq!(&h[..8], &MAGIC[..]);
+            prop_assert_eq!(p.format_major, FORMAT_MAJOR);
+            prop_assert_eq!(u32::from_le_bytes(get(&h, off::HEADER_SIZE)), HEADER_SIZE as u32);
+            prop_assert_eq!(p.payload_offset, PAYLOAD_OFFSET);
+            prop_assert!((MIN_CHUNK_LOG2..=MAX_CHUNK_LOG2).contains(&p.chunk_log2));
+            prop_assert_eq!(p.flags & !KNOWN_FLAGS, 0);
+            prop_assert_eq!(p.chunk_count, chunk_count(p.payload_length, p.chunk_log2));
+            prop_assert!(p.payload_length <= u64::MAX - PAYLOAD_OFFSET);
+            prop_assert!(p.keyed() || p.hmac_tag == [0u8; 32]);
+            let path = std::path::Path::new("fuzz.h5");
+            // The length check and the HMAC check take any header that parsed.
+            let length_ok = crate::verify::check_length(&p, file_len, path).is_ok();
+            prop_assert_eq!(length_ok, file_len == p.file_length());
+            let _ = check_hmac(b"key", &h, &p, path);
+        }
+    }
 }
