@@ -261,6 +261,16 @@ def test_auto_cleanup_runs_after_each_save_and_can_be_off(ckpt_dir: Path, tmp_pa
     assert [p.name for p in m.cleanup_old_checkpoints()] == [name(b) for b in range(3)]
 
 
+def test_saving_an_older_batch_than_the_kept_ones(ckpt_dir: Path):
+    """Retention right after the commit may delete the file just saved: still a success."""
+    m = CheckpointManager(ckpt_dir, keep_last_n=2, durable=False)
+    for b in (10, 11):
+        m.save_checkpoint(b, np.ones(2), {}, 0.0)
+    path = m.save_checkpoint(5, np.ones(2), {}, 0.0)
+    assert path == ckpt_dir / name(5) and not path.exists()
+    assert pattern_names(ckpt_dir) == {name(10), name(11)}
+
+
 def test_invalid_files_are_reported_not_deleted(ckpt_dir: Path, caplog):
     make_file(ckpt_dir, 1, "valid", 1.0)
     make_file(ckpt_dir, 2, "valid", 1.0)
