@@ -608,6 +608,30 @@ def test_file_changed_in_place_is_verified_again(ckpt_dir: Path, monkeypatch):
     assert spy.take() == [name(1)]
 
 
+def test_listing_an_unchanged_directory_again_reuses_what_it_knows(ckpt_dir: Path):
+    w = writer(ckpt_dir)
+    for b in range(4):
+        w.save_checkpoint(b, np.ones(2), {}, float(b))
+    m = CheckpointManager(ckpt_dir, keep_last_n=None)
+    first = m.list_checkpoints()
+    again = m.list_checkpoints()
+    assert [a is b for a, b in zip(first, again, strict=True)] == [True] * 4
+    assert [i.status for i in again] == ["unverified"] * 4
+    full = m.list_checkpoints(verify=True)  # unverified entries are not reused here
+    assert [i.status for i in full] == ["valid"] * 4
+    assert [i.status for i in m.list_checkpoints()] == ["valid"] * 4
+    flip(ckpt_dir / name(1))
+    (ckpt_dir / name(2)).unlink()
+    w.save_checkpoint(3, np.zeros(2), {}, 9.0)  # replaced by another manager
+    after = {i.batch_idx: i for i in m.list_checkpoints()}
+    assert after[0] is full[0]
+    assert after[1].status == "unverified" and 2 not in after
+    assert after[3].status == "unverified" and after[3].loss == 9.0
+    # What is known about files that are gone is dropped with a full listing.
+    assert str(ckpt_dir / name(2)) not in m._verifier._known
+    assert str(ckpt_dir / name(2)) not in m._verifier._infos
+
+
 def test_load_checkpoint_verifies_whatever_the_cache_says(ckpt_dir: Path, monkeypatch):
     m = CheckpointManager(ckpt_dir, keep_last_n=None, durable=False)
     for b in range(3):

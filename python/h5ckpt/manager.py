@@ -506,7 +506,7 @@ class CheckpointManager:
             Without ``verify``, h5ckpt files not checked before are
             ``"unverified"``.
         """
-        return self._verifier.check(self._scan(), full=verify)
+        return self._verifier.check(self._scan(), full=verify, complete=True)
 
     def find_latest_checkpoint(self) -> Path | None:
         """The newest checkpoint that verifies, skipping any number of invalid ones.
@@ -591,7 +591,7 @@ class CheckpointManager:
         return [infos[index].path for index in doomed]
 
     def _plan_locked(self) -> tuple[list[CheckpointInfo], list[int]]:
-        infos = self._verifier.check(self._scan(), full=True)
+        infos = self._verifier.check(self._scan(), full=True, complete=True)
         candidates = [(i.batch_idx, i.is_valid, i.loss) for i in infos]
         doomed = _native.plan_retention(
             candidates,
@@ -617,7 +617,8 @@ class CheckpointManager:
                 continue
             self._verifier.forget(path)
             deleted.append(path)
-        invalid = [i.path.name for i in infos if i.status == INVALID and i.path not in deleted]
+        gone = set(deleted)
+        invalid = [i.path.name for i in infos if i.status == INVALID and i.path not in gone]
         if invalid:
             logger.warning("keeping invalid checkpoint file(s): %s", ", ".join(invalid))
         if deleted:

@@ -90,14 +90,19 @@ class Verifier:
     def __init__(self, hmac_key: bytes | None) -> None:
         self.hmac_key = hmac_key
         self._known: dict[str, tuple[_Identity, str, str | None]] = {}
+        # The CheckpointInfo last reported for a path, by identity: listing an
+        # unchanged file again costs a dictionary lookup, not a new object.
+        self._infos: dict[str, tuple[_Identity, CheckpointInfo]] = {}
 
     def remember(self, path: Path, status: str, error: str | None = None) -> None:
         ident = stat_identity(path)
+        self._infos.pop(str(path), None)
         if ident is not None:
             self._known[str(path)] = (ident, status, error)
 
     def forget(self, path: Path) -> None:
         self._known.pop(str(path), None)
+        self._infos.pop(str(path), None)
 
     def known(self, entry: _native.Entry) -> tuple[str, str | None] | None:
         hit = self._known.get(entry.path)
@@ -105,11 +110,25 @@ class Verifier:
             return hit[1], hit[2]
         return None
 
-    def check(self, entries: Sequence[_native.Entry], full: bool) -> list[CheckpointInfo]:
-        """Status of each entry; with ``full``, every file not known is verified."""
+    def check(
+        self, entries: Sequence[_native.Entry], full: bool, complete: bool = False
+    ) -> list[CheckpointInfo]:
+        """Status of each entry; with ``full``, every file not known is verified.
+
+        ``complete`` says that ``entries`` is a whole directory listing: what is
+        remembered about files no longer in it is dropped.
+        """
+        if complete:
+            self._prune({e.path for e in entries})
+        infos: list[CheckpointInfo | None] = [None] * len(entries)
         results: list[tuple[str, bool, str | None] | None] = [None] * len(entries)
         to_hash: list[int] = []
+        cached = self._infos
         for i, entry in enumerate(entries):
+            hit = cached.get(entry.path)
+            if hit is not None and (hit[1].verified or not full) and hit[0] == identity(entry):
+                infos[i] = hit[1]
+                continue
             results[i] = self._cheap_status(entry, full)
             if results[i] is None:
                 to_hash.append(i)
@@ -123,7 +142,19 @@ class Verifier:
                 else:
                     results[i] = (VALID, True, None)
                 self._known[entry.path] = (identity(entry), results[i][0], results[i][2])
-        return [self._info(e, r) for e, r in zip(entries, results, strict=True)]  # type: ignore[arg-type]
+        for i, result in enumerate(results):
+            if result is not None:
+                entry = entries[i]
+                infos[i] = info = self._info(entry, result)
+                cached[entry.path] = (identity(entry), info)
+        return infos  # type: ignore[return-value]
+
+    def _prune(self, paths: set[str]) -> None:
+        for table in (self._known, self._infos):
+            # list(table) copies the keys at once: a save in another thread may
+            # remember a file meanwhile.
+            for gone in [p for p in list(table) if p not in paths]:
+                table.pop(gone, None)
 
     def _cheap_status(
         self, entry: _native.Entry, full: bool
