@@ -300,3 +300,16 @@ def test_temp_file_with_a_reused_pid(ckpt_dir: Path):
     not_ours.write_bytes(b"x")
     CheckpointManager(ckpt_dir)
     assert recent.exists() and not old.exists() and not_ours.exists()
+
+
+def test_sweep_only_takes_ascii_batch_numbers(ckpt_dir: Path):
+    """A dead writer's temp file has an ASCII batch number; nothing else is swept."""
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    if Path("/proc/sys/kernel/pid_max").exists():
+        dead = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
+    ours = ckpt_dir / f".{PREFIX}_batch_0007.h5.{dead}.0123456789ab.tmp"
+    arabic = ckpt_dir / f".{PREFIX}_batch_٧.h5.{dead}.0123456789ab.tmp"
+    for p in (ours, arabic):
+        p.write_bytes(b"x")
+    CheckpointManager(ckpt_dir)
+    assert not ours.exists() and arabic.exists()

@@ -39,7 +39,7 @@ logger = logging.getLogger("h5ckpt")
 LOCK_NAME = ".h5ckpt.lock"
 #: A temp file whose writer still runs but whose lock is free is taken as stale after this.
 STALE_AFTER_SECONDS = 600.0
-_TEMP_RE = re.compile(r"^\.(?P<stem>.+_batch_\d+\.h5)\.(?P<pid>\d+)\.[0-9a-f]{12}\.tmp$")
+_TEMP_RE = re.compile(r"^\.(?P<stem>.+_batch_\d+\.h5)\.(?P<pid>\d+)\.[0-9a-f]{12}\.tmp$", re.A)
 
 
 def oserror_to_checkpoint(exc: OSError, action: str, path: Path | str) -> CheckpointError:
@@ -169,7 +169,8 @@ def sweep_temp_files(directory: Path, prefix: str) -> list[Path]:
         match = _TEMP_RE.match(name)
         if not match or not match["stem"].startswith(stem_prefix):
             continue
-        if not match["stem"][len(stem_prefix) : -3].isdigit():
+        digits = match["stem"][len(stem_prefix) : -3]
+        if not (digits.isascii() and digits.isdigit()):
             continue
         path = directory / name
         try:
