@@ -85,3 +85,29 @@ def test_cleanup_of_large_files_by_a_fresh_manager(ckpt_dir: Path):
         assert not any(p.exists() for p in deleted)
         assert [i.batch_idx for i in m.list_checkpoints(verify=True)] == [3, 4]
     assert _deleted_fds_into(ckpt_dir) == []
+
+
+def test_start_writeback_is_only_a_hint(tmp_path: Path):
+    from h5ckpt import _native
+
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, b"x" * 100_000)
+        assert _native.start_writeback(fd) is None
+        assert _native.start_writeback(fd, 4096, 8192) is None
+        assert _native.start_writeback(fd, 1 << 40, 0) is None  # past the end
+    finally:
+        os.close(fd)
+    assert _native.start_writeback(-1) is None  # invalid descriptors are ignored
+    assert path.read_bytes() == b"x" * 100_000
+
+
+def test_durable_and_fast_saves_write_the_same_payload(ckpt_dir: Path):
+    smooth = np.cumsum(np.random.default_rng(4).standard_normal(BIG))
+    loaded = []
+    for durable in (True, False):
+        m = CheckpointManager(ckpt_dir / str(durable), durable=durable)
+        loaded.append(m.load_checkpoint(m.save_checkpoint(1, smooth, {}, 0.0))["parameters"])
+    np.testing.assert_array_equal(loaded[0], smooth)
+    np.testing.assert_array_equal(loaded[1], smooth)

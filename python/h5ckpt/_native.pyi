@@ -117,5 +117,12 @@ def plan_retention(
 ) -> list[int]:
     """Indices of ``(batch_idx, valid, loss)`` candidates that the policy deletes."""
 
+def start_writeback(fd: int, offset: int = 0, length: int = 0) -> None:
+    """Start writing the dirty pages of a file range to the disk, without waiting.
+
+    ``length`` 0 means to the end of the file. Only a hint (Linux
+    ``sync_file_range``; nothing elsewhere): errors surface at the next fsync.
+    """
+
 def fsync_directory(path: _Path) -> None:
     """fsync a directory, so that a rename in it is durable."""

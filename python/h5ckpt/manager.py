@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import logging
 import math
 import numbers
@@ -27,7 +26,7 @@ from .errors import (
 )
 from .legacy import load_legacy, validate_legacy
 from .limits import LoadLimits
-from .payload import as_parameters, read_payload, write_payload
+from .payload import WritebackFile, as_parameters, read_payload, write_payload
 from .staging import DirectoryLock, StagedFile, oserror_to_checkpoint, sweep_temp_files
 from .tree import check_value
 from .verification import INVALID, CheckpointInfo, Verifier, stat_identity
@@ -277,7 +276,7 @@ class CheckpointManager:
         staged = StagedFile(final)
         timestamp = time.time()
         try:
-            with io.FileIO(staged.fd, "r+b", closefd=False) as raw:
+            with WritebackFile(staged.fd, writeback=self.durable) as raw:
                 segments = write_payload(
                     raw,
                     batch_idx=batch_idx,

@@ -16,12 +16,12 @@ import h5py
 import numpy as np
 
 from . import codec
-from ._native import HEADER_SIZE, Header
+from ._native import HEADER_SIZE, Header, start_writeback
 from .errors import CheckpointCorruptError, CheckpointLimitError, CheckpointValueError
 from .limits import LoadLimits
 from .tree import read_value, write_value
 
-__all__ = ["FORMAT_VERSION", "ArrayWriter", "read_payload", "write_payload"]
+__all__ = ["FORMAT_VERSION", "ArrayWriter", "WritebackFile", "read_payload", "write_payload"]
 
 FORMAT_VERSION = "1.0"
 _TYPE_ATTR = "h5ckpt_type"
@@ -70,6 +70,31 @@ class ArrayWriter:
     def segments(self) -> list[tuple[int, np.ndarray]]:
         """``(file offset, bytes)`` of each reserved dataset; call before closing the file."""
         return [(dsid.get_offset(), arr.reshape(-1).view(np.uint8)) for dsid, arr in self.pending]
+
+
+class WritebackFile(io.FileIO):
+    """The temp file as HDF5 writes it, handing its pages to the disk every few MiB.
+
+    HDF5 writes a compressed dataset chunk by chunk while it compresses the next
+    ones; starting the writeback of what is written lets the disk work meanwhile, so
+    the final fsync finds little left to do. Without ``writeback`` (saves that are
+    not durable) it is a plain file. The descriptor stays open after ``close()``.
+    """
+
+    KICK_BYTES = 8 << 20
+
+    def __init__(self, fd: int, *, writeback: bool = True) -> None:
+        super().__init__(fd, "r+b", closefd=False)
+        self._writeback = writeback
+        self._unkicked = 0
+
+    def write(self, b: Any) -> int:
+        n = super().write(b)
+        self._unkicked += n or 0
+        if self._writeback and self._unkicked >= self.KICK_BYTES:
+            self._unkicked = 0
+            start_writeback(self.fileno())
+        return n  # type: ignore[return-value]
 
 
 def as_parameters(parameters: object) -> np.ndarray:

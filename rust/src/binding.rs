@@ -577,6 +577,14 @@ fn finalize<'py>(
     py_header(py, header)
 }
 
+/// Start writing the dirty pages of a file range to the disk, without waiting
+/// (`length` 0: to the end of the file). A hint: errors surface at the next fsync.
+#[pyfunction]
+#[pyo3(signature = (fd, offset = 0, length = 0))]
+fn start_writeback(py: Python<'_>, fd: i32, offset: u64, length: u64) {
+    py.detach(|| crate::finalize::start_writeback_fd(fd, offset, length));
+}
+
 /// Regular files named `{prefix}_batch_<digits>.h5`, headers read in parallel,
 /// sorted by `(batch_idx, name)`.
 #[pyfunction]
@@ -658,6 +666,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(verify_files, m)?)?;
     m.add_function(wrap_pyfunction!(read_verified, m)?)?;
     m.add_function(wrap_pyfunction!(finalize, m)?)?;
+    m.add_function(wrap_pyfunction!(start_writeback, m)?)?;
     m.add_function(wrap_pyfunction!(scan, m)?)?;
     m.add_function(wrap_pyfunction!(plan_retention, m)?)?;
     m.add_function(wrap_pyfunction!(fsync_directory, m)?)?;

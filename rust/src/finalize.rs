@@ -122,8 +122,9 @@ fn write_segments(
 /// waiting for them, so that the final fsync finds most of the work done: the disk
 /// works while the rest of the payload is written and hashed. Only a hint: errors
 /// are left to the fsync, which reports them.
+/// `len == 0` means up to the end of the file.
 #[cfg(target_os = "linux")]
-fn start_writeback(file: &File, offset: u64, len: u64) {
+pub fn start_writeback(file: &File, offset: u64, len: u64) {
     use std::os::fd::AsRawFd;
     let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
         return;
@@ -136,7 +137,19 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn start_writeback(_file: &File, _offset: u64, _len: u64) {}
+pub fn start_writeback(_file: &File, _offset: u64, _len: u64) {}
+
+/// [`start_writeback`] on a raw descriptor the caller keeps owning; an invalid
+/// descriptor is ignored (it is only a hint).
+pub fn start_writeback_fd(fd: RawFd, offset: u64, len: u64) {
+    if fd < 0 {
+        return;
+    }
+    // SAFETY: the caller keeps the descriptor open for the call; ManuallyDrop keeps
+    // this `File` from closing it. A descriptor that is not open makes the hint fail.
+    let file = ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
+    start_writeback(&file, offset, len);
+}
 
 /// [`finalize`] on a raw file descriptor that the caller keeps owning: it is neither
 /// closed nor otherwise changed, except for the bytes written. The descriptor must be
