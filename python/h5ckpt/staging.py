@@ -119,7 +119,13 @@ class StagedFile:
             raise CheckpointStorageError(f"cannot create a unique temp file for {final}", {})
         self.path = path
         self.fd = fd
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            # Blocking: a sweeper in another process may hold the lock for a moment
+            # while it checks whether this file's writer is alive.
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            self.discard()
+            raise oserror_to_checkpoint(exc, "lock the temp file", path) from exc
 
     def commit(self, durable: bool, fsync_directory) -> None:
         """Rename into place (replacing any file or symlink there, never following it)."""
