@@ -446,10 +446,10 @@ def _terabyte_bytes(f: h5py.File) -> None:
     _tag(g.create_dataset("blob", shape=(2**40,), dtype="u1", chunks=(2**20,)), "bytes")
 
 
-def _deep(f: h5py.File) -> None:
+def _deep(f: h5py.File, levels: int = 10_000) -> None:
     g = f.create_group("optimizer_state")
     _tag(g, "list")
-    for _ in range(10_000):
+    for _ in range(levels):
         g = g.create_group("0")
         _tag(g, "list")
     _tag(g.create_dataset("0", data=np.int64(1)), "int")
@@ -503,14 +503,14 @@ def test_limits_are_adjustable(tmp_path: Path):
     with pytest.raises(CheckpointLimitError, match="max_nodes"):
         m.load_checkpoint(path)
     assert CheckpointManager(tmp_path).load_checkpoint(path)["optimizer_state"] == [1] * 5000
-    deep = sealed_payload(tmp_path / "checkpoint_batch_0004.h5", _deep)
-    data = CheckpointManager(tmp_path, load_limits=LoadLimits(max_depth=20_000)).load_checkpoint(
-        deep
-    )
+    deep = sealed_payload(tmp_path / "checkpoint_batch_0004.h5", lambda f: _deep(f, 1000))
+    with pytest.raises(CheckpointLimitError, match="max_depth"):
+        CheckpointManager(tmp_path, load_limits=LoadLimits(max_depth=999)).load_checkpoint(deep)
+    data = CheckpointManager(tmp_path, load_limits=LoadLimits(max_depth=1001)).load_checkpoint(deep)
     node, depth = data["optimizer_state"], 0
     while isinstance(node, list) and node and isinstance(node[0], list):
         node, depth = node[0], depth + 1
-    assert depth == 10_000
+    assert depth == 1000
     normal = save(tmp_path / "n", n=4096)
     small = LoadLimits(max_array_bytes=1000)
     with pytest.raises(CheckpointLimitError, match="max_array_bytes"):
