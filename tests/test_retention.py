@@ -770,3 +770,14 @@ def test_saves_and_damage_interleaved(tmp_path_factory, steps, keep):
         found = m.find_latest_checkpoint()
         assert found == (None if newest is None else d / name(newest))
     shutil.rmtree(d)
+
+
+def test_file_renamed_to_another_batch_is_invalid(ckpt_dir: Path):
+    m = CheckpointManager(ckpt_dir, keep_last_n=None)
+    m.save_checkpoint(10, np.ones(2), {"b": 10}, 0.1)
+    src = m.save_checkpoint(30, np.ones(2), {"b": 30}, 0.3)
+    os.rename(src, m.checkpoint_path(50))
+    fresh = CheckpointManager(ckpt_dir, keep_last_n=None)
+    (info,) = [i for i in fresh.list_checkpoints() if i.batch_idx == 50]
+    assert info.status == "invalid" and "header says 30" in info.error
+    assert fresh.find_latest_checkpoint() == m.checkpoint_path(10)

@@ -166,6 +166,13 @@ class Verifier:
             return (INVALID, True, entry.error)
         if entry.kind == "legacy" and self.hmac_key is not None:
             return (INVALID, True, "legacy file without an HMAC tag, refused by a keyed manager")
+        if entry.header is not None and entry.header.batch_idx != entry.batch_idx:
+            # A renamed file would otherwise resume, and be retained, as another batch.
+            return (
+                INVALID,
+                True,
+                f"file name says batch {entry.batch_idx}, header says {entry.header.batch_idx}",
+            )
         known = self.known(entry)
         if known is not None:
             return (known[0], True, known[1])
