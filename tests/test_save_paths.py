@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from h5ckpt import CheckpointManager
 
@@ -111,3 +112,86 @@ def test_durable_and_fast_saves_write_the_same_payload(ckpt_dir: Path):
         loaded.append(m.load_checkpoint(m.save_checkpoint(1, smooth, {}, 0.0))["parameters"])
     np.testing.assert_array_equal(loaded[0], smooth)
     np.testing.assert_array_equal(loaded[1], smooth)
+
+
+def _stored_filters(path: Path, name: str = "parameters") -> tuple:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        ds = f[name]
+        return ds.chunks, tuple(sorted(ds._filters))
+
+
+def test_chunks_compressed_by_the_core_read_back_everywhere(ckpt_dir: Path):
+    """Arrays whose Blosc chunks the Rust core writes: every dtype, shape and edge."""
+    import h5py
+    import hdf5plugin  # noqa: F401  (registers the Blosc filter for plain h5py)
+
+    base = np.cumsum(np.random.default_rng(5).standard_normal(700_001))
+    cases = {
+        "f8": base,
+        "f4": base.astype(np.float32),
+        "f8_big_endian": base.astype(">f8"),
+        "i2": (base * 10).astype(np.int16),
+        "u1": (base * 3).astype(np.uint8),
+        "bool": base > 0,
+        "c16": base[:300_001] + 1j * base[1:300_002],
+        "2d": base[:700_000].reshape(7000, 100),
+        "3d": base[:699_840].reshape(270, 36, 72),
+    }
+    m = CheckpointManager(ckpt_dir, compression="lz4", keep_last_n=None)
+    for i, (label, arr) in enumerate(cases.items(), start=1):
+        path = m.save_checkpoint(i, arr, {"again": arr}, 0.0)
+        data = m.load_checkpoint(path)
+        for got in (data["parameters"], data["optimizer_state"]["again"]):
+            assert got.dtype == arr.dtype and got.shape == arr.shape, label
+            np.testing.assert_array_equal(got, arr, err_msg=label)
+        chunks, filters = _stored_filters(path)
+        assert chunks is not None and "32001" in filters, label  # Blosc
+        # A plain h5py + hdf5plugin reader sees the same array (past the user block).
+        with h5py.File(path, "r") as f:
+            np.testing.assert_array_equal(f["parameters"][()], arr, err_msg=label)
+
+
+def test_rows_too_long_for_a_chunk_take_the_hdf5_filter_path(ckpt_dir: Path):
+    # One row of 2 MiB: chunks split the trailing axis, so they are not whole rows.
+    arr = np.cumsum(np.random.default_rng(6).standard_normal((3, 262_144)), axis=1)
+    m = CheckpointManager(ckpt_dir, compression="lz4")
+    path = m.save_checkpoint(1, arr, {}, 0.0)
+    np.testing.assert_array_equal(m.load_checkpoint(path)["parameters"], arr)
+    chunks, filters = _stored_filters(path)
+    assert chunks[1] < arr.shape[1] and "32001" in filters
+
+
+def test_auto_compresses_smooth_and_stores_noise_raw(ckpt_dir: Path):
+    rng = np.random.default_rng(7)
+    smooth = np.cumsum(rng.standard_normal(BIG // 4))
+    noise = rng.standard_normal(BIG // 4)
+    m = CheckpointManager(ckpt_dir)  # compression "auto"
+    path = m.save_checkpoint(1, smooth, {"noise": noise}, 0.0)
+    assert _stored_filters(path)[0] is not None  # chunked, compressed
+    assert _stored_filters(path, "optimizer_state/noise") == (None, ())  # raw
+    data = m.load_checkpoint(path)
+    np.testing.assert_array_equal(data["parameters"], smooth)
+    np.testing.assert_array_equal(data["optimizer_state"]["noise"], noise)
+    assert path.stat().st_size < 0.8 * (smooth.nbytes + noise.nbytes) + 0.5 * noise.nbytes
+
+
+def test_native_blosc_frames_are_checked(tmp_path: Path):
+    from h5ckpt import CheckpointValueError, _native
+
+    data = np.arange(1000, dtype=np.float64)
+    slot = _native.blosc_max_frame_len(4096)
+    out = np.zeros(2 * slot, np.uint8)
+    lengths = _native.blosc_compress_chunks(data[:1024], 4096, 8, out)
+    assert len(lengths) == 2 and all(0 < n <= slot for n in lengths)
+    with pytest.raises(CheckpointValueError):
+        _native.blosc_compress_chunks(data, 4096, 8, np.zeros(10, np.uint8))  # too small
+    with pytest.raises(CheckpointValueError):
+        _native.blosc_compress_chunks(data, 4096, 8, bytes(3 * slot))  # read-only
+    with pytest.raises(CheckpointValueError):
+        _native.blosc_compress_chunks(data, 0, 8, out)
+    overlap = np.zeros(4 * slot, np.uint8)
+    with pytest.raises(CheckpointValueError):
+        _native.blosc_compress_chunks(overlap[:100], 4096, 1, overlap[50:])
+    assert 0.0 < _native.blosc_ratio(np.cumsum(np.ones(10_000)), 8) < 1.0

@@ -117,6 +117,24 @@ def plan_retention(
 ) -> list[int]:
     """Indices of ``(batch_idx, valid, loss)`` candidates that the policy deletes."""
 
+def blosc_compress_chunks(
+    data: Buffer, chunk_bytes: int, typesize: int, out: Buffer
+) -> list[int]:
+    """Blosc frames (byte shuffle + LZ4) of consecutive ``chunk_bytes`` pieces of ``data``.
+
+    The last piece is padded with zeros to ``chunk_bytes``, as HDF5 stores edge
+    chunks. Frame ``i`` is written to the writable buffer ``out`` at
+    ``i * blosc_max_frame_len(chunk_bytes)``; returns the frame lengths. Compressed
+    on all cores with the GIL released; each frame is what HDF5's Blosc filter
+    (id 32001) decompresses.
+    """
+
+def blosc_max_frame_len(chunk_bytes: int) -> int:
+    """Bytes of ``out`` one frame of a ``chunk_bytes`` chunk may need."""
+
+def blosc_ratio(data: Buffer, typesize: int) -> float:
+    """Compressed over raw size of ``data`` as ``blosc_compress_chunks`` stores it."""
+
 def start_writeback(fd: int, offset: int = 0, length: int = 0) -> None:
     """Start writing the dirty pages of a file range to the disk, without waiting.
 

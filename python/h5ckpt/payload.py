@@ -9,6 +9,7 @@ nor read back. Reading parses bytes that the Rust core has already verified.
 from __future__ import annotations
 
 import io
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +17,13 @@ import h5py
 import numpy as np
 
 from . import codec
-from ._native import HEADER_SIZE, Header, start_writeback
+from ._native import (
+    HEADER_SIZE,
+    Header,
+    blosc_compress_chunks,
+    blosc_max_frame_len,
+    start_writeback,
+)
 from .errors import CheckpointCorruptError, CheckpointLimitError, CheckpointValueError
 from .limits import LoadLimits
 from .tree import read_value, write_value
@@ -25,6 +32,9 @@ __all__ = ["FORMAT_VERSION", "ArrayWriter", "WritebackFile", "read_payload", "wr
 
 FORMAT_VERSION = "1.0"
 _TYPE_ATTR = "h5ckpt_type"
+#: Chunks compressed per call into the Rust core: enough to keep every core busy,
+#: few enough that their compressed copies stay small next to the array.
+_CHUNKS_PER_BATCH = 16
 
 
 @dataclass
@@ -42,15 +52,54 @@ class ArrayWriter:
             arr = arr.copy(order="C")
         chosen = codec.codec_for(arr, self.compression)
         if chosen is not None:
+            chunks = codec.chunk_shape(arr.shape, arr.itemsize)
+            if codec.native_lz4(arr, chosen, chunks):
+                return self._compress_in_parallel(group, name, arr, chunks, chosen)
             return group.create_dataset(
-                name,
-                data=arr,
-                chunks=codec.chunk_shape(arr.shape, arr.itemsize),
-                **codec.filter_options(chosen),
+                name, data=arr, chunks=chunks, **codec.filter_options(chosen)
             )
         if arr.nbytes < codec.SMALL_ARRAY_BYTES or arr.size == 0:
             return group.create_dataset(name, data=arr)
         return self._reserve(group, name, arr)
+
+    def _compress_in_parallel(
+        self, group: h5py.Group, name: str, arr: np.ndarray, chunks: tuple[int, ...], chosen: str
+    ) -> h5py.Dataset:
+        """The chunks compressed by the Rust core on all cores, then written as they are.
+
+        A batch of chunks at a time, so the compressed copy held in memory stays small.
+        """
+        ds = group.create_dataset(
+            name, shape=arr.shape, dtype=arr.dtype, chunks=chunks, **codec.filter_options(chosen)
+        )
+        rows = chunks[0]
+        flat = arr.reshape(-1).view(np.uint8)
+        chunk_bytes = rows * (arr.nbytes // arr.shape[0])
+        batch_bytes = chunk_bytes * _CHUNKS_PER_BATCH
+        slot = blosc_max_frame_len(chunk_bytes)
+        starts = range(0, flat.size, batch_bytes)
+        per_batch = min(_CHUNKS_PER_BATCH, -(-flat.size // chunk_bytes))
+        # Two output buffers: the next batch is compressed (GIL released, all cores)
+        # while HDF5 writes the frames of this one.
+        outs = [np.empty(slot * per_batch, np.uint8) for _ in range(min(2, len(starts)))]
+        tail = (0,) * (arr.ndim - 1)
+
+        def compress(b: int) -> list[int]:
+            data = flat[starts[b] : starts[b] + batch_bytes]
+            return blosc_compress_chunks(data, chunk_bytes, arr.itemsize, outs[b % 2])
+
+        index = 0
+        with ThreadPoolExecutor(1, thread_name_prefix="h5ckpt-compress") as pool:
+            pending = pool.submit(compress, 0)
+            for b in range(len(starts)):
+                lengths = pending.result()
+                if b + 1 < len(starts):
+                    pending = pool.submit(compress, b + 1)
+                out = outs[b % 2]
+                for k, n in enumerate(lengths):
+                    ds.id.write_direct_chunk((index * rows, *tail), out[k * slot : k * slot + n])
+                    index += 1
+        return ds
 
     def _reserve(self, group: h5py.Group, name: str, arr: np.ndarray) -> h5py.Dataset:
         dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)

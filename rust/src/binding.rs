@@ -145,19 +145,33 @@ struct ByteBuffer(Box<ffi::Py_buffer>);
 
 impl ByteBuffer {
     fn get(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Self> {
+        Self::get_with(obj, what, ffi::PyBUF_SIMPLE)
+    }
+
+    /// A writable export (bytearray, numpy array, writable memoryview).
+    fn get_writable(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Self> {
+        Self::get_with(obj, what, ffi::PyBUF_WRITABLE)
+    }
+
+    fn get_with(obj: &Bound<'_, PyAny>, what: &str, flags: std::ffi::c_int) -> PyResult<Self> {
         let py = obj.py();
         let mut raw = Box::<ffi::Py_buffer>::new_uninit();
         // SAFETY: `raw` is writable memory for one Py_buffer, at a stable address
-        // (exporters may point fields of the struct at itself). PyBUF_SIMPLE asks
-        // for `len` contiguous bytes at `buf`, which C-contiguous data satisfies.
-        let rc =
-            unsafe { ffi::PyObject_GetBuffer(obj.as_ptr(), raw.as_mut_ptr(), ffi::PyBUF_SIMPLE) };
+        // (exporters may point fields of the struct at itself). PyBUF_SIMPLE (and
+        // PyBUF_WRITABLE, which adds writability to it) asks for `len` contiguous
+        // bytes at `buf`, which C-contiguous data satisfies.
+        let rc = unsafe { ffi::PyObject_GetBuffer(obj.as_ptr(), raw.as_mut_ptr(), flags) };
         if rc != 0 {
             let err = PyErr::fetch(py);
             if err.is_instance_of::<PyBufferError>(py) || err.is_instance_of::<PyValueError>(py) {
+                let kind = if flags & ffi::PyBUF_WRITABLE != 0 {
+                    "writable C-contiguous"
+                } else {
+                    "C-contiguous"
+                };
                 return Err(value_error(
                     py,
-                    format!("{what} must be a C-contiguous buffer ({err})"),
+                    format!("{what} must be a {kind} buffer ({err})"),
                 ));
             }
             return Err(err);
@@ -179,6 +193,19 @@ impl ByteBuffer {
         // SAFETY: a PyBUF_SIMPLE export spans `len` bytes from `buf`, kept alive and
         // in place by the export that `self` holds.
         unsafe { std::slice::from_raw_parts(self.0.buf.cast::<u8>(), len) }
+    }
+
+    /// The bytes of a writable export ([`ByteBuffer::get_writable`]), valid while
+    /// `self` lives. The same caveat as [`ByteBuffer::bytes`] applies.
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        let len = usize::try_from(self.0.len).unwrap_or(0);
+        if len == 0 || self.0.buf.is_null() || self.0.readonly != 0 {
+            return &mut [];
+        }
+        // SAFETY: a writable export spans `len` bytes from `buf`, kept alive and in
+        // place by the export that `self` holds; `&mut self` makes this the only
+        // slice handed out from it.
+        unsafe { std::slice::from_raw_parts_mut(self.0.buf.cast::<u8>(), len) }
     }
 }
 
@@ -577,6 +604,45 @@ fn finalize<'py>(
     py_header(py, header)
 }
 
+/// Byte-shuffle + LZ4 Blosc frames of consecutive `chunk_bytes` pieces of `data`
+/// (the last padded with zeros), compressed on all cores: frame `i` goes to
+/// `out[i * slot..]` with `slot = blosc_max_frame_len(chunk_bytes)`. Returns the
+/// frame lengths.
+#[pyfunction]
+fn blosc_compress_chunks<'py>(
+    py: Python<'py>,
+    data: &Bound<'py, PyAny>,
+    chunk_bytes: usize,
+    typesize: usize,
+    out: &Bound<'py, PyAny>,
+) -> PyResult<Vec<usize>> {
+    let buf = ByteBuffer::get(data, "data")?;
+    let mut dst = ByteBuffer::get_writable(out, "out")?;
+    let bytes = buf.bytes();
+    let out = dst.bytes_mut();
+    let (a, b) = (bytes.as_ptr_range(), out.as_ptr_range());
+    if !bytes.is_empty() && !out.is_empty() && a.start < b.end && b.start < a.end {
+        return Err(value_error(py, "data and out must not overlap"));
+    }
+    detach(py, || {
+        crate::blosc::compress_chunks_into(bytes, chunk_bytes, typesize, out)
+    })
+}
+
+/// Bytes of output space one frame of a `chunk_bytes` chunk may need.
+#[pyfunction]
+fn blosc_max_frame_len(chunk_bytes: usize) -> usize {
+    crate::blosc::max_frame_len(chunk_bytes)
+}
+
+/// Compressed over raw size of `data` as [`blosc_compress_chunks`] stores it.
+#[pyfunction]
+fn blosc_ratio(py: Python<'_>, data: &Bound<'_, PyAny>, typesize: usize) -> PyResult<f64> {
+    let buf = ByteBuffer::get(data, "data")?;
+    let bytes = buf.bytes();
+    detach(py, || crate::blosc::ratio(bytes, typesize))
+}
+
 /// Start writing the dirty pages of a file range to the disk, without waiting
 /// (`length` 0: to the end of the file). A hint: errors surface at the next fsync.
 #[pyfunction]
@@ -667,6 +733,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(read_verified, m)?)?;
     m.add_function(wrap_pyfunction!(finalize, m)?)?;
     m.add_function(wrap_pyfunction!(start_writeback, m)?)?;
+    m.add_function(wrap_pyfunction!(blosc_compress_chunks, m)?)?;
+    m.add_function(wrap_pyfunction!(blosc_ratio, m)?)?;
+    m.add_function(wrap_pyfunction!(blosc_max_frame_len, m)?)?;
     m.add_function(wrap_pyfunction!(scan, m)?)?;
     m.add_function(wrap_pyfunction!(plan_retention, m)?)?;
     m.add_function(wrap_pyfunction!(fsync_directory, m)?)?;

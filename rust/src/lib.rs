@@ -3,6 +3,7 @@
 //! The modules below know nothing of Python; `binding` (feature `python`) is the thin
 //! PyO3 layer that exposes them as `h5ckpt._native`.
 
+pub mod blosc;
 pub mod digest;
 pub mod error;
 pub mod finalize;
