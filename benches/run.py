@@ -220,6 +220,9 @@ def bench_case(
             t.time(name, fn)
             if name == "seed_save":
                 os.sync()  # the seed does not fsync; keep its dirty pages out of the next timing
+            # Retention's deletions free their space in a background thread: let it
+            # finish (close() waits for it) so it does not overlap the next timing.
+            ours.close()
         ours_path = ours.checkpoint_path(batch)
         seed_path = seed.checkpoint_path(batch)
         sizes["raw"] = raw_path.stat().st_size
@@ -250,6 +253,7 @@ def bench_case(
             "async_call", lambda b=batch: ours.save_checkpoint_async(b, data, state, 0.5, meta)
         )
         future.result()
+        ours.close()  # the background thread and its retention are done
         del future
         if verbose:
             print(f"  repeat {r + 1}/{repeats} done (load {loadavg()})", file=sys.stderr)
