@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import _native
@@ -30,7 +29,6 @@ UNVERIFIED = "unverified"
 _Identity = tuple[int, int, int, int]
 
 
-@dataclass(frozen=True)
 class CheckpointInfo:
     """One checkpoint file of a directory, as ``list_checkpoints`` reports it.
 
@@ -57,19 +55,83 @@ class CheckpointInfo:
         Why the file is invalid.
     """
 
-    path: Path
-    batch_idx: int
-    loss: float
-    timestamp: float
-    size_bytes: int
-    status: str
-    verified: bool = False
-    error: str | None = None
+    __slots__ = (
+        "_path",
+        "batch_idx",
+        "error",
+        "loss",
+        "size_bytes",
+        "status",
+        "timestamp",
+        "verified",
+    )
+    _FIELDS = (
+        "path",
+        "batch_idx",
+        "loss",
+        "timestamp",
+        "size_bytes",
+        "status",
+        "verified",
+        "error",
+    )
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        batch_idx: int,
+        loss: float,
+        timestamp: float,
+        size_bytes: int,
+        status: str,
+        verified: bool = False,
+        error: str | None = None,
+    ) -> None:
+        # The Path is made on first use: building 10,000 of them would cost more than
+        # the whole directory scan.
+        for name, value in (
+            ("_path", path),
+            ("batch_idx", batch_idx),
+            ("loss", loss),
+            ("timestamp", timestamp),
+            ("size_bytes", size_bytes),
+            ("status", status),
+            ("verified", verified),
+            ("error", error),
+        ):
+            object.__setattr__(self, name, value)
+
+    @property
+    def path(self) -> Path:
+        """The file."""
+        path = self._path
+        if not isinstance(path, Path):
+            path = Path(path)
+            object.__setattr__(self, "_path", path)
+        return path
 
     @property
     def is_valid(self) -> bool:
         """True when the file was verified intact (h5ckpt or legacy)."""
         return self.verified and self.status in (VALID, LEGACY)
+
+    def _astuple(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self._FIELDS)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"CheckpointInfo is immutable: cannot set {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CheckpointInfo):
+            return NotImplemented
+        return self._astuple() == other._astuple()
+
+    def __hash__(self) -> int:
+        return hash(self._astuple())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._FIELDS)
+        return f"CheckpointInfo({fields})"
 
 
 def identity(entry: _native.Entry) -> _Identity:
@@ -200,7 +262,7 @@ class Verifier:
             except CheckpointError as exc:
                 status, verified, error = INVALID, True, str(exc)
         return CheckpointInfo(
-            path=Path(entry.path),
+            path=entry.path,
             batch_idx=entry.batch_idx,
             loss=loss,
             timestamp=timestamp,
