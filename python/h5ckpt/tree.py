@@ -451,6 +451,7 @@ def check_value(
 # ------------------------------------------------------------------- write_value
 
 PutArray = Callable[[h5py.Group, str, np.ndarray], h5py.Dataset]
+GetArray = Callable[[h5d.DatasetID, tuple[int, ...], np.dtype], "np.ndarray | None"]
 
 
 def default_put_array(group: h5py.Group, name: str, arr: np.ndarray) -> h5py.Dataset:
@@ -700,7 +701,15 @@ def _read_tag(obj: Any) -> str:
 
 
 class _Reader:
-    def __init__(self, allow_pickle: bool, limits: LoadLimits, root: str, budget: int) -> None:
+    def __init__(
+        self,
+        allow_pickle: bool,
+        limits: LoadLimits,
+        root: str,
+        budget: int,
+        get_array: GetArray | None = None,
+    ) -> None:
+        self.get_array = get_array
         self.allow_pickle = allow_pickle
         self.limits = limits
         self.root = root
@@ -882,9 +891,11 @@ class _Reader:
                 raise _Corrupt(f"is tagged ndarray but has the unsupported dtype {dt}")
             shape = space.get_simple_extent_dims() if kind == h5s.SIMPLE else ()
             self.take_bytes(node, math.prod(shape) * dt.itemsize)
-            out = np.empty(shape, dtype=dt)
-            if out.size:
-                dset.read(h5s.ALL, h5s.ALL, out)
+            out = self.get_array(dset, shape, dt) if self.get_array is not None else None
+            if out is None:
+                out = np.empty(shape, dtype=dt)
+                if out.size:
+                    dset.read(h5s.ALL, h5s.ALL, out)
             return out
         # Scalars: int, float, bool, np_scalar.
         if kind != h5s.SCALAR:
@@ -924,6 +935,7 @@ def read_value(
     allow_pickle: bool,
     limits: LoadLimits,
     path: str = "",
+    get_array: GetArray | None = None,
 ) -> Any:
     """Read the value stored at ``node`` by :func:`write_value`.
 
@@ -946,6 +958,10 @@ def read_value(
         ``limits.resolved_max_bytes(size of node's file)``.
     path : str, default ""
         Name of the value in messages; ``""`` reads "value".
+    get_array : callable, optional
+        ``get_array(dataset_id, shape, dtype)`` may return the array of an
+        ``ndarray`` node itself (for example a view of bytes already in memory) after
+        the node passed every check; ``None`` lets the reader read it as usual.
 
     Returns
     -------
@@ -973,7 +989,7 @@ def read_value(
             budget = limits.max_array_bytes
         else:
             budget = limits.resolved_max_bytes(node.file.id.get_filesize())
-        reader = _Reader(allow_pickle, limits, path, budget)
+        reader = _Reader(allow_pickle, limits, path, budget, get_array)
         # A File's id is a FileID; its root group is a GroupID.
         return reader.run(node["/"].id if isinstance(node, h5py.File) else node.id)
     except CheckpointError:
