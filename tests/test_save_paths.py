@@ -195,3 +195,37 @@ def test_native_blosc_frames_are_checked(tmp_path: Path):
     with pytest.raises(CheckpointValueError):
         _native.blosc_compress_chunks(overlap[:100], 4096, 1, overlap[50:])
     assert 0.0 < _native.blosc_ratio(np.cumsum(np.ones(10_000)), 8) < 1.0
+
+
+def test_loaded_large_arrays_are_independent_writable_arrays(ckpt_dir: Path):
+    rng = np.random.default_rng(8)
+    params = rng.standard_normal(BIG // 8)
+    moments = rng.standard_normal((BIG // 16, 2)).astype(np.float32)
+    m = CheckpointManager(ckpt_dir)
+    path = m.save_checkpoint(1, params, {"m": moments, "v": params[:10].copy()}, 0.0)
+    first = m.load_checkpoint(path)
+    second = m.load_checkpoint(path)
+    p1, m1 = first["parameters"], first["optimizer_state"]["m"]
+    for arr in (p1, m1, first["optimizer_state"]["v"]):
+        assert arr.flags.writeable and arr.flags.aligned and arr.flags.c_contiguous
+    assert not np.shares_memory(p1, m1)
+    assert not np.shares_memory(p1, second["parameters"])
+    p1 += 1.0
+    m1[:] = 0
+    np.testing.assert_array_equal(second["parameters"], params)
+    np.testing.assert_array_equal(second["optimizer_state"]["m"], moments)
+    np.testing.assert_array_equal(first["optimizer_state"]["v"], params[:10])
+    # The file is untouched by changes to loaded arrays.
+    assert m.validate_checkpoint(path)
+
+
+def test_read_payload_still_reads_bytes(ckpt_dir: Path):
+    from h5ckpt import LoadLimits, _native
+    from h5ckpt.payload import read_payload
+
+    params = np.random.default_rng(9).standard_normal(BIG // 8)
+    path = CheckpointManager(ckpt_dir).save_checkpoint(1, params, {"k": 1}, 0.0)
+    header, data = _native.read_verified(path)
+    out = read_payload(data, header, allow_pickle=False, limits=LoadLimits())
+    np.testing.assert_array_equal(out["parameters"], params)
+    assert out["optimizer_state"] == {"k": 1}

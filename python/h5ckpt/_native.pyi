@@ -82,6 +82,16 @@ def verify_files(
 def read_verified(path: _Path, hmac_key: bytes | None = None) -> tuple[Header, bytes]:
     """Read a whole file once, verify it from memory, return its header and bytes."""
 
+def read_verified_fd(
+    fd: int, out: Buffer, hmac_key: bytes | None = None, path: _Path | None = None
+) -> Header:
+    """Read the open file ``fd`` into the writable buffer ``out`` and verify it.
+
+    ``out`` must be exactly as long as the file (else ``CheckpointCorruptError``:
+    the file changed). The descriptor is neither closed nor moved. Every byte of
+    ``out`` is overwritten on success. ``path`` names the file in messages.
+    """
+
 def finalize(
     fd: int,
     segments: Sequence[tuple[int, Buffer]],

@@ -9,6 +9,7 @@ nor read back. Reading parses bytes that the Rust core has already verified.
 from __future__ import annotations
 
 import io
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -190,6 +191,10 @@ def write_payload(
         locking=False,
         track_order=True,
         libver=("v110", "latest"),
+        # Large arrays start on 256-byte boundaries (HDF5 wants the alignment below
+        # the user block size): loading hands them out as aligned views.
+        alignment_threshold=ArrayViews.MIN_BYTES,
+        alignment_interval=256,
     ) as f:
         # Fixed-length strings: variable-length ones live in HDF5's global heap, whose
         # parsing of damaged files can hang libhdf5.
@@ -271,20 +276,99 @@ class _ErrorKeepingFile:
                 self.error = exc
 
 
+class BufferFile(io.RawIOBase):
+    """A read-only file over bytes in memory, for h5py, that never copies them whole."""
+
+    def __init__(self, buf: Any) -> None:
+        super().__init__()
+        self._view = memoryview(buf).cast("B")
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        if base + pos < 0:
+            raise OSError(f"negative seek position {base + pos}")
+        self._pos = base + pos
+        return self._pos
+
+    def readinto(self, b: Any) -> int:
+        dst = memoryview(b).cast("B")
+        n = max(0, min(len(dst), len(self._view) - self._pos))
+        dst[:n] = self._view[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+
+class ArrayViews:
+    """``get_array`` for :func:`read_value`: large raw arrays as views of the buffer.
+
+    A contiguous, unfiltered array of at least ``MIN_BYTES`` is handed out as a
+    (writable) view of the verified bytes instead of a copy: loading then touches
+    its memory once. Views keep the whole buffer alive. Arrays that overlap, are
+    misaligned for their dtype or lie outside the buffer are read as copies.
+    """
+
+    MIN_BYTES = 1 << 20
+
+    def __init__(self, buf: np.ndarray) -> None:
+        self.buf = buf
+        self.claimed: list[tuple[int, int]] = []
+
+    def __call__(
+        self, dset: h5py.h5d.DatasetID, shape: tuple[int, ...], dtype: np.dtype
+    ) -> np.ndarray | None:
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes < self.MIN_BYTES:
+            return None
+        dcpl = dset.get_create_plist()
+        if (
+            dcpl.get_layout() != h5py.h5d.CONTIGUOUS
+            or dcpl.get_nfilters() != 0
+            or dcpl.get_external_count() != 0
+        ):
+            return None
+        offset = dset.get_offset()
+        if offset is None or offset < HEADER_SIZE or offset + nbytes > self.buf.size:
+            return None
+        if (self.buf.ctypes.data + offset) % dtype.alignment:
+            return None
+        if any(offset < end and start < offset + nbytes for start, end in self.claimed):
+            return None
+        self.claimed.append((offset, offset + nbytes))
+        return self.buf[offset : offset + nbytes].view(dtype).reshape(shape)
+
+
 def read_payload(
-    data: bytes, header: Header, *, allow_pickle: bool, limits: LoadLimits
+    data: bytes | np.ndarray, header: Header, *, allow_pickle: bool, limits: LoadLimits
 ) -> dict[str, Any]:
-    """Parse the verified bytes of a whole checkpoint file."""
+    """Parse the verified bytes of a whole checkpoint file.
+
+    ``data`` is ``bytes``, or a writable ``uint8`` array whose large raw arrays are
+    returned as views of it (see :class:`ArrayViews`).
+    """
+    views = ArrayViews(data) if isinstance(data, np.ndarray) else None
+    source = BufferFile(data) if views is not None else io.BytesIO(data)
     try:
-        with h5py.File(io.BytesIO(data), "r", locking=False) as f:
+        with h5py.File(source, "r", locking=False) as f:
             _check_root(f, header, limits)
-            params = read_value(f["parameters"], allow_pickle=False, limits=limits)
+            params = read_value(f["parameters"], allow_pickle=False, limits=limits, get_array=views)
             if not isinstance(params, np.ndarray):
                 raise CheckpointCorruptError("'parameters' is not an array", {})
             optimizer_state = read_value(
-                f["optimizer_state"], allow_pickle=allow_pickle, limits=limits
+                f["optimizer_state"], allow_pickle=allow_pickle, limits=limits, get_array=views
             )
-            metadata = read_value(f["metadata"], allow_pickle=allow_pickle, limits=limits)
+            metadata = read_value(
+                f["metadata"], allow_pickle=allow_pickle, limits=limits, get_array=views
+            )
             version = _as_str(f.attrs.get("h5ckpt_version", "unknown"))
     except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
         raise CheckpointCorruptError(f"the HDF5 payload is malformed: {exc}", {}) from exc

@@ -555,6 +555,27 @@ fn read_verified<'py>(
     Ok((py_header(py, header)?, bytes))
 }
 
+/// Read a whole open file into the writable buffer `out` (exactly the file's
+/// length), verifying it from memory; return its header. The descriptor stays open;
+/// `path` names the file in messages.
+#[pyfunction]
+#[pyo3(signature = (fd, out, hmac_key = None, path = None))]
+fn read_verified_fd<'py>(
+    py: Python<'py>,
+    fd: i32,
+    out: &Bound<'py, PyAny>,
+    hmac_key: Option<&Bound<'py, PyAny>>,
+    path: Option<PathBuf>,
+) -> PyResult<Bound<'py, PyHeader>> {
+    let key = key_bytes(hmac_key)?;
+    let mut dst = ByteBuffer::get_writable(out, "out")?;
+    let buf = dst.bytes_mut();
+    let header = detach(py, || {
+        verify::read_verified_fd(fd, path.as_deref(), key.as_deref(), buf)
+    })?;
+    py_header(py, header)
+}
+
 /// Complete a payload written by HDF5 and seal it with a header.
 #[pyfunction]
 #[pyo3(signature = (
@@ -731,6 +752,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(verify_file, m)?)?;
     m.add_function(wrap_pyfunction!(verify_files, m)?)?;
     m.add_function(wrap_pyfunction!(read_verified, m)?)?;
+    m.add_function(wrap_pyfunction!(read_verified_fd, m)?)?;
     m.add_function(wrap_pyfunction!(finalize, m)?)?;
     m.add_function(wrap_pyfunction!(start_writeback, m)?)?;
     m.add_function(wrap_pyfunction!(blosc_compress_chunks, m)?)?;

@@ -183,7 +183,7 @@ pub fn finalize_fd(fd: RawFd, segments: &[Segment<'_>], seal: &Seal<'_>) -> Resu
 }
 
 /// A name for `fd` in messages: the path it was opened with, when the OS tells.
-fn fd_path(fd: RawFd) -> PathBuf {
+pub(crate) fn fd_path(fd: RawFd) -> PathBuf {
     std::fs::read_link(format!("/proc/self/fd/{fd}"))
         .unwrap_or_else(|_| PathBuf::from(format!("<file descriptor {fd}>")))
 }

@@ -3,8 +3,8 @@
 
 use std::fs::File;
 use std::io;
-use std::mem::MaybeUninit;
-use std::os::fd::AsRawFd;
+use std::mem::{ManuallyDrop, MaybeUninit};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -206,6 +206,45 @@ pub fn read_verified_into(
     Ok(header)
 }
 
+/// [`read_verified_into`] from a raw descriptor the caller keeps owning (not
+/// closed, its offset unchanged) into `buf`, which must be exactly as long as the
+/// file. Every byte of `buf` is overwritten when this returns `Ok`.
+///
+/// `path` names the file in messages (default: what the OS tells of `fd`).
+pub fn read_verified_fd(
+    fd: RawFd,
+    path: Option<&Path>,
+    key: Option<&[u8]>,
+    buf: &mut [u8],
+) -> Result<Header> {
+    let path = path.map_or_else(|| crate::finalize::fd_path(fd), Path::to_path_buf);
+    if fd < 0 {
+        return Err(Error::invalid(format!("invalid file descriptor {fd}")));
+    }
+    // SAFETY: the caller keeps the descriptor open for the whole call; ManuallyDrop
+    // keeps this `File` from closing it.
+    let file = ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
+    let meta = file.metadata().map_err(|e| Error::io("stat", &path, e))?;
+    if !meta.is_file() {
+        return Err(Error::corrupt(&path, "not a regular file"));
+    }
+    if meta.len() != buf.len() as u64 {
+        return Err(Error::corrupt(
+            &path,
+            format!(
+                "the file is {} bytes long, the buffer for it {} (did it change?)",
+                meta.len(),
+                buf.len()
+            ),
+        ));
+    }
+    // SAFETY: viewing initialised bytes as possibly uninitialised ones is sound as
+    // long as nothing uninitialised is written back; read_verified_into only writes
+    // bytes read from the file.
+    let uninit = unsafe { &mut *(buf as *mut [u8] as *mut [MaybeUninit<u8>]) };
+    read_verified_into(&file, &path, key, uninit)
+}
+
 /// Reads and verifies a whole file; returns its header and bytes.
 pub fn read_verified(path: &Path, key: Option<&[u8]>) -> Result<(Header, Vec<u8>)> {
     let (file, len) = open(path)?;
@@ -331,6 +370,33 @@ pub(crate) mod tests {
             read_verified(&p, None),
             Err(Error::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn read_into_a_buffer_from_a_descriptor() {
+        let d = tempfile::tempdir().unwrap();
+        let p = make_file(d.path(), "a.h5", &payload(3 * 4096 + 5), Some(b"k"));
+        let want = std::fs::read(&p).unwrap();
+        let f = File::open(&p).unwrap();
+        let mut buf = vec![0xAAu8; want.len()];
+        let h = read_verified_fd(f.as_raw_fd(), None, Some(b"k"), &mut buf).unwrap();
+        assert_eq!(buf, want);
+        assert_eq!(h, verify_file(&p, None).unwrap());
+        let mut short = vec![0u8; want.len() - 1];
+        let e = read_verified_fd(f.as_raw_fd(), Some(&p), None, &mut short).unwrap_err();
+        assert!(e.to_string().contains("did it change"), "{e}");
+        assert!(matches!(
+            read_verified_fd(f.as_raw_fd(), None, Some(b"x"), &mut buf),
+            Err(Error::Authentication { .. })
+        ));
+        let mut m = want.clone();
+        m[5000] ^= 1;
+        std::fs::write(&p, &m).unwrap();
+        assert!(matches!(
+            read_verified_fd(f.as_raw_fd(), None, None, &mut buf),
+            Err(Error::Corrupt { .. })
+        ));
+        assert!(read_verified_fd(-1, None, None, &mut buf).is_err());
     }
 
     #[test]
