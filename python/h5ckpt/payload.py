@@ -35,7 +35,7 @@ FORMAT_VERSION = "1.0"
 _TYPE_ATTR = "h5ckpt_type"
 #: Chunks compressed per call into the Rust core: enough to keep every core busy,
 #: few enough that their compressed copies stay small next to the array.
-_CHUNKS_PER_BATCH = 16
+_CHUNKS_PER_BATCH = 8
 
 
 @dataclass
