@@ -1,7 +1,7 @@
 """Where the time of a save, a load and a validate goes, phase by phase.
 
-    python benches/profile.py                 # 100 MB, random and smooth, 7 repeats
-    python benches/profile.py --size 512M --kinds random --repeats 5
+    python benches/where_time_goes.py                # 100 MB, random and smooth, 7 repeats
+    python benches/where_time_goes.py--size 512M --kinds random --repeats 5
 
 Each phase is timed by wrapping the function that does it (medians over the
 repeats), next to the raw baselines of benches/run.py measured in the same loop:
