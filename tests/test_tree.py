@@ -9,9 +9,7 @@ import fractions
 import io
 import itertools
 import random
-import sys
 import time
-import types
 from pathlib import Path
 from typing import Any
 
@@ -22,54 +20,25 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-try:
-    from h5ckpt.errors import (
-        CheckpointCorruptError,
-        CheckpointError,
-        CheckpointLimitError,
-        CheckpointPickleError,
-        CheckpointValueError,
-    )
-    from h5ckpt.limits import LoadLimits, default_max_array_bytes
-    from h5ckpt.tree import (
-        TAGS,
-        TYPE_ATTR,
-        check_value,
-        escape_key,
-        hdf5_type,
-        read_value,
-        unescape_key,
-        values_equal,
-        write_value,
-    )
-except ImportError:  # pragma: no cover - the compiled core is not built
-    # h5ckpt/__init__.py imports the native extension; the modules tested here do
-    # not need it, so they are loaded from the source tree without the package init.
-    _pkg = types.ModuleType("h5ckpt")
-    _pkg.__path__ = [str(Path(__file__).resolve().parents[1] / "python" / "h5ckpt")]
-    sys.modules["h5ckpt"] = _pkg
-    try:
-        from h5ckpt.errors import (
-            CheckpointCorruptError,
-            CheckpointError,
-            CheckpointLimitError,
-            CheckpointPickleError,
-            CheckpointValueError,
-        )
-        from h5ckpt.limits import LoadLimits, default_max_array_bytes
-        from h5ckpt.tree import (
-            TAGS,
-            TYPE_ATTR,
-            check_value,
-            escape_key,
-            hdf5_type,
-            read_value,
-            unescape_key,
-            values_equal,
-            write_value,
-        )
-    finally:
-        del sys.modules["h5ckpt"]
+from h5ckpt.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointLimitError,
+    CheckpointPickleError,
+    CheckpointValueError,
+)
+from h5ckpt.limits import LoadLimits, default_max_array_bytes
+from h5ckpt.tree import (
+    TAGS,
+    TYPE_ATTR,
+    check_value,
+    escape_key,
+    hdf5_type,
+    read_value,
+    unescape_key,
+    values_equal,
+    write_value,
+)
 
 LIMITS = LoadLimits()
 _counter = itertools.count()

@@ -257,14 +257,21 @@ class CheckpointManager:
         CheckpointError
             Nothing is left behind and earlier checkpoints are untouched.
         """
-        batch_idx = _batch_index(batch_idx)
-        params = as_parameters(parameters)
-        loss_value = _loss(loss)
+        batch_idx, params, loss_value, metadata = self._checked_arguments(
+            batch_idx, parameters, optimizer_state, loss, metadata
+        )
+        return self._write(batch_idx, params, optimizer_state, loss_value, metadata)
+
+    def _checked_arguments(
+        self, batch_idx: object, parameters: Any, optimizer_state: Any, loss: object, metadata: Any
+    ) -> tuple[int, np.ndarray, float, Any]:
+        """The arguments of a save, converted; refused before anything is written."""
         if metadata is None:
             metadata = {}
+        checked = (_batch_index(batch_idx), as_parameters(parameters), _loss(loss), metadata)
         check_value(optimizer_state, allow_pickle=self.allow_pickle, path="optimizer_state")
         check_value(metadata, allow_pickle=self.allow_pickle, path="metadata")
-        return self._write(batch_idx, params, optimizer_state, loss_value, metadata)
+        return checked
 
     def _write(
         self, batch_idx: int, params: np.ndarray, optimizer_state: Any, loss: float, metadata: Any
@@ -352,13 +359,9 @@ class CheckpointManager:
         concurrent.futures.Future
             Resolves to the checkpoint path, or raises its ``CheckpointError``.
         """
-        batch_idx = _batch_index(batch_idx)
-        params = as_parameters(parameters)
-        loss_value = _loss(loss)
-        if metadata is None:
-            metadata = {}
-        check_value(optimizer_state, allow_pickle=self.allow_pickle, path="optimizer_state")
-        check_value(metadata, allow_pickle=self.allow_pickle, path="metadata")
+        batch_idx, params, loss_value, metadata = self._checked_arguments(
+            batch_idx, parameters, optimizer_state, loss, metadata
+        )
         # Copy only once the previous save is done: one snapshot in memory at a time.
         self._slots.acquire()
         try:
