@@ -15,7 +15,9 @@ and ratios of medians. Baselines:
 
 The state saved is ``parameters`` = a float64 array of the given size, either
 random (incompressible) or smooth (cumulative sum of noise), plus a small
-optimizer-state dict and metadata. Files are read back from a warm page cache.
+optimizer-state dict and metadata. Files are read back from a warm page cache;
+between timed operations the disk is settled (``os.sync()``), so that no operation
+pays for another's writeback or for the discard of deleted files.
 Peak memory of a save is measured in a fresh subprocess (``VmHWM``).
 
 This is not part of the test suite.
@@ -218,11 +220,13 @@ def bench_case(
             )
         for name, fn in rotate(save_ops, r):
             t.time(name, fn)
-            if name == "seed_save":
-                os.sync()  # the seed does not fsync; keep its dirty pages out of the next timing
             # Retention's deletions free their space in a background thread: let it
             # finish (close() waits for it) so it does not overlap the next timing.
             ours.close()
+            # Settle the disk before the next timing: the seed does not fsync, and
+            # deleted files are discarded (ext4 -o discard) at the next journal
+            # commit, which the next timed fsync would otherwise pay for.
+            os.sync()
         ours_path = ours.checkpoint_path(batch)
         seed_path = seed.checkpoint_path(batch)
         sizes["raw"] = raw_path.stat().st_size
@@ -246,6 +250,7 @@ def bench_case(
                 raise AssertionError(f"{name} failed on a fresh checkpoint")
             del result
         drop_file(raw_path)
+        os.sync()
 
         # Asynchronous save: the time the caller is blocked, then wait (not timed).
         batch += 1
@@ -254,6 +259,7 @@ def bench_case(
         )
         future.result()
         ours.close()  # the background thread and its retention are done
+        os.sync()
         del future
         if verbose:
             print(f"  repeat {r + 1}/{repeats} done (load {loadavg()})", file=sys.stderr)
