@@ -74,9 +74,7 @@ def read_header(path: _Path) -> Header:
 def verify_file(path: _Path, hmac_key: bytes | None = None) -> Header:
     """Check header, length, payload digest and (keyed) HMAC tag of one file."""
 
-def verify_files(
-    paths: Sequence[_Path], hmac_key: bytes | None = None
-) -> list[Header | Exception]:
+def verify_files(paths: Sequence[_Path], hmac_key: bytes | None = None) -> list[Header | Exception]:
     """``verify_file`` over many files in parallel; failures are returned, not raised."""
 
 def read_verified(path: _Path, hmac_key: bytes | None = None) -> tuple[Header, bytes]:
@@ -127,9 +125,7 @@ def plan_retention(
 ) -> list[int]:
     """Indices of ``(batch_idx, valid, loss)`` candidates that the policy deletes."""
 
-def blosc_compress_chunks(
-    data: Buffer, chunk_bytes: int, typesize: int, out: Buffer
-) -> list[int]:
+def blosc_compress_chunks(data: Buffer, chunk_bytes: int, typesize: int, out: Buffer) -> list[int]:
     """Blosc frames (byte shuffle + LZ4) of consecutive ``chunk_bytes`` pieces of ``data``.
 
     The last piece is padded with zeros to ``chunk_bytes``, as HDF5 stores edge
