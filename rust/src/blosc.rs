@@ -9,13 +9,14 @@
 //! header (16 bytes): version 2, LZ4 format version 1, flags, typesize,
 //!                    nbytes (u32 le), blocksize (u32 le), total frame size (u32 le)
 //! bstarts:           one u32 le per block: offset of the block in the frame
-//! block:             u32 le stream size, then the stream: LZ4 block format of the
-//!                    byte-shuffled block, or the shuffled bytes themselves when the
-//!                    stream size equals the block size
+//! block:             one or `typesize` streams (below), each a u32 le size and
+//!                    then the LZ4 block format of its part of the byte-shuffled
+//!                    block, or that part itself when the size equals its length
 //! ```
 //!
 //! flags: bit 0 byte shuffle, bit 4 "do not split" (one stream per block), bits 5-7
-//! the compressor format (1 = LZ4).
+//! the compressor format (1 = LZ4). Blocks are split as c-blosc 1.x splits them, so
+//! readers of any c-blosc version agree on the layout.
 
 use rayon::prelude::*;
 
@@ -30,6 +31,9 @@ const FLAG_DONT_SPLIT: u8 = 0x10;
 const LZ4_FORMAT: u8 = 1;
 /// Bytes per Blosc block: each is shuffled and compressed on its own.
 pub const BLOCK_BYTES: usize = 128 << 10;
+/// c-blosc's rule for splitting a block into one stream per byte of the element.
+const MAX_SPLITS: usize = 16;
+const MIN_SPLIT_ELEMENTS: usize = 128;
 /// The largest chunk a Blosc 1 frame holds.
 pub const MAX_CHUNK_BYTES: usize = i32::MAX as usize - HEADER;
 
@@ -91,8 +95,10 @@ fn shuffle8(src: &[u8], dst: &mut [u8]) {
 /// The most bytes [`compress_chunk_into`] writes for a chunk of `nbytes`: header,
 /// block starts, and every block stored with its 4-byte size.
 pub fn max_frame_len(nbytes: usize) -> usize {
-    let nblocks = nbytes.div_ceil(BLOCK_BYTES.min(nbytes).max(1));
-    HEADER + 8 * nblocks + nbytes
+    // Blocks are at least BLOCK_BYTES - 254 long (a multiple of the typesize), plus
+    // one leftover; each has a start and up to MAX_SPLITS streams with their sizes.
+    let nblocks = nbytes.div_ceil(BLOCK_BYTES - 254) + 1;
+    HEADER + nbytes + (4 + 4 * MAX_SPLITS) * nblocks
 }
 
 /// Scratch space of one thread: a shuffled block and its compressed form.
@@ -132,9 +138,20 @@ fn compress_with(
     };
     let nbytes = chunk.len();
     let shuffled = typesize > 1;
-    let blocksize = BLOCK_BYTES.min(nbytes).max(1);
+    // As c-blosc does: blocks a whole number of elements long, each split into one
+    // stream per byte of the element (the shuffled byte planes) when elements are
+    // at most MAX_SPLITS bytes and a block holds at least MIN_SPLIT_ELEMENTS of
+    // them; the last, shorter block is never split. Otherwise "do not split".
+    let mut blocksize = BLOCK_BYTES.min(nbytes).max(1);
+    if blocksize > typesize {
+        blocksize = blocksize / typesize * typesize;
+    }
     let nblocks = nbytes.div_ceil(blocksize);
-    let mut flags = FLAG_DONT_SPLIT | (LZ4_FORMAT << 5);
+    let split = typesize <= MAX_SPLITS && blocksize / typesize >= MIN_SPLIT_ELEMENTS;
+    let mut flags = LZ4_FORMAT << 5;
+    if !split {
+        flags |= FLAG_DONT_SPLIT;
+    }
     if nbytes == 0 {
         flags |= FLAG_MEMCPYED; // an empty frame: a copy of nothing
     } else if shuffled {
@@ -165,17 +182,24 @@ fn compress_with(
             } else {
                 block
             };
-            let n = lz4_flex::block::compress_into(src, &mut scratch.packed)
-                .map_err(|e| Error::invalid(format!("LZ4 compression failed: {e}")))?;
-            // An incompressible block is stored: its size equals the block's.
-            let stream = if n < src.len() {
-                &scratch.packed[..n]
+            let nsplits = if split && block.len() == blocksize {
+                typesize
             } else {
-                src
+                1
             };
-            out[pos..pos + 4].copy_from_slice(&(stream.len() as u32).to_le_bytes());
-            out[pos + 4..pos + 4 + stream.len()].copy_from_slice(stream);
-            pos += 4 + stream.len();
+            for part in src.chunks_exact(block.len() / nsplits) {
+                let n = lz4_flex::block::compress_into(part, &mut scratch.packed)
+                    .map_err(|e| Error::invalid(format!("LZ4 compression failed: {e}")))?;
+                // An incompressible stream is stored: its size equals the part's.
+                let stream = if n < part.len() {
+                    &scratch.packed[..n]
+                } else {
+                    part
+                };
+                out[pos..pos + 4].copy_from_slice(&(stream.len() as u32).to_le_bytes());
+                out[pos + 4..pos + 4 + stream.len()].copy_from_slice(stream);
+                pos += 4 + stream.len();
+            }
         }
     }
     out[12..16].copy_from_slice(&(pos as u32).to_le_bytes());
@@ -270,19 +294,34 @@ mod tests {
         if flags & FLAG_MEMCPYED != 0 {
             return frame[HEADER..HEADER + nbytes].to_vec();
         }
-        assert_ne!(flags & FLAG_DONT_SPLIT, 0);
+        let dont_split = flags & FLAG_DONT_SPLIT != 0;
         let nblocks = nbytes.div_ceil(blocksize);
         let mut out = Vec::new();
         for k in 0..nblocks {
             let bsize = blocksize.min(nbytes - k * blocksize);
-            let at = u32_at(HEADER + 4 * k);
-            let csize = u32_at(at);
-            let stream = &frame[at + 4..at + 4 + csize];
-            let block = if csize == bsize {
-                stream.to_vec()
+            let leftover = k == nblocks - 1 && nbytes % blocksize != 0;
+            let nsplits = if !dont_split
+                && typesize <= MAX_SPLITS
+                && bsize / typesize >= MIN_SPLIT_ELEMENTS
+                && !leftover
+            {
+                typesize
             } else {
-                lz4_flex::block::decompress(stream, bsize).unwrap()
+                1
             };
+            let neblock = bsize / nsplits;
+            let mut at = u32_at(HEADER + 4 * k);
+            let mut block = Vec::with_capacity(bsize);
+            for _ in 0..nsplits {
+                let csize = u32_at(at);
+                let stream = &frame[at + 4..at + 4 + csize];
+                if csize == neblock {
+                    block.extend_from_slice(stream);
+                } else {
+                    block.extend_from_slice(&lz4_flex::block::decompress(stream, neblock).unwrap());
+                }
+                at += 4 + csize;
+            }
             if flags & FLAG_SHUFFLE != 0 && typesize > 1 {
                 let n = bsize / typesize;
                 let mut plain = block.clone();
