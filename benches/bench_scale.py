@@ -5,8 +5,9 @@ Run:  python benches/bench_scale.py [--n 10000] [--repeats 7] [--cache DIR]
 Builds (once; cached with --cache) a directory of N small real checkpoints saved by
 h5ckpt, then measures medians over repeated runs of
 
-* ``list_checkpoints()`` (headers only) on a fresh manager and on one that listed
-  before, next to the bare directory scan of the Rust core;
+* ``list_checkpoints()`` (headers only) on a new manager (every header read) and on
+  one that listed before (only changed files are read: here none), next to the bare
+  directory scan of the Rust core and the construction of a manager;
 * ``list_checkpoints(verify=True)`` (every file hashed, in parallel);
 * ``cleanup_old_checkpoints()`` from N down to 3, on a manager that has verified the
   files before and on a fresh one (which must verify what it deletes: invalid files are
@@ -212,15 +213,17 @@ def main() -> None:
         wall, cpu, entries = median_ms(lambda: _native.scan(listing, PREFIX), r)
         assert len(entries) == n
         row(f"directory scan, Rust core only ({n:,} headers)", wall, cpu)
+        wall, cpu, _ = median_ms(lambda: CheckpointManager(listing, keep_last_n=None), r)
+        row(f"`CheckpointManager(...)` on {n:,} files (sweeps stale temp files)", wall, cpu)
         wall, cpu, infos = median_ms(
-            lambda: CheckpointManager(listing, keep_last_n=None).list_checkpoints(), r
+            lambda m: m.list_checkpoints(), r, lambda: CheckpointManager(listing, keep_last_n=None)
         )
         assert len(infos) == n and infos[0].status == "unverified"
-        row(f"`list_checkpoints()`, {n:,} files, fresh manager", wall, cpu)
+        row(f"`list_checkpoints()`, {n:,} files, new manager (every header read)", wall, cpu)
         warm = CheckpointManager(listing, keep_last_n=None)
         warm.list_checkpoints()
         wall, cpu, _ = median_ms(warm.list_checkpoints, r)
-        row(f"`list_checkpoints()`, {n:,} files, same manager again", wall, cpu)
+        row(f"`list_checkpoints()`, {n:,} files, same manager again (no file read)", wall, cpu)
         wall, cpu, infos = median_ms(
             lambda: CheckpointManager(listing, keep_last_n=None).list_checkpoints(verify=True),
             max(3, r // 2),

@@ -292,3 +292,39 @@ def test_large_state_round_trips(ckpt_dir: Path):
         data = m.load_checkpoint(fut.result())
     np.testing.assert_array_equal(data["parameters"], want_p)
     np.testing.assert_array_equal(data["optimizer_state"]["smooth"], want_s)
+
+
+def test_listing_from_threads_while_saves_commit(ckpt_dir: Path):
+    """The catalog is shared by the caller's threads and the background save; every
+    listing is a consistent picture and the last one knows every committed file."""
+    m = CheckpointManager(ckpt_dir, keep_last_n=3, keep_every=10, durable=False)
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def lister() -> None:
+        try:
+            while not done.is_set():
+                infos = m.list_checkpoints()
+                batches = [i.batch_idx for i in infos]
+                assert batches == sorted(batches)
+                assert all(i.status in ("valid", "unverified") for i in infos)
+                m.find_latest_checkpoint()
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=lister) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for b in range(1, 41):
+            m.save_checkpoint_async(b, np.full(8, float(b)), {"b": b}, 1.0 / b)
+        m.wait_until_finished()
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
+    assert errors == []
+    infos = m.list_checkpoints()
+    assert [i.batch_idx for i in infos] == [10, 20, 30, 38, 39, 40]
+    assert all(i.status == "valid" and i.verified for i in infos)
+    assert m.load_latest()["optimizer_state"] == {"b": 40}

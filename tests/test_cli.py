@@ -200,7 +200,8 @@ def test_ls_seed_directory(seed_dir: Path):
     assert proc.returncode == 0
     lines = proc.stdout.splitlines()
     assert any(
-        line.split()[:3] == ["20", "-", "-"] and "checksum mismatch" in line for line in lines
+        line.split()[:1] == ["20"] and "invalid" in line and "checksum mismatch" in line
+        for line in lines
     )
     assert any(line.split()[:2] == ["*", "10"] and "legacy" in line for line in lines)
 

@@ -189,6 +189,36 @@ def test_list_checkpoints(ckpt_dir: Path):
     assert verified[0].is_valid and not verified[3].is_valid
 
 
+def test_checkpoint_info_is_an_immutable_value(ckpt_dir: Path):
+    m = CheckpointManager(ckpt_dir, keep_last_n=None)
+    m.save_checkpoint(5, np.ones(4), {}, 0.5)
+    (info,) = m.list_checkpoints()
+    assert isinstance(info.path, Path) and info.path == m.checkpoint_path(5)
+    assert info.path is info.path  # made once
+    assert (info.status, info.verified, info.error, info.is_valid) == ("valid", True, None, True)
+    with pytest.raises(AttributeError):
+        info.status = "invalid"  # type: ignore[misc]
+    same = CheckpointInfo(
+        str(info.path), 5, 0.5, info.timestamp, info.size_bytes, "valid", True, None
+    )
+    assert same == info and hash(same) == hash(info)
+    assert (same != info) is False  # __ne__ follows __eq__
+    assert same != CheckpointInfo(info.path, 5, 0.5, info.timestamp, 1, "valid", True)
+    assert info != "checkpoint_batch_0005.h5"
+    nan = CheckpointInfo("x_batch_1.h5", 1, float("nan"), float("nan"), 0, "unverified")
+    assert nan == CheckpointInfo("x_batch_1.h5", 1, float("nan"), float("nan"), 0, "unverified")
+    assert not nan.is_valid and not nan.verified
+    assert repr(nan) == (
+        "CheckpointInfo(path=PosixPath('x_batch_1.h5'), batch_idx=1, loss=nan, "
+        "timestamp=nan, size_bytes=0, status='unverified', verified=False, error=None)"
+    )
+    assert CheckpointInfo.__module__ == "h5ckpt"
+    with pytest.raises(CheckpointError, match="status must be"):
+        CheckpointInfo("x_batch_1.h5", 1, 0.0, 0.0, 0, "ok")
+    with pytest.raises(CheckpointError, match="batch_idx"):
+        CheckpointInfo("x_batch_1.h5", -1, 0.0, 0.0, 0, "valid")
+
+
 def test_cleanup_keeps_last_n_valid(ckpt_dir: Path):
     m = CheckpointManager(ckpt_dir, keep_last_n=2, auto_cleanup=False)
     for b in range(5):

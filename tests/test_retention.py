@@ -568,9 +568,11 @@ def test_unchanged_files_are_hashed_once(ckpt_dir: Path, monkeypatch):
 
     fresh = CheckpointManager(ckpt_dir, keep_last_n=1, durable=False)
     assert fresh.find_latest_checkpoint() == ckpt_dir / name(4)
-    assert sorted(spy.take()) == [name(3), name(4)]
+    assert spy.take() == [name(4)]  # the newest is valid: nothing older is hashed
     assert fresh.find_latest_checkpoint() == ckpt_dir / name(4)
+    assert spy.take() == []
     assert fresh.cleanup_old_checkpoints() == [ckpt_dir / name(3)]
+    assert spy.take() == [name(3)]
     assert fresh.list_checkpoints(verify=True)[0].status == "valid"
     assert spy.take() == []
 
@@ -627,9 +629,55 @@ def test_listing_an_unchanged_directory_again_reuses_what_it_knows(ckpt_dir: Pat
     assert after[0] is full[0]
     assert after[1].status == "unverified" and 2 not in after
     assert after[3].status == "unverified" and after[3].loss == 9.0
-    # What is known about files that are gone is dropped with a full listing.
-    assert str(ckpt_dir / name(2)) not in m._verifier._known
-    assert str(ckpt_dir / name(2)) not in m._verifier._infos
+    # What is known about files that are gone is dropped with a listing.
+    assert name(2) not in m._verifier.catalog
+    assert name(1) in m._verifier.catalog and len(m._verifier.catalog) == 3
+
+
+def test_a_forged_mtime_does_not_hide_a_change(ckpt_dir: Path, monkeypatch):
+    m = CheckpointManager(ckpt_dir, keep_last_n=None, durable=False)
+    for b in range(3):
+        m.save_checkpoint(b, np.full(2, float(b)), {}, 0.0)
+    path = ckpt_dir / name(2)
+    st_before = path.stat()
+    flip(path)
+    # The old size, inode and mtime again; the change time cannot be set back.
+    os.utime(path, ns=(st_before.st_atime_ns, st_before.st_mtime_ns))
+    assert path.stat().st_mtime_ns == st_before.st_mtime_ns
+    spy = Spy(monkeypatch)
+    assert m.find_latest_checkpoint() == ckpt_dir / name(1)
+    assert spy.take() == [name(2)]
+    assert m.list_checkpoints()[2].status == "invalid"
+
+
+def _bytes_read() -> int:
+    """Bytes this process has read through read(2) and friends (all threads)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+def test_listing_an_unchanged_directory_again_reads_no_file(ckpt_dir: Path):
+    w = writer(ckpt_dir)
+    for b in range(60):
+        w.save_checkpoint(b, np.ones(2), {}, float(b))
+    m = CheckpointManager(ckpt_dir, keep_last_n=None)
+    before = _bytes_read()
+    first = m.list_checkpoints()
+    read_first = _bytes_read() - before
+    assert read_first >= 60 * 512  # every header
+    before = _bytes_read()
+    again = m.list_checkpoints()
+    assert _bytes_read() - before < 512  # no header read again
+    assert again == first
+    with open(ckpt_dir / name(7), "ab") as f:
+        f.write(b"x")
+    before = _bytes_read()
+    after = m.list_checkpoints()
+    assert 512 <= _bytes_read() - before < 2 * 512  # only the changed file
+    assert after[7].status == "invalid" and "extra bytes" in after[7].error
+    assert after[:7] == first[:7] and after[8:] == first[8:]
 
 
 def test_load_checkpoint_verifies_whatever_the_cache_says(ckpt_dir: Path, monkeypatch):
@@ -637,12 +685,12 @@ def test_load_checkpoint_verifies_whatever_the_cache_says(ckpt_dir: Path, monkey
     for b in range(3):
         m.save_checkpoint(b, np.full(2, float(b)), {}, 0.0)
     path = ckpt_dir / name(2)
-    st_before = path.stat()
     flip(path)
-    # Forge the old identity (same inode, size and mtime): the cache cannot tell.
-    os.utime(path, ns=(st_before.st_atime_ns, st_before.st_mtime_ns))
+    # A cache that is wrong about the file (as it would be after a change no file
+    # identity shows): it says valid.
+    m._verifier.catalog.note(m.list_checkpoints()[2], "valid")
     spy = Spy(monkeypatch)
-    assert m.find_latest_checkpoint() == path  # stale cache, by design
+    assert m.find_latest_checkpoint() == path  # what the cache says, by design
     assert spy.take() == []
     with pytest.raises(CheckpointCorruptError):
         m.load_checkpoint(path)

@@ -6,6 +6,7 @@ releases the GIL. Errors are raised as the classes of :mod:`h5ckpt.errors`.
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 from typing_extensions import Buffer
@@ -52,11 +53,92 @@ class Entry:
     batch_idx: int
     size: int
     mtime_ns: int
+    ctime_ns: int
     inode: int
     device: int
     kind: Literal["h5ckpt", "legacy", "foreign"]
     header: Header | None
     error: str | None
+
+_Status = Literal["valid", "invalid", "legacy", "unverified"]
+
+class CheckpointInfo:
+    """One checkpoint file of a directory, as ``CheckpointManager.list_checkpoints``
+    reports it. Immutable; equal when every public field is (NaN equal to NaN).
+
+    ``status`` is ``"valid"`` (an h5ckpt file, every byte verified), ``"unverified"``
+    (h5ckpt header intact, payload not hashed yet), ``"legacy"`` (a file of the
+    predecessor's format; checked when ``verified`` is true) or ``"invalid"``
+    (corrupt, truncated, tampered, foreign content; ``error`` says why).
+    """
+
+    def __init__(
+        self,
+        path: _Path,
+        batch_idx: int,
+        loss: float,
+        timestamp: float,
+        size_bytes: int,
+        status: _Status,
+        verified: bool = False,
+        error: str | None = None,
+    ) -> None: ...
+    @property
+    def path(self) -> Path:
+        """The file (a ``pathlib.Path``)."""
+    @property
+    def batch_idx(self) -> int:
+        """Batch index, from the file name."""
+    @property
+    def loss(self) -> float:
+        """Loss at that batch (NaN when unknown)."""
+    @property
+    def timestamp(self) -> float:
+        """Save time, seconds since the epoch (NaN when unknown)."""
+    @property
+    def size_bytes(self) -> int:
+        """File size in bytes."""
+    @property
+    def status(self) -> _Status:
+        """``"valid"``, ``"unverified"``, ``"legacy"`` or ``"invalid"``."""
+    @property
+    def verified(self) -> bool:
+        """Whether the whole file was checked for this status."""
+    @property
+    def error(self) -> str | None:
+        """Why the file is invalid (None otherwise)."""
+    @property
+    def is_valid(self) -> bool:
+        """True when the file was verified intact (h5ckpt or legacy)."""
+    def __eq__(self, other: object) -> bool: ...
+    def __hash__(self) -> int: ...
+
+class Catalog:
+    """The checkpoint files of one directory and prefix, with what verifying them
+    showed, by file identity (device, inode, size, mtime, ctime). Thread-safe."""
+
+    def __init__(self, directory: _Path, prefix: str, keyed: bool) -> None: ...
+    def list(self) -> tuple[list[CheckpointInfo], list[int]]:
+        """Scan the directory again, reading only files whose identity changed:
+        ``(infos by batch index, indices of the legacy files whose loss and timestamp
+        are still to be read)``. An unchanged file gets the same info object back."""
+    def note(
+        self,
+        info: CheckpointInfo,
+        status: _Status | None = None,
+        error: str | None = None,
+        loss: float | None = None,
+        timestamp: float | None = None,
+    ) -> CheckpointInfo:
+        """Attach a verification result and/or a legacy file's loss and timestamp to
+        the file ``info`` describes, if it has not changed since; return the info
+        object that shows it."""
+    def remember(self, name: str, status: _Status, error: str | None = None) -> None:
+        """Record a verification result for the file ``name`` as it is now."""
+    def forget(self, name: str) -> None:
+        """Forget the file ``name``."""
+    def __len__(self) -> int: ...
+    def __contains__(self, name: str) -> bool: ...
 
 def tree_digest(data: Buffer, chunk_size: int = ...) -> bytes:
     """Payload digest (docs/format.md) of an in-memory byte string.

@@ -159,7 +159,6 @@ class CheckpointManager:
         self.auto_cleanup = bool(auto_cleanup)
         self.load_limits = load_limits if load_limits is not None else LoadLimits()
         self._hmac_key = _resolve_key(hmac_key)
-        self._verifier = Verifier(self._hmac_key)
 
         try:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -172,6 +171,7 @@ class CheckpointManager:
                 f"checkpoint_dir {self.checkpoint_dir} is not a directory",
                 {"checkpoint_dir": str(self.checkpoint_dir)},
             )
+        self._verifier = Verifier(self.checkpoint_dir, self.prefix, self._hmac_key)
         self._lock = DirectoryLock(self.checkpoint_dir)
         self._async_lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
@@ -513,7 +513,7 @@ class CheckpointManager:
             Without ``verify``, h5ckpt files not checked before are
             ``"unverified"``.
         """
-        return self._verifier.check(self._scan(), full=verify, complete=True)
+        return self._verifier.list(full=verify)
 
     def find_latest_checkpoint(self) -> Path | None:
         """The newest checkpoint that verifies, skipping any number of invalid ones.
@@ -523,17 +523,19 @@ class CheckpointManager:
         Path or None
             None when no file of this manager verifies.
         """
-        entries = self._scan()[::-1]
-        window = 4
+        infos = self._verifier.list()[::-1]
+        # The newest alone first (it is valid on almost every resume), then growing
+        # windows hashed in parallel, so that many corrupt files cost few rounds.
+        window = 1
         start = 0
-        while start < len(entries):
-            batch = entries[start : start + window]
-            for info in self._verifier.check(batch, full=True):
+        while start < len(infos):
+            batch = infos[start : start + window]
+            for info in self._verifier.verify(batch):
                 if info.is_valid:
                     logger.info("latest valid checkpoint: %s", info.path.name)
                     return info.path
             start += window
-            window *= 4
+            window = 2 if window == 1 else window * 4
         logger.debug("no valid checkpoint in %s", self.checkpoint_dir)
         return None
 
@@ -598,7 +600,7 @@ class CheckpointManager:
         return [infos[index].path for index in doomed]
 
     def _plan_locked(self) -> tuple[list[CheckpointInfo], list[int]]:
-        infos = self._verifier.check(self._scan(), full=True, complete=True)
+        infos = self._verifier.list(full=True)
         candidates = [(i.batch_idx, i.is_valid, i.loss) for i in infos]
         doomed = _native.plan_retention(
             candidates,
@@ -635,9 +637,6 @@ class CheckpointManager:
         if deleted:
             logger.debug("retention deleted %d checkpoint(s)", len(deleted))
         return deleted
-
-    def _scan(self) -> list[_native.Entry]:
-        return _native.scan(self.checkpoint_dir, self.prefix)
 
     def __repr__(self) -> str:
         return (

@@ -172,6 +172,8 @@ def sweep_temp_files(directory: Path, prefix: str) -> list[Path]:
         return removed
     stem_prefix = f"{prefix}_batch_"
     for name in names:
+        if name[:1] != ".":
+            continue  # every temp name starts with a dot; checkpoints do not
         match = _TEMP_RE.match(name)
         if not match or not match["stem"].startswith(stem_prefix):
             continue

@@ -4,6 +4,7 @@
 //! PyO3 layer that exposes them as `h5ckpt._native`.
 
 pub mod blosc;
+pub mod catalog;
 pub mod digest;
 pub mod error;
 pub mod finalize;

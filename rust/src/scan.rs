@@ -35,16 +35,48 @@ impl Kind {
     }
 }
 
+/// What tells one version of a file from another without reading it. The change
+/// time is part of it because no system call can set it back: a file rewritten in
+/// place and given its old mtime again still gets a new ctime.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Identity {
+    pub device: u64,
+    pub inode: u64,
+    pub size: u64,
+    pub mtime_ns: i128,
+    pub ctime_ns: i128,
+}
+
+impl Identity {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        Identity {
+            device: meta.dev(),
+            inode: meta.ino(),
+            size: meta.len(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+        }
+    }
+
+    #[allow(clippy::unnecessary_cast)] // the stat field types differ between targets
+    fn of_stat(st: &libc::stat) -> Self {
+        Identity {
+            device: st.st_dev as u64,
+            inode: st.st_ino as u64,
+            size: st.st_size as u64,
+            mtime_ns: i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec),
+            ctime_ns: i128::from(st.st_ctime) * 1_000_000_000 + i128::from(st.st_ctime_nsec),
+        }
+    }
+}
+
 /// One matching file.
 #[derive(Clone, Debug)]
 pub struct Entry {
     pub path: PathBuf,
     pub name: String,
     pub batch_idx: u64,
-    pub size: u64,
-    pub mtime_ns: i128,
-    pub inode: u64,
-    pub device: u64,
+    pub identity: Identity,
     pub kind: Kind,
     /// The parsed header, for an h5ckpt file whose header and length check out.
     pub header: Option<Header>,
@@ -73,11 +105,35 @@ pub fn parse_name(name: &str, prefix: &str) -> Option<u64> {
 /// one 512-byte `pread` and `close`; names whose directory entry already says
 /// "symlink" or "directory" cost nothing.
 pub fn scan(directory: &Path, prefix: &str) -> Result<Vec<Entry>> {
-    let dir = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY)
-        .open(directory)
-        .map_err(|e| Error::io("list", directory, e))?;
+    let found = rescan(directory, prefix, |_, _| None)?;
+    Ok(found
+        .into_iter()
+        .filter_map(|f| match f {
+            Found::Read(entry) => Some(*entry),
+            Found::Unchanged(_) => None,
+        })
+        .collect())
+}
+
+/// One file of a [`rescan`].
+#[derive(Debug)]
+pub enum Found {
+    /// The file has the identity the caller knew it by; carries the caller's token.
+    Unchanged(usize),
+    /// The file, read now.
+    Read(Box<Entry>),
+}
+
+/// [`scan`] for a caller that knows some files already: `known(batch_idx, name)`
+/// returns `(token, identity)` of a file read before. A file that still has that
+/// identity (one `fstatat`, without opening it) is reported as
+/// `Found::Unchanged(token)` and not read again, so listing an unchanged directory
+/// costs one system call per file. Sorted by `(batch_idx, name)` as `scan`.
+pub fn rescan<F>(directory: &Path, prefix: &str, known: F) -> Result<Vec<Found>>
+where
+    F: Fn(u64, &str) -> Option<(usize, Identity)> + Sync,
+{
+    let dir = open_directory(directory)?;
     let read_dir = std::fs::read_dir(directory).map_err(|e| Error::io("list", directory, e))?;
     let mut names = Vec::new();
     for dirent in read_dir {
@@ -97,12 +153,58 @@ pub fn scan(directory: &Path, prefix: &str) -> Result<Vec<Entry>> {
         }
         names.push((batch_idx, name));
     }
-    let mut entries: Vec<Entry> = names
+    // Sorted before the parallel pass, whose collect keeps the order.
+    names.sort_unstable();
+    Ok(names
         .into_par_iter()
-        .filter_map(|(batch_idx, name)| examine(&dir, directory, name, batch_idx))
-        .collect();
-    entries.sort_by(|a, b| (a.batch_idx, &a.name).cmp(&(b.batch_idx, &b.name)));
-    Ok(entries)
+        .filter_map(|(batch_idx, name)| match known(batch_idx, &name) {
+            Some((token, identity)) if lstat_in(&dir, &name) == Some(identity) => {
+                Some(Found::Unchanged(token))
+            }
+            _ => examine(&dir, directory, name, batch_idx).map(|e| Found::Read(Box::new(e))),
+        })
+        .collect())
+}
+
+/// The entry of one file of `directory` named like a checkpoint of `prefix`, read
+/// now; `None` when there is no such regular file.
+pub fn examine_name(directory: &Path, prefix: &str, name: &str) -> Result<Option<Entry>> {
+    let Some(batch_idx) = parse_name(name, prefix) else {
+        return Ok(None);
+    };
+    let dir = open_directory(directory)?;
+    Ok(examine(&dir, directory, name.to_owned(), batch_idx))
+}
+
+fn open_directory(directory: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(directory)
+        .map_err(|e| Error::io("list", directory, e))
+}
+
+/// The identity of the regular file `name` in `dir`, without following a symlink;
+/// `None` for anything else or on any error.
+fn lstat_in(dir: &File, name: &str) -> Option<Identity> {
+    let c_name = CString::new(name).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: `dir` is an open directory, `c_name` NUL-terminated and `st` writable
+    // memory for one `stat`, all alive for the call.
+    let rc = unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            c_name.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: fstatat succeeded, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    (st.st_mode & libc::S_IFMT == libc::S_IFREG).then(|| Identity::of_stat(&st))
 }
 
 /// Opens `name` in the directory `dir` without following a symlink and without
@@ -151,20 +253,13 @@ fn examine(dir: &File, directory: &Path, name: String, batch_idx: u64) -> Option
         path,
         name,
         batch_idx,
-        size: meta.len(),
-        mtime_ns: mtime_ns(&meta),
-        inode: meta.ino(),
-        device: meta.dev(),
+        identity: Identity::of(&meta),
         kind: Kind::Foreign,
         header: None,
         error: None,
     };
     classify(&file, &mut entry);
     Some(entry)
-}
-
-fn mtime_ns(meta: &std::fs::Metadata) -> i128 {
-    i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec())
 }
 
 fn unreadable(
@@ -177,10 +272,7 @@ fn unreadable(
 ) -> Entry {
     let error = Error::io(op, &path, e).to_string();
     Entry {
-        size: meta.map_or(0, |m| m.len()),
-        mtime_ns: meta.map_or(0, mtime_ns),
-        inode: meta.map_or(0, |m| m.ino()),
-        device: meta.map_or(0, |m| m.dev()),
+        identity: meta.map(Identity::of).unwrap_or_default(),
         path,
         name,
         batch_idx,
@@ -204,7 +296,7 @@ fn classify(file: &File, entry: &mut Entry) {
         entry.kind = Kind::H5ckpt;
         let parsed = header::parse(bytes)
             .map_err(|e| e.with_path(&entry.path))
-            .and_then(|h| check_length(&h, entry.size, &entry.path).map(|()| h));
+            .and_then(|h| check_length(&h, entry.identity.size, &entry.path).map(|()| h));
         match parsed {
             Ok(h) => entry.header = Some(h),
             Err(e) => entry.error = Some(e.to_string()),
@@ -300,17 +392,87 @@ mod tests {
         );
         assert!(e[1].error.as_deref().unwrap().contains("extra bytes"));
         assert!(e[0].header.as_ref().unwrap().keyed());
-        assert_eq!(e[0].size, 513);
+        assert_eq!(e[0].identity.size, 513);
         assert_eq!(e[7].path, dir.join("ck_batch_10.h5"));
         let m = std::fs::metadata(dir.join("ck_batch_10.h5")).unwrap();
-        assert_eq!(e[7].inode, m.ino());
-        assert_eq!(e[7].device, m.dev());
-        assert_eq!(e[7].mtime_ns, mtime_ns(&m));
-        assert!(e[7].mtime_ns > 0);
+        assert_eq!(e[7].identity, Identity::of(&m));
+        assert_eq!(e[7].identity.inode, m.ino());
+        assert!(e[7].identity.mtime_ns > 0 && e[7].identity.ctime_ns > 0);
 
         assert!(scan(dir, "nothing").unwrap().is_empty());
         let err = scan(&dir.join("missing"), "ck").unwrap_err();
         assert_eq!(err.io_kind(), Some(io::ErrorKind::NotFound));
+    }
+
+    #[test]
+    fn rescan_reads_only_what_changed() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path();
+        make_file(dir, "ck_batch_1.h5", b"one", None);
+        make_file(dir, "ck_batch_2.h5", b"two", None);
+        let first = scan(dir, "ck").unwrap();
+        let by_name = |batch: u64, name: &str| {
+            let i = first.iter().position(|e| e.name == name)?;
+            assert_eq!(first[i].batch_idx, batch);
+            Some((100 + i, first[i].identity))
+        };
+        let tokens = |found: Vec<Found>| -> Vec<Option<usize>> {
+            found
+                .iter()
+                .map(|f| match f {
+                    Found::Unchanged(t) => Some(*t),
+                    Found::Read(_) => None,
+                })
+                .collect()
+        };
+        assert_eq!(
+            tokens(rescan(dir, "ck", by_name).unwrap()),
+            vec![Some(100), Some(101)]
+        );
+
+        // A changed file (appended to), a replaced one and a new one are read.
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(dir.join("ck_batch_1.h5"))
+            .unwrap();
+        std::io::Write::write_all(&mut f, b"!").unwrap();
+        drop(f);
+        std::fs::remove_file(dir.join("ck_batch_2.h5")).unwrap();
+        make_file(dir, "ck_batch_2.h5", b"two", None);
+        make_file(dir, "ck_batch_3.h5", b"three", None);
+        let found = rescan(dir, "ck", by_name).unwrap();
+        assert_eq!(tokens(rescan(dir, "ck", by_name).unwrap()), vec![None; 3]);
+        let again: Vec<Entry> = found
+            .into_iter()
+            .map(|f| match f {
+                Found::Read(e) => *e,
+                Found::Unchanged(_) => panic!("a changed file was not read"),
+            })
+            .collect();
+        let kinds: Vec<(&str, Kind)> = again.iter().map(|e| (e.name.as_str(), e.kind)).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                ("ck_batch_1.h5", Kind::H5ckpt),
+                ("ck_batch_2.h5", Kind::H5ckpt),
+                ("ck_batch_3.h5", Kind::H5ckpt)
+            ]
+        );
+        assert!(again[0].error.as_deref().unwrap().contains("extra bytes"));
+        assert!(again[1].header.is_some() && again[1].error.is_none());
+
+        // A symlink put where a known file was is not followed.
+        let known = again;
+        std::fs::remove_file(dir.join("ck_batch_3.h5")).unwrap();
+        std::os::unix::fs::symlink(dir.join("ck_batch_2.h5"), dir.join("ck_batch_3.h5")).unwrap();
+        let with_3 = |_: u64, name: &str| {
+            let i = known.iter().position(|e| e.name == name)?;
+            Some((i, known[i].identity))
+        };
+        assert_eq!(
+            tokens(rescan(dir, "ck", with_3).unwrap()),
+            vec![Some(0), Some(1)]
+        );
     }
 
     #[test]

@@ -15,6 +15,8 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyType};
 
+mod catalog;
+
 use crate::digest::{self, Segment};
 use crate::error::Error;
 use crate::finalize::Seal;
@@ -99,7 +101,7 @@ fn error_instance<'py>(py: Python<'py>, err: &Error) -> PyResult<Bound<'py, PyAn
 
 /// Converts `err` into the exception to raise. An OS error also becomes the
 /// `__cause__` (an `OSError` with `errno` and `strerror`).
-fn to_pyerr(py: Python<'_>, err: Error) -> PyErr {
+pub(crate) fn to_pyerr(py: Python<'_>, err: Error) -> PyErr {
     match error_instance(py, &err) {
         Ok(instance) => {
             let pyerr = PyErr::from_value(instance);
@@ -120,13 +122,13 @@ fn to_pyerr(py: Python<'_>, err: Error) -> PyErr {
     }
 }
 
-fn value_error(py: Python<'_>, msg: impl Into<String>) -> PyErr {
+pub(crate) fn value_error(py: Python<'_>, msg: impl Into<String>) -> PyErr {
     to_pyerr(py, Error::invalid(msg))
 }
 
 /// Runs `f` with the GIL released, in this process's thread pool, and maps its
 /// error: the one pattern every function that does I/O or hashing goes through.
-fn detach<T, F>(py: Python<'_>, f: F) -> PyResult<T>
+pub(crate) fn detach<T, F>(py: Python<'_>, f: F) -> PyResult<T>
 where
     F: FnOnce() -> Result<T, Error> + Send,
     T: Send,
@@ -229,7 +231,7 @@ fn key_bytes(key: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Vec<u8>>> {
     .transpose()
 }
 
-fn to_u64(py: Python<'_>, value: i128, name: &str) -> PyResult<u64> {
+pub(crate) fn to_u64(py: Python<'_>, value: i128, name: &str) -> PyResult<u64> {
     u64::try_from(value).map_err(|_| {
         value_error(
             py,
@@ -378,19 +380,23 @@ impl PyEntry {
     }
     #[getter]
     fn size(&self) -> u64 {
-        self.entry.size
+        self.entry.identity.size
     }
     #[getter]
     fn mtime_ns(&self) -> i128 {
-        self.entry.mtime_ns
+        self.entry.identity.mtime_ns
+    }
+    #[getter]
+    fn ctime_ns(&self) -> i128 {
+        self.entry.identity.ctime_ns
     }
     #[getter]
     fn inode(&self) -> u64 {
-        self.entry.inode
+        self.entry.identity.inode
     }
     #[getter]
     fn device(&self) -> u64 {
-        self.entry.device
+        self.entry.identity.device
     }
     #[getter]
     fn kind(&self) -> &'static str {
@@ -411,7 +417,7 @@ impl PyEntry {
             self.entry.name,
             self.entry.batch_idx,
             self.entry.kind.as_str(),
-            self.entry.size,
+            self.entry.identity.size,
             self.entry.error
         )
     }
@@ -746,6 +752,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DEFAULT_CHUNK_SIZE", header::DEFAULT_CHUNK_SIZE)?;
     m.add_class::<PyHeader>()?;
     m.add_class::<PyEntry>()?;
+    m.add_class::<catalog::PyCheckpointInfo>()?;
+    m.add_class::<catalog::PyCatalog>()?;
     m.add_function(wrap_pyfunction!(tree_digest, m)?)?;
     m.add_function(wrap_pyfunction!(parse_header, m)?)?;
     m.add_function(wrap_pyfunction!(read_header, m)?)?;
