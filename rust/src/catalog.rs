@@ -67,6 +67,9 @@ pub struct Record {
     /// Changes whenever anything above does: a caller may keep what it built from
     /// a record for as long as the version is the same.
     pub version: u64,
+    /// Deleted by this process: kept in place (removing it from the middle of
+    /// 10,000 would move the rest, once per deleted file) until the next refresh.
+    forgotten: bool,
 }
 
 /// A status with whether the whole file was checked for it, and why it is invalid.
@@ -149,8 +152,9 @@ pub struct Catalog {
     directory: PathBuf,
     prefix: String,
     keyed: bool,
-    /// By `(batch_idx, name)`, as a scan returns them.
+    /// By `(batch_idx, name)`, as a scan returns them, forgotten ones included.
     records: Vec<Record>,
+    forgotten: usize,
     next_version: u64,
 }
 
@@ -162,6 +166,7 @@ impl Catalog {
             prefix,
             keyed,
             records: Vec::new(),
+            forgotten: 0,
             next_version: 0,
         }
     }
@@ -175,18 +180,19 @@ impl Catalog {
     }
 
     pub fn len(&self) -> usize {
-        self.records.len()
+        self.records.len() - self.forgotten
     }
 
     pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
+        self.len() == 0
     }
 
     /// The records of the last refresh (and later changes), by `(batch_idx, name)`.
-    pub fn records(&self) -> impl ExactSizeIterator<Item = &Record> {
-        self.records.iter()
+    pub fn records(&self) -> impl Iterator<Item = &Record> {
+        self.records.iter().filter(|r| !r.forgotten)
     }
 
+    /// Where `name` is or would go in `records`, forgotten records included.
     fn position(&self, name: &str) -> Option<usize> {
         let batch_idx = scan::parse_name(name, &self.prefix)?;
         self.records
@@ -197,7 +203,8 @@ impl Catalog {
     }
 
     pub fn get(&self, name: &str) -> Option<&Record> {
-        self.position(name).map(|i| &self.records[i])
+        let r = &self.records[self.position(name)?];
+        (!r.forgotten).then_some(r)
     }
 
     fn version(&mut self) -> u64 {
@@ -218,7 +225,7 @@ impl Catalog {
                 .ok()?;
             // An entry that could not be read is read again, whatever its identity.
             let r = &records[i];
-            r.entry.error.is_none().then_some((i, r.entry.identity))
+            (r.entry.error.is_none() && !r.forgotten).then_some((i, r.entry.identity))
         })?;
         let mut old: Vec<Option<Record>> = std::mem::take(&mut self.records)
             .into_iter()
@@ -233,11 +240,13 @@ impl Catalog {
                     verdict: None,
                     summary: None,
                     version: self.version(),
+                    forgotten: false,
                 }),
             };
             records.extend(record);
         }
         self.records = records;
+        self.forgotten = 0;
         Ok(())
     }
 
@@ -252,7 +261,7 @@ impl Catalog {
         summary: Option<(f64, f64)>,
     ) -> Option<&Record> {
         let i = self.position(name)?;
-        if self.records[i].entry.identity != *identity {
+        if self.records[i].forgotten || self.records[i].entry.identity != *identity {
             return None;
         }
         let version = self.version();
@@ -279,9 +288,13 @@ impl Catalog {
                     verdict: Some(verdict),
                     summary: None,
                     version: self.version(),
+                    forgotten: false,
                 };
                 match at {
-                    Some(i) => self.records[i] = record,
+                    Some(i) => {
+                        self.forgotten -= usize::from(self.records[i].forgotten);
+                        self.records[i] = record;
+                    }
                     None => {
                         let key = (record.entry.batch_idx, record.entry.name.as_str());
                         let i = self
@@ -291,9 +304,7 @@ impl Catalog {
                     }
                 }
             }
-            (None, Some(i)) => {
-                self.records.remove(i);
-            }
+            (None, Some(_)) => self.forget(name),
             (None, None) => {}
         }
         Ok(())
@@ -302,7 +313,12 @@ impl Catalog {
     /// Drops what is known of `name` (a file this process deleted).
     pub fn forget(&mut self, name: &str) {
         if let Some(i) = self.position(name) {
-            self.records.remove(i);
+            let r = &mut self.records[i];
+            if !r.forgotten {
+                r.forgotten = true;
+                r.verdict = None;
+                self.forgotten += 1;
+            }
         }
     }
 }
@@ -416,6 +432,44 @@ mod tests {
         c.forget("ck_batch_3.h5");
         assert!(c.is_empty());
         assert_eq!(statuses(&mut c)[0].1, "unverified");
+    }
+
+    #[test]
+    fn forgotten_files_leave_every_view_at_once() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path();
+        for b in 0..5 {
+            make(dir, b, b"p", None);
+        }
+        let mut c = Catalog::new(dir.to_path_buf(), "ck".into(), false);
+        c.refresh().unwrap();
+        let ident = c.get("ck_batch_2.h5").unwrap().entry.identity;
+        c.forget("ck_batch_2.h5");
+        c.forget("ck_batch_2.h5"); // twice: no effect
+        c.forget("ck_batch_9.h5"); // unknown: no effect
+        assert_eq!(c.len(), 4);
+        assert!(c.get("ck_batch_2.h5").is_none());
+        assert!(c
+            .note("ck_batch_2.h5", &ident, Some(valid()), None)
+            .is_none());
+        let batches: Vec<u64> = c.records().map(|r| r.entry.batch_idx).collect();
+        assert_eq!(batches, vec![0, 1, 3, 4]);
+        // Remembered again (rewritten by this process): back, with its verdict.
+        c.remember("ck_batch_2.h5", valid()).unwrap();
+        assert_eq!(c.len(), 5);
+        assert_eq!(c.get("ck_batch_2.h5").unwrap().verdict, Some(valid()));
+        // Forgotten but still on disk: the next refresh reads it again.
+        c.forget("ck_batch_3.h5");
+        c.refresh().unwrap();
+        assert_eq!(c.len(), 5);
+        assert_eq!(
+            c.get("ck_batch_3.h5").unwrap().assess(false).0,
+            Status::Unverified
+        );
+        assert_eq!(
+            c.get("ck_batch_2.h5").unwrap().assess(false).0,
+            Status::Valid
+        );
     }
 
     #[test]

@@ -9,15 +9,11 @@ use std::sync::{Mutex, MutexGuard};
 
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::PyType;
 
 use super::{to_pyerr, to_u64, value_error};
 use crate::catalog::{Catalog, Record, Status, Verdict};
 use crate::error::Error;
 use crate::scan::Identity;
-
-/// `pathlib.Path`, looked up once.
-static PATH_CLASS: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 
 /// What an info object holds, gathered while the GIL is released.
 struct InfoData {
@@ -142,15 +138,8 @@ impl PyCheckpointInfo {
         // Made on first use: 10,000 Path objects would cost more than the scan.
         self.path_object
             .get_or_try_init(py, || {
-                let class = PATH_CLASS.get_or_try_init(py, || {
-                    Ok::<_, PyErr>(
-                        py.import("pathlib")?
-                            .getattr("Path")?
-                            .cast_into::<PyType>()?
-                            .unbind(),
-                    )
-                })?;
-                Ok::<_, PyErr>(class.bind(py).call1((&self.data.path,))?.unbind())
+                // PyO3 converts a Rust path into a `pathlib.Path`.
+                Ok::<_, PyErr>(self.data.path.as_path().into_pyobject(py)?.unbind())
             })
             .map(|p| p.clone_ref(py))
     }
