@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import pickle
 import shutil
 import stat
 from pathlib import Path
@@ -213,6 +215,10 @@ def test_checkpoint_info_is_an_immutable_value(ckpt_dir: Path):
         "timestamp=nan, size_bytes=0, status='unverified', verified=False, error=None)"
     )
     assert CheckpointInfo.__module__ == "h5ckpt"
+    for copied in (pickle.loads(pickle.dumps(info)), copy.copy(info), copy.deepcopy(nan)):
+        assert isinstance(copied, CheckpointInfo) and isinstance(copied.path, Path)
+    assert pickle.loads(pickle.dumps(info)) == info
+    assert pickle.loads(pickle.dumps(nan)) == nan
     with pytest.raises(CheckpointError, match="status must be"):
         CheckpointInfo("x_batch_1.h5", 1, 0.0, 0.0, 0, "ok")
     with pytest.raises(CheckpointError, match="batch_idx"):

@@ -192,6 +192,41 @@ impl PyCheckpointInfo {
         self.data.verified && matches!(self.data.status, Status::Valid | Status::Legacy)
     }
 
+    /// Pickles (and copies) as the constructor call that makes an equal object.
+    #[allow(clippy::type_complexity)]
+    fn __reduce__<'py>(
+        slf: &Bound<'py, Self>,
+    ) -> PyResult<(
+        Bound<'py, pyo3::types::PyType>,
+        (
+            Py<PyAny>,
+            u64,
+            f64,
+            f64,
+            u64,
+            &'static str,
+            bool,
+            Option<String>,
+        ),
+    )> {
+        let py = slf.py();
+        let this = slf.get();
+        let d = &this.data;
+        Ok((
+            slf.get_type(),
+            (
+                this.path(py)?,
+                d.batch_idx,
+                d.loss,
+                d.timestamp,
+                d.size_bytes,
+                d.status.as_str(),
+                d.verified,
+                d.error.clone(),
+            ),
+        ))
+    }
+
     fn __eq__(&self, other: PyRef<'_, Self>) -> bool {
         self.key() == other.key()
     }
