@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 import h5ckpt
+import h5ckpt.cli as cli_module
 from h5ckpt import CheckpointManager
 from h5ckpt.tree import values_equal
 
@@ -543,3 +545,60 @@ def test_demo_help_reaches_the_demo():
     proc = run("demo", "--help")
     assert proc.returncode == 0
     assert "--kill-after" in proc.stdout
+
+
+def test_long_listings_keep_the_table_layout(tmp_path: Path):
+    """Above RICH_TABLE_MAX_ROWS rows ``ls`` lays the table out itself (rich takes
+    about a millisecond per row); the columns, their order and the marks stay."""
+    m = CheckpointManager(tmp_path, keep_last_n=None, durable=False, compression=None)
+    count = cli_module.RICH_TABLE_MAX_ROWS + 5
+    for b in range(count):
+        m.save_checkpoint(b, np.ones(2), {}, float(b))
+    (tmp_path / "checkpoint_batch_0003.h5").write_bytes(b"junk")
+    proc = run("ls", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"{tmp_path}  (checkpoint_batch_*.h5)"
+    assert lines[1].split() == ["batch", "loss", "saved", "size", "status", "note"]
+    assert set(lines[2].strip()) == {"─"}
+    rows = lines[3 : 3 + count]
+    batches = [r.split()[1] if r.split()[0] == "*" else r.split()[0] for r in rows]
+    assert batches == [str(b) for b in range(count)]
+    assert rows[3].split()[:3] == ["3", "-", "-"] and "not a checkpoint file" in rows[3]
+    assert rows[-1].split()[:2] == ["*", str(count - 1)]
+    assert rows[-1].split()[2] == f"{count - 1:g}"
+    assert rows[5].split()[-1] == "unverified"
+    # Cells sit in their header's column: right-aligned batch numbers end where the
+    # header "batch" ends, and each status starts where "status" starts.
+    batch_end = lines[1].index("batch") + len("batch")
+    status_at = lines[1].index("status")
+    for r, b in zip(rows, batches, strict=True):
+        assert r[batch_end - len(b) : batch_end] == b
+        assert r[status_at:].split()[0] in ("unverified", "invalid", "valid")
+
+
+def test_table_block_matches_rich_table_cell_for_cell():
+    columns = [("", "left"), ("batch", "right"), ("status", "left"), ("note", "left")]
+    rows = [
+        [cli_module.Text("*", style="green") if b == 7 else "", str(b), "valid", "x" * (b % 3)]
+        for b in range(12)
+    ]
+    small = cli_module._table(columns, rows, "title")
+    limit = cli_module.RICH_TABLE_MAX_ROWS
+    try:
+        cli_module.RICH_TABLE_MAX_ROWS = 0
+        block = cli_module._table(columns, rows, "title")
+    finally:
+        cli_module.RICH_TABLE_MAX_ROWS = limit
+    assert isinstance(block, cli_module.Text) and not isinstance(small, cli_module.Text)
+
+    def cells(renderable) -> list[list[str]]:
+        console = cli_module.Console(width=200, file=io.StringIO(), highlight=False)
+        with console.capture() as captured:
+            console.print(renderable)
+        lines = captured.get().splitlines()
+        # (rich's rule under the header spans its padding too; only its length differs)
+        return [line.split() for line in lines if line.strip() and set(line.strip()) != {"─"}]
+
+    assert cells(block) == cells(small)
+    assert [span.style for span in block.spans if span.style == "green"] == ["green"]
