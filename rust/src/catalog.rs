@@ -6,7 +6,7 @@
 //! its identity does not change, so nothing unchanged is hashed twice.
 
 use std::borrow::Cow;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::error::{Error, Result};
 use crate::scan::{self, Entry, Found, Identity, Kind};
@@ -171,10 +171,6 @@ impl Catalog {
         }
     }
 
-    pub fn directory(&self) -> &Path {
-        &self.directory
-    }
-
     pub fn keyed(&self) -> bool {
         self.keyed
     }
@@ -328,6 +324,7 @@ mod tests {
     use super::*;
     use crate::digest::tree_digest;
     use crate::header::{encode, HeaderFields, HDF5_SIGNATURE};
+    use std::path::Path;
 
     /// An intact h5ckpt file `ck_batch_<batch>.h5` (or named `name`).
     fn make(dir: &Path, batch: u64, payload: &[u8], name: Option<&str>) {

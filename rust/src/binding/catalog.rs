@@ -261,7 +261,8 @@ impl PyCheckpointInfo {
 
 /// The checkpoint files of one directory and prefix, with what verifying them
 /// showed (by file identity). Thread-safe: the catalog is locked only while the
-/// GIL is released, the table of info objects only while it is held.
+/// GIL is released; nobody waits for the GIL while holding a lock, and no worker of
+/// the thread pool ever waits for one.
 #[pyclass(frozen, name = "Catalog", module = "h5ckpt._native")]
 pub struct PyCatalog {
     catalog: Mutex<Catalog>,
