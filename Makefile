@@ -1,13 +1,29 @@
 .DEFAULT_GOAL := all
 PYTHON ?= python
+DIST ?= dist
 
 .PHONY: install
 install:  ## install the package with its test and benchmark extras (editable)
 	$(PYTHON) -m pip install -e ".[dev]"
 
 .PHONY: build-dev
-build-dev:  ## rebuild the native module in place after a Rust change
-	$(PYTHON) -m pip install -e . --no-deps
+build-dev:  ## rebuild the native module in place after a Rust change (fast profile)
+	$(PYTHON) -m maturin develop --profile fastdev
+
+# The release wheel: abi3 (CPython >= 3.11), manylinux2014, linked through zig
+# (the ziglang package) so that it runs on glibc 2.17 and newer.
+.PHONY: wheel
+wheel:  ## build the release wheel and the sdist into dist/
+	PATH="$$($(PYTHON) -c 'import os, ziglang; print(os.path.dirname(ziglang.__file__))'):$$PATH" \
+		$(PYTHON) -m maturin build --release --zig --compatibility manylinux2014 --auditwheel check -o $(DIST)
+	$(PYTHON) -m maturin sdist -o $(DIST)
+
+.PHONY: clean
+clean:  ## remove build products and caches
+	cargo clean
+	rm -rf $(DIST) .pytest_cache .ruff_cache .mypy_cache .hypothesis
+	find python tests benches -name __pycache__ -type d -prune -exec rm -rf {} +
+	rm -f python/h5ckpt/_native*.so
 
 .PHONY: test
 test:  ## Rust and Python tests
