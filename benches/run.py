@@ -48,6 +48,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import h5ckpt
+import small_state as small
 from h5ckpt import CheckpointManager
 from seed_baseline import SeedCheckpointManager
 
@@ -623,6 +624,9 @@ def report(results: dict[str, Any]) -> str:
             )
         add("")
     add(goals(results))
+    if results.get("small"):
+        add("")
+        add(small.report(*results["small"]))
     return "\n".join(lines)
 
 
@@ -708,6 +712,14 @@ def main(argv: list[str] | None = None) -> int:
         "--validate-size", default="512M", help="file size of the validate test (0: skip)"
     )
     p.add_argument("--no-rss", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument(
+        "--small-repeats", type=int, default=40, help="small-state scenario repeats (0: skip)"
+    )
+    p.add_argument(
+        "--predecessor-python",
+        default=os.environ.get("H5CKPT_PREDECESSOR_PYTHON"),
+        help="an interpreter that can import homodyne: the real predecessor, small state",
+    )
     p.add_argument("--dir", help="where to write (default: a temp dir, removed afterwards)")
     p.add_argument("--json", help="also write all samples to this JSON file")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -762,6 +774,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"validate {size_label(validate_size)} ...", file=sys.stderr)
             results["validate_big"] = bench_validate_big(work, validate_size, 5)
         results["hashing"] = bench_hashing(5)
+        if args.small_repeats:
+            print("small state ...", file=sys.stderr)
+            results["small"] = small.run(
+                work, args.small_repeats, list(small.STATES), args.predecessor_python
+            )
         if not args.no_rss:
             print("peak memory ...", file=sys.stderr)
             rss_sizes = [n for n in sizes if n >= 100 * MB] or [max(sizes)]
