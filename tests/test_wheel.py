@@ -64,10 +64,35 @@ def test_the_sdist_holds_what_a_build_needs(dist: Path):
     assert "python/h5ckpt/manager.py" in names
 
 
-def test_the_wheel_installs_and_runs_without_rust(dist: Path, tmp_path: Path):
+def _interpreters() -> list[str]:
+    """This interpreter and the newest other CPython >= 3.12 found on the machine: one
+    abi3 wheel must serve both."""
+    found = [sys.executable]
+    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    for minor in (14, 13, 12):
+        candidates = [*sorted(pyenv.glob(f"3.{minor}.*/bin/python3"))]
+        candidates += [Path(p) for p in [shutil.which(f"python3.{minor}")] if p]
+        for other in candidates:
+            works = subprocess.run([str(other), "-c", "import venv"], capture_output=True)
+            if works.returncode == 0 and minor != sys.version_info[1]:
+                return [*found, str(other)]
+    return found
+
+
+def _version(python: str) -> tuple[int, int]:
+    out = subprocess.run(
+        [python, "-c", "import sys; print(*sys.version_info[:2])"], capture_output=True, text=True
+    ).stdout.split()
+    return int(out[0]), int(out[1])
+
+
+@pytest.mark.parametrize(
+    "python", _interpreters(), ids=lambda p: "python" + ".".join(map(str, _version(p)))
+)
+def test_the_wheel_installs_and_runs_without_rust(dist: Path, tmp_path: Path, python: str):
     (wheel,) = dist.glob("*.whl")
     venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", str(venv)])
+    _run([python, "-m", "venv", str(venv)])
     py = venv / "bin" / "python"
     _run([str(py), "-m", "pip", "install", "--quiet", str(wheel)], timeout=600)
 
