@@ -39,56 +39,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from fit_states import STATES, count_leaves
 from h5ckpt import CheckpointManager
 from seed_baseline import SeedCheckpointManager
 
 #: Medians against these (milliseconds), from the small-state performance issue.
 GOALS_MS = {"save": 2.5, "save_fast": 1.5, "load": 1.5, "resume": 3.0}
-
-
-def fit_state(batch: int) -> tuple[np.ndarray, dict[str, Any], float, dict[str, Any]]:
-    rng = np.random.default_rng(batch)
-    j = rng.standard_normal((64, 7))
-    params = rng.standard_normal(7)
-    optimizer_state = {
-        "jtj": j.T @ j,
-        "jtr": j.T @ rng.standard_normal(64),
-        "n_points": 64 * (batch + 1),
-        "step": batch,
-        "lm_lambda": 1e-3 * (1 + batch % 5),
-        "history": rng.standard_normal(256),
-    }
-    metadata = {"run": "xpcs-fit", "q_bins": 7, "batch_size": 4096, "started": 1.7e9}
-    return params, optimizer_state, float(np.abs(params).sum()), metadata
-
-
-def wide_state(batch: int) -> tuple[np.ndarray, dict[str, Any], float, dict[str, Any]]:
-    params, optimizer_state, loss, metadata = fit_state(batch)
-    rng = np.random.default_rng(1000 + batch)
-    optimizer_state["per_bin"] = {
-        f"q{i:02d}": {"chi2": float(rng.random()), "n": i, "contrast": rng.random(3)}
-        for i in range(30)
-    }
-    metadata["labels"] = [f"bin-{i}" for i in range(8)]
-    return params, optimizer_state, loss, metadata
-
-
-STATES: dict[str, Callable[[int], tuple[np.ndarray, dict[str, Any], float, dict[str, Any]]]] = {
-    "fit": fit_state,
-    "wide": wide_state,
-}
-
-
-def count_leaves(value: Any) -> int:
-    if isinstance(value, dict):
-        return sum(count_leaves(v) for v in value.values())
-    if isinstance(value, list | tuple):
-        return sum(count_leaves(v) for v in value)
-    return 1
 
 
 def raw_commit(directory: Path, name: str, data: bytes) -> None:
@@ -196,7 +154,7 @@ def bench_state(root: Path, name: str, repeats: int) -> dict[str, Any]:
 PREDECESSOR_SCRIPT = r"""
 import json, os, statistics, sys, tempfile, time
 sys.path.insert(0, sys.argv[1])
-from small_state import STATES
+from fit_states import STATES
 from homodyne.optimization.checkpoint_manager import CheckpointManager
 import homodyne
 out = {"version": getattr(homodyne, "__version__", "?")}
