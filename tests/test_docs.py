@@ -127,6 +127,29 @@ def test_readme_command_lines_run(tmp_path: Path, seed_writer):
     ]
 
 
+def test_readme_ls_sample_is_what_ls_prints(tmp_path: Path):
+    [sample] = [
+        b for b in blocks(section(README, "## Command line"), "text") if b.startswith("$ h5ckpt ls")
+    ]
+    command, *expected = sample.rstrip("\n").splitlines()
+    loop = next(code for code in blocks(README, "python") if "starting at batch" in code)
+    run_python(loop, tmp_path)
+    argv = shlex.split(command.removeprefix("$ "))
+    proc = subprocess.run(
+        [sys.executable, "-m", "h5ckpt", *argv[1:]],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    # Only the save times differ from one run to the next.
+    when = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
+    assert [when.sub("<date>", line) for line in proc.stdout.splitlines()] == [
+        when.sub("<date>", line) for line in expected
+    ]
+
+
 # -------------------------------------------------------------- the format's reader
 
 
