@@ -726,3 +726,20 @@ def test_key_in_the_environment_that_is_not_utf8(tmp_path: Path):
         [*H5CKPT, "verify", str(tmp_path)], capture_output=True, text=True, timeout=180, env=env
     )
     assert proc.returncode == 1 and proc.stderr == ""
+
+
+def test_argument_values_the_manager_refuses_are_usage_errors(run_dir: Path, tmp_path: Path):
+    huge = str(2**63)
+    for args in (
+        ("prune", run_dir, "--keep-last", huge),
+        ("prune", run_dir, "--keep-last", 1, "--keep-best", huge),
+        ("prune", run_dir, "--keep-last", 1, "--keep-every", 10**30),
+        ("ls", run_dir, "--prefix", ""),
+        ("ls", run_dir, "--prefix", "a/b"),
+        ("prune", run_dir, "--keep-last", 1, "--prefix", "p" * 300),
+        ("migrate", run_dir, tmp_path / "out", "--dst-prefix", "x/y"),
+    ):
+        proc = run(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert "usage:" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(names(run_dir)) == 10 and not (tmp_path / "out").exists()

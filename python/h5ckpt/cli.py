@@ -67,7 +67,12 @@ from rich.text import Text
 from rich.tree import Tree
 
 from . import _native
-from .errors import CheckpointError, CheckpointNotFoundError, CheckpointPickleError
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointPickleError,
+    CheckpointValueError,
+)
 from .inspection import (
     CHECKPOINT_NAME,
     FileReport,
@@ -76,7 +81,7 @@ from .inspection import (
     json_safe,
     verify_paths,
 )
-from .manager import HMAC_KEY_ENV, CheckpointManager, _resolve_key
+from .manager import HMAC_KEY_ENV, CheckpointManager, _prefix, _resolve_key
 from .migrate import migrate_directory
 from .payload import FORMAT_VERSION
 from .verification import CheckpointInfo
@@ -211,15 +216,15 @@ def _directory(path: str) -> Path:
 
 
 def _int_at_least(minimum: int, what: str):
-    """An argparse type: an integer of at least ``minimum``."""
+    """An argparse type: an integer from ``minimum`` to 2**63-1 (the manager's range)."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        if not minimum <= value < 2**63:
+            raise argparse.ArgumentTypeError(f"expected {what} below 2**63, got {text!r}")
         return value
 
     return parse
@@ -227,6 +232,14 @@ def _int_at_least(minimum: int, what: str):
 
 _positive = _int_at_least(1, "a positive integer")
 _non_negative = _int_at_least(0, "an integer >= 0")
+
+
+def _prefix_arg(text: str) -> str:
+    """An argparse type: a file name prefix the manager accepts."""
+    try:
+        return _prefix(text)
+    except CheckpointValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _when(timestamp: float) -> str:
@@ -737,7 +750,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("ls", cmd_ls, "list the checkpoints of a directory")
     p.add_argument("directory", metavar="DIR")
-    p.add_argument("--prefix", default="checkpoint", help="file name prefix (default: %(default)s)")
+    p.add_argument(
+        "--prefix",
+        type=_prefix_arg,
+        default="checkpoint",
+        help="file name prefix (default: %(default)s)",
+    )
     p.add_argument("--verify", action="store_true", help="hash every file (default: headers only)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -758,7 +776,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("prune", cmd_prune, "delete old checkpoints by the manager's retention policy")
     p.add_argument("directory", metavar="DIR")
-    p.add_argument("--prefix", default="checkpoint", help="file name prefix (default: %(default)s)")
+    p.add_argument(
+        "--prefix",
+        type=_prefix_arg,
+        default="checkpoint",
+        help="file name prefix (default: %(default)s)",
+    )
     p.add_argument(
         "--keep-last",
         type=_positive,
@@ -797,10 +820,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst_dir", metavar="DST_DIR")
     p.add_argument(
         "--prefix",
+        type=_prefix_arg,
         default="homodyne_state",
         help="prefix of the source files (default: %(default)s)",
     )
-    p.add_argument("--dst-prefix", default=None, help="prefix of the new files (default: --prefix)")
+    p.add_argument(
+        "--dst-prefix",
+        type=_prefix_arg,
+        default=None,
+        help="prefix of the new files (default: --prefix)",
+    )
     p.add_argument(
         "--allow-pickle",
         action="store_true",
