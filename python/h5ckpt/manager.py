@@ -108,8 +108,9 @@ class CheckpointManager:
     enable_compression : bool, default True
         Compress arrays that compress well (byte shuffle + LZ4); others stay raw.
     prefix : str, default "checkpoint"
-        File name prefix. Use ``"homodyne_state"`` for a directory of the
-        predecessor's files.
+        File name prefix: text without ``/``, NUL or lone surrogates, at most 200
+        bytes of UTF-8 (so that every file name fits in 255 bytes). Use
+        ``"homodyne_state"`` for a directory of the predecessor's files.
     allow_pickle : bool, default False
         Store values that have no native HDF5 form by pickling them, and load
         pickled values (including legacy files' optimizer state). Unpickling can run
