@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,6 +15,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import h5ckpt
 import h5ckpt.cli as cli_module
@@ -743,3 +747,70 @@ def test_argument_values_the_manager_refuses_are_usage_errors(run_dir: Path, tmp
         assert proc.returncode == 2, (args, proc.stderr)
         assert "usage:" in proc.stderr and "Traceback" not in proc.stderr
     assert len(names(run_dir)) == 10 and not (tmp_path / "out").exists()
+
+
+ODD_TEXT = st.one_of(
+    st.text(
+        st.characters(codec=None, exclude_categories=(), exclude_characters="\x00"), max_size=6
+    ),
+    st.sampled_from(["", "-1", "0", str(2**63), str(10**40), "nan", "1e400", "\udcff", "a/b"]),
+)
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(command=st.sampled_from(["ls", "verify", "show", "prune", "migrate"]), odd=ODD_TEXT)
+def test_odd_command_lines_fail_as_documented(tmp_path: Path, command: str, odd: str):
+    """In process, any odd argument ends in a documented exit status with a one-line
+    message that is a CheckpointError's (never a leaked UnicodeEncodeError, ...)."""
+    d = tmp_path / "run"
+    if not d.exists():
+        CheckpointManager(d).save_checkpoint(1, np.ones(2), {}, 0.5)
+    variants = {
+        "ls": [[str(d), "--prefix", odd], [str(tmp_path / odd.replace("/", "_"))]],
+        "verify": [[str(tmp_path / odd.replace("/", "_"))], [str(d), str(d / odd)]],
+        "show": [[str(d / odd.replace("/", "_"))]],
+        "prune": [
+            [str(d), "--keep-last", odd, "--dry-run"],
+            [str(d), "--keep-last", "5", "--prefix", odd],
+        ],
+        "migrate": [[str(d), str(tmp_path / "out"), "--prefix", odd, "--dst-prefix", odd]],
+    }[command]
+    for args in variants:
+        out, err = io.StringIO(), io.StringIO()  # text as it is, whatever its characters
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                status = cli_module.main([command, *args])
+            except SystemExit as exc:  # argparse: a usage error
+                status = exc.code
+        assert status in (0, 1, 2), (command, args)
+        if status == 1 and err.getvalue():
+            [line] = err.getvalue().strip().splitlines()
+            assert line.startswith("h5ckpt: error: ")
+            assert not re.match(r"h5ckpt: error: [A-Z]\w*(Error|Exception): ", line), line
+        if status == 2:
+            assert "usage:" in err.getvalue()
+
+
+def test_file_names_that_are_not_utf8_print_as_their_bytes(tmp_path: Path):
+    """Such names reach Python as lone surrogates; a strict stdout (a UTF-8 locale
+    such as en_US.UTF-8 has one) must not turn them into a failure."""
+    d = tmp_path / os.fsdecode(b"run-\xff")
+    CheckpointManager(d).save_checkpoint(1, np.ones(2), {}, 0.5)
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}
+    for args in (
+        ["ls", d],
+        ["ls", d, "--verify"],
+        ["verify", d],
+        ["show", d / "checkpoint_batch_0001.h5"],
+    ):
+        proc = subprocess.run(
+            [*H5CKPT, *map(os.fsencode, args)], capture_output=True, timeout=180, env=env
+        )
+        assert proc.returncode == 0, (args, proc.stderr)
+        assert b"run-\xff" in proc.stdout and proc.stderr == b""
+    proc = subprocess.run([*H5CKPT, "ls", d / "missing"], capture_output=True, timeout=180, env=env)
+    assert proc.returncode == 1 and proc.stderr.startswith(b"h5ckpt: error: no such directory")

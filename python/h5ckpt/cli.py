@@ -856,6 +856,36 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+def _say(text: str) -> None:
+    """One line on stderr, whatever characters the text holds."""
+    try:
+        sys.stderr.write(text)
+    except UnicodeEncodeError:
+        encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
+        sys.stderr.write(text.encode(encoding, "backslashreplace").decode(encoding))
+
+
+@contextlib.contextmanager
+def _file_names_as_bytes() -> Iterator[None]:
+    """Print names that are not UTF-8 as the bytes they are, as ``ls`` does.
+
+    Python reads such names as lone surrogates (surrogateescape); a strict stdout,
+    as a UTF-8 locale gives, would refuse to print them back.
+    """
+    changed = []
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            with contextlib.suppress(Exception):
+                stream.reconfigure(errors="surrogateescape")
+                changed.append(stream)
+    try:
+        yield
+    finally:
+        for stream in changed:
+            with contextlib.suppress(Exception):
+                stream.reconfigure(errors="strict")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``h5ckpt`` command line.
 
@@ -873,6 +903,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["demo"]:  # the demo parses its own options, --help included
         return cmd_demo(argparse.Namespace(demo_args=argv[1:]), _console())
+    with _file_names_as_bytes():
+        return _run(argv)
+
+
+def _run(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
@@ -886,10 +921,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args, _console())
     except UsageError as exc:
-        sys.stderr.write(f"{PROG}: error: {_one_line(exc)}\n")
+        _say(f"{PROG}: error: {_one_line(exc)}\n")
         return 2
     except KeyboardInterrupt:
-        sys.stderr.write(f"{PROG}: interrupted\n")
+        _say(f"{PROG}: interrupted\n")
         return 130
     except BrokenPipeError:
         # The reader went away (``| head``): stop quietly.
@@ -902,5 +937,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = _one_line(exc)
         if not isinstance(exc, (CheckpointError, OSError)):
             message = f"{type(exc).__name__}: {message}"
-        sys.stderr.write(f"{PROG}: error: {message}\n")
+        _say(f"{PROG}: error: {message}\n")
         return 1
