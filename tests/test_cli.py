@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,6 +15,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import h5ckpt
 import h5ckpt.cli as cli_module
@@ -161,7 +165,7 @@ def test_ls_table_marks_the_newest_valid(run_dir: Path):
 def test_ls_json_and_verify_with_a_corrupt_newest(run_dir: Path):
     flip_byte(run_dir / "checkpoint_batch_0090.h5", 2000)
     proc = run("ls", run_dir, "--json")
-    assert proc.returncode == 0
+    assert proc.returncode == 1  # an invalid file
     listing = json.loads(proc.stdout)
     assert [e["batch_idx"] for e in listing] == sorted(LOSSES)
     assert set(listing[0]) >= {"path", "batch_idx", "loss", "timestamp", "size_bytes", "status"}
@@ -199,7 +203,7 @@ def test_ls_seed_directory(seed_dir: Path):
 
     flip_in_seed_pickle(seed_dir / "homodyne_state_batch_0020.h5")
     proc = run("ls", seed_dir, "--prefix", "homodyne_state", "--verify")
-    assert proc.returncode == 0
+    assert proc.returncode == 1  # an invalid file
     lines = proc.stdout.splitlines()
     assert any(
         line.split()[:1] == ["20"] and "invalid" in line and "checksum mismatch" in line
@@ -414,7 +418,7 @@ def test_prune_dry_run_then_real(run_dir: Path):
 def test_prune_keeps_invalid_unless_asked(run_dir: Path):
     flip_byte(run_dir / "checkpoint_batch_0090.h5", 3000)
     proc = run("prune", run_dir, "--keep-last", 2)
-    assert proc.returncode == 0
+    assert proc.returncode == 1  # done, but an invalid file is kept
     # Only valid checkpoints count: 70 and 80 are the two newest valid ones.
     assert names(run_dir) == {f"checkpoint_batch_{b:04d}.h5" for b in (70, 80, 90)}
     assert "7 of 10 checkpoint file(s) deleted, 3 kept" in proc.stdout
@@ -556,7 +560,7 @@ def test_long_listings_keep_the_table_layout(tmp_path: Path):
         m.save_checkpoint(b, np.ones(2), {}, float(b))
     (tmp_path / "checkpoint_batch_0003.h5").write_bytes(b"junk")
     proc = run("ls", tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1 and proc.stderr == ""  # 1: batch 3 is invalid
     lines = proc.stdout.splitlines()
     assert lines[0] == f"{tmp_path}  (checkpoint_batch_*.h5)"
     assert lines[1].split() == ["batch", "loss", "saved", "size", "status", "note"]
@@ -602,3 +606,211 @@ def test_table_block_matches_rich_table_cell_for_cell():
 
     assert cells(block) == cells(small)
     assert [span.style for span in block.spans if span.style == "green"] == ["green"]
+
+
+# ------------------------------------------------ exit statuses, JSON, keys
+
+
+def test_exit_status_is_1_whenever_a_file_is_invalid(run_dir: Path, tmp_path: Path):
+    for args in (("ls",), ("ls", "--verify"), ("ls", "--json"), ("verify",), ("verify", "--json")):
+        assert run(args[0], run_dir, *args[1:]).returncode == 0, args
+    assert run("prune", run_dir, "--keep-last", 20).returncode == 0
+    # A damaged header: invalid for every command, without --verify too.
+    flip_byte(run_dir / "checkpoint_batch_0040.h5", 50)
+    for args in (("ls",), ("ls", "--verify"), ("ls", "--json"), ("verify",), ("verify", "--json")):
+        proc = run(args[0], run_dir, *args[1:])
+        assert proc.returncode == 1, args
+        assert proc.stderr == "", args  # an invalid file is a finding, not an error
+    assert run("show", run_dir / "checkpoint_batch_0040.h5").returncode == 1
+    # A damaged payload: found by the commands that hash.
+    flip_byte(run_dir / "checkpoint_batch_0040.h5", 50)
+    flip_byte(run_dir / "checkpoint_batch_0060.h5", 3000)
+    assert run("ls", run_dir).returncode == 0  # headers only: 60 is "unverified"
+    assert run("ls", run_dir, "--verify").returncode == 1
+    assert run("verify", run_dir).returncode == 1
+    # prune keeps an invalid file and says so (exit 1); deleting it ends at 0.
+    proc = run("prune", run_dir, "--keep-last", 20)
+    assert proc.returncode == 1
+    assert "kept 1 invalid file(s)" in proc.stdout and "checkpoint_batch_0060.h5" in proc.stdout
+    report = json.loads(run("prune", run_dir, "--keep-last", 20, "--dry-run", "--json").stdout)
+    assert [Path(p).name for p in report["invalid_kept"]] == ["checkpoint_batch_0060.h5"]
+    assert run("prune", run_dir, "--keep-last", 20, "--delete-invalid").returncode == 0
+    assert run("ls", run_dir, "--verify").returncode == 0
+
+
+def test_empty_directories(tmp_path: Path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args in (("ls",), ("ls", "--json"), ("prune", "--keep-last", 1)):
+        proc = run(args[0], empty, *args[1:])
+        assert proc.returncode == 0 and proc.stderr == "", args
+    assert json.loads(run("ls", empty, "--json").stdout) == []
+    proc = run("verify", empty)
+    assert proc.returncode == 1
+    line = one_error_line(proc)
+    assert "nothing to verify" in line and "_batch_<n>.h5" in line and str(empty) in line
+
+
+def test_json_says_null_for_what_the_header_could_not_give(tmp_path: Path):
+    d = tmp_path / "d"
+    m = CheckpointManager(d, keep_last_n=None)
+    m.save_checkpoint(10, np.ones(2), {}, float("nan"))
+    m.save_checkpoint(20, np.ones(2), {}, float("-inf"))
+    good = m.save_checkpoint(30, np.ones(2), {}, 0.25)
+    (d / "checkpoint_batch_0040.h5").write_bytes(good.read_bytes()[:300])  # no header
+    (d / "checkpoint_batch_0050.h5").write_bytes(b"not a checkpoint at all")
+    corrupt = bytearray(m.save_checkpoint(60, np.ones(2), {}, float("nan")).read_bytes())
+    corrupt[-10] ^= 1  # intact header (its NaN loss is real), bad payload
+    (d / "checkpoint_batch_0060.h5").write_bytes(bytes(corrupt))
+    for args in (("ls", d, "--json"), ("ls", d, "--verify", "--json"), ("verify", d, "--json")):
+        proc = run(*args)
+        assert proc.returncode == 1, args
+        rows = {r["batch_idx"]: r for r in json.loads(proc.stdout)}
+        assert rows[10]["loss"] == "NaN" and isinstance(rows[10]["timestamp"], float)
+        assert rows[20]["loss"] == "-Infinity"
+        assert rows[30]["loss"] == 0.25
+        for unknown in (40, 50):
+            assert rows[unknown]["loss"] is None and rows[unknown]["timestamp"] is None, args
+        if "--json" in args and (args[0] == "verify" or "--verify" in args):
+            assert rows[60]["status"] == "invalid"
+        assert rows[60]["loss"] == "NaN"
+
+
+def test_keyless_verify_says_the_tag_was_not_checked(tmp_path: Path):
+    keyed = CheckpointManager(tmp_path / "k", hmac_key=b"secret", keep_last_n=None)
+    for b in (1, 2):
+        keyed.save_checkpoint(b, np.ones(3), {}, 1.0)
+    CheckpointManager(tmp_path / "k", prefix="plain").save_checkpoint(3, np.ones(3), {}, 1.0)
+    env = {"H5CKPT_HMAC_KEY": ""}
+    proc = run("verify", tmp_path / "k", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 carry an HMAC tag that was not checked" in proc.stdout
+    assert "H5CKPT_HMAC_KEY" in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if "_batch_000" in line]
+    assert all("tag not checked" in r for r in rows if "checkpoint_batch" in r)
+    assert all("tag not checked" not in r for r in rows if "plain_batch" in r)
+    results = {
+        Path(r["path"]).name: r
+        for r in json.loads(run("verify", tmp_path / "k", "--json", env=env).stdout)
+    }
+    assert results["checkpoint_batch_0001.h5"]["keyed"] is True
+    assert results["checkpoint_batch_0001.h5"]["tag_checked"] is False
+    assert "not checked" in results["checkpoint_batch_0001.h5"]["note"]
+    assert results["plain_batch_0003.h5"]["keyed"] is False
+    assert results["plain_batch_0003.h5"]["note"] is None
+    with_key = json.loads(
+        run(
+            "verify",
+            tmp_path / "k" / "checkpoint_batch_0001.h5",
+            "--json",
+            env={"H5CKPT_HMAC_KEY": "secret"},
+        ).stdout
+    )
+    assert with_key[0]["tag_checked"] is True and with_key[0]["note"] is None
+    # show does not claim a tag check it did not make.
+    shown = run("show", tmp_path / "k" / "checkpoint_batch_0001.h5", env=env).stdout
+    assert "HMAC tag not checked" in shown
+    shown = run(
+        "show", tmp_path / "k" / "checkpoint_batch_0001.h5", env={"H5CKPT_HMAC_KEY": "secret"}
+    ).stdout
+    assert "HMAC tag)" in shown
+
+
+def test_key_in_the_environment_that_is_not_utf8(tmp_path: Path):
+    CheckpointManager(tmp_path, hmac_key=b"\xffkey").save_checkpoint(1, np.ones(2), {}, 0.0)
+    env = {**os.environ, "H5CKPT_HMAC_KEY": os.fsdecode(b"\xffkey")}
+    for command in ("verify", "ls", "show"):
+        target = tmp_path / "checkpoint_batch_0001.h5" if command == "show" else tmp_path
+        proc = subprocess.run(
+            [*H5CKPT, command, str(target)], capture_output=True, text=True, timeout=180, env=env
+        )
+        assert proc.returncode == 0, (command, proc.stderr)
+    env["H5CKPT_HMAC_KEY"] = os.fsdecode(b"\xfeother")
+    proc = subprocess.run(
+        [*H5CKPT, "verify", str(tmp_path)], capture_output=True, text=True, timeout=180, env=env
+    )
+    assert proc.returncode == 1 and proc.stderr == ""
+
+
+def test_argument_values_the_manager_refuses_are_usage_errors(run_dir: Path, tmp_path: Path):
+    huge = str(2**63)
+    for args in (
+        ("prune", run_dir, "--keep-last", huge),
+        ("prune", run_dir, "--keep-last", 1, "--keep-best", huge),
+        ("prune", run_dir, "--keep-last", 1, "--keep-every", 10**30),
+        ("ls", run_dir, "--prefix", ""),
+        ("ls", run_dir, "--prefix", "a/b"),
+        ("prune", run_dir, "--keep-last", 1, "--prefix", "p" * 300),
+        ("migrate", run_dir, tmp_path / "out", "--dst-prefix", "x/y"),
+    ):
+        proc = run(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert "usage:" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(names(run_dir)) == 10 and not (tmp_path / "out").exists()
+
+
+ODD_TEXT = st.one_of(
+    st.text(
+        st.characters(codec=None, exclude_categories=(), exclude_characters="\x00"), max_size=6
+    ),
+    st.sampled_from(["", "-1", "0", str(2**63), str(10**40), "nan", "1e400", "\udcff", "a/b"]),
+)
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(command=st.sampled_from(["ls", "verify", "show", "prune", "migrate"]), odd=ODD_TEXT)
+def test_odd_command_lines_fail_as_documented(tmp_path: Path, command: str, odd: str):
+    """In process, any odd argument ends in a documented exit status with a one-line
+    message that is a CheckpointError's (never a leaked UnicodeEncodeError, ...)."""
+    d = tmp_path / "run"
+    if not d.exists():
+        CheckpointManager(d).save_checkpoint(1, np.ones(2), {}, 0.5)
+    variants = {
+        "ls": [[str(d), "--prefix", odd], [str(tmp_path / odd.replace("/", "_"))]],
+        "verify": [[str(tmp_path / odd.replace("/", "_"))], [str(d), str(d / odd)]],
+        "show": [[str(d / odd.replace("/", "_"))]],
+        "prune": [
+            [str(d), "--keep-last", odd, "--dry-run"],
+            [str(d), "--keep-last", "5", "--prefix", odd],
+        ],
+        "migrate": [[str(d), str(tmp_path / "out"), "--prefix", odd, "--dst-prefix", odd]],
+    }[command]
+    for args in variants:
+        out, err = io.StringIO(), io.StringIO()  # text as it is, whatever its characters
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                status = cli_module.main([command, *args])
+            except SystemExit as exc:  # argparse: a usage error
+                status = exc.code
+        assert status in (0, 1, 2), (command, args)
+        if status == 1 and err.getvalue():
+            [line] = err.getvalue().strip().splitlines()
+            assert line.startswith("h5ckpt: error: ")
+            assert not re.match(r"h5ckpt: error: [A-Z]\w*(Error|Exception): ", line), line
+        if status == 2:
+            assert "usage:" in err.getvalue()
+
+
+def test_file_names_that_are_not_utf8_print_as_their_bytes(tmp_path: Path):
+    """Such names reach Python as lone surrogates; a strict stdout (a UTF-8 locale
+    such as en_US.UTF-8 has one) must not turn them into a failure."""
+    d = tmp_path / os.fsdecode(b"run-\xff")
+    CheckpointManager(d).save_checkpoint(1, np.ones(2), {}, 0.5)
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}
+    for args in (
+        ["ls", d],
+        ["ls", d, "--verify"],
+        ["verify", d],
+        ["show", d / "checkpoint_batch_0001.h5"],
+    ):
+        proc = subprocess.run(
+            [*H5CKPT, *map(os.fsencode, args)], capture_output=True, timeout=180, env=env
+        )
+        assert proc.returncode == 0, (args, proc.stderr)
+        assert b"run-\xff" in proc.stdout and proc.stderr == b""
+    proc = subprocess.run([*H5CKPT, "ls", d / "missing"], capture_output=True, timeout=180, env=env)
+    assert proc.returncode == 1 and proc.stderr.startswith(b"h5ckpt: error: no such directory")

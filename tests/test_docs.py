@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -127,6 +130,29 @@ def test_readme_command_lines_run(tmp_path: Path, seed_writer):
     ]
 
 
+def test_readme_ls_sample_is_what_ls_prints(tmp_path: Path):
+    [sample] = [
+        b for b in blocks(section(README, "## Command line"), "text") if b.startswith("$ h5ckpt ls")
+    ]
+    command, *expected = sample.rstrip("\n").splitlines()
+    loop = next(code for code in blocks(README, "python") if "starting at batch" in code)
+    run_python(loop, tmp_path)
+    argv = shlex.split(command.removeprefix("$ "))
+    proc = subprocess.run(
+        [sys.executable, "-m", "h5ckpt", *argv[1:]],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    # Only the save times differ from one run to the next.
+    when = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
+    assert [when.sub("<date>", line) for line in proc.stdout.splitlines()] == [
+        when.sub("<date>", line) for line in expected
+    ]
+
+
 # -------------------------------------------------------------- the format's reader
 
 
@@ -159,6 +185,81 @@ def test_reader_reads_what_h5ckpt_writes(tmp_path: Path, read_checkpoint):
         assert got["batch_idx"] == 12 and got["loss"] == 0.25
         assert got["timestamp"] == want["timestamp"]
         assert values_equal(got["parameters"], want["parameters"])
+
+
+READER_ALONE = """
+import hashlib, json, sys
+namespace = {}
+exec(compile(open(sys.argv[1], encoding="utf-8").read(), "docs/format.md", "exec"), namespace)
+out = {}
+for path in sys.argv[2:]:
+    got = namespace["read_checkpoint"](path)
+    params = got["parameters"]
+    out[path] = [got["batch_idx"], got["loss"], got["timestamp"], str(params.dtype),
+                 list(params.shape), hashlib.sha256(params.tobytes()).hexdigest()]
+assert not [m for m in sys.modules if m.startswith("h5ckpt")]  # nothing of h5ckpt's help
+print(json.dumps(out))
+"""
+
+
+def test_reader_alone_reads_raw_and_compressed_files(tmp_path: Path):
+    """The reader as a user runs it: in a fresh interpreter that never imported h5ckpt
+    (which registers the Blosc filter as a side effect)."""
+    [code] = blocks(section(FORMAT, "## A reader in 20 lines"), "python")
+    reader = tmp_path / "reader.py"
+    reader.write_text(code, encoding="utf-8")
+    loaded = {}
+    for name, kwargs in {
+        "raw": {"compression": None},
+        "default": {},
+        "lz4": {"compression": "lz4"},
+        "zstd": {"compression": "zstd"},
+        "gzip": {"compression": "gzip"},
+        "keyed": {"hmac_key": b"key"},
+    }.items():
+        path, manager = saved(tmp_path / name, **kwargs)
+        with h5py.File(path, "r") as f:
+            plist = f["parameters"].id.get_create_plist()
+            filters = {plist.get_filter(i)[0] for i in range(plist.get_nfilters())}
+        expected_filter = {"raw": None, "gzip": h5py.h5z.FILTER_DEFLATE}.get(name, 32001)
+        assert (expected_filter in filters) if expected_filter else not filters, name
+        loaded[str(path)] = manager.load_checkpoint(path)
+    script = tmp_path / "read_alone.py"
+    script.write_text(READER_ALONE, encoding="utf-8")
+    proc = subprocess.run(
+        [sys.executable, str(script), str(reader), *loaded],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    for path, want in loaded.items():
+        params = want["parameters"]
+        assert got[path] == [
+            want["batch_idx"],
+            want["loss"],
+            want["timestamp"],
+            str(params.dtype),
+            list(params.shape),
+            hashlib.sha256(params.tobytes()).hexdigest(),
+        ], path
+
+
+def test_format_doc_describes_the_root_attributes_as_written(tmp_path: Path):
+    path, _ = saved(tmp_path / "d")
+    table = section(FORMAT, "## Layout of the HDF5 payload")
+    with h5py.File(path, "r") as f:
+        for name in ("h5ckpt_format", "h5ckpt_version"):
+            kind = f.attrs.get_id(name).get_type()
+            assert isinstance(kind, h5py.h5t.TypeStringID) and not kind.is_variable_str()
+            assert kind.get_strpad() == h5py.h5t.STR_NULLPAD
+            assert kind.get_cset() == h5py.h5t.CSET_ASCII
+            assert kind.get_size() == len(f.attrs[name])
+            [row] = [line for line in table.splitlines() if line.startswith(f"| `{name}`")]
+            assert "fixed-length" in row and "null-padded ASCII" in row
+            assert "variable-length UTF-8" not in row
 
 
 def test_reader_detects_what_h5ckpt_detects(tmp_path: Path, read_checkpoint):

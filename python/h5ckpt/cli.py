@@ -11,10 +11,26 @@ Commands::
                    [--allow-pickle] [--native-only] [--overwrite]
     h5ckpt demo [DIR] [demo options]
 
-Exit status: 0 on success, 1 when a file is invalid or an operation failed, 2 on a
-usage error. Errors are one line on stderr, ``h5ckpt: error: ...``; ``--debug``
-adds the traceback and the library's debug log. An HMAC key in the environment
-variable ``H5CKPT_HMAC_KEY`` is used as the manager uses it.
+Exit status, the same rule for every command:
+
+* 0: the command did what was asked and every checkpoint file it examined is intact
+  (``ls`` without ``--verify`` examines headers only; ``prune`` counts the files it
+  keeps).
+* 1: a checkpoint file is invalid (the output says which and why; nothing on
+  stderr), or the command failed: a path does not exist, a file failed to convert,
+  ``verify`` or ``migrate`` found no checkpoint file to work on (one line on stderr,
+  ``h5ckpt: error: ...``). ``ls`` and ``prune`` of a directory without checkpoints
+  say so and exit 0.
+* 2: a usage error.
+
+``--debug`` adds the traceback and the library's debug log to an error. An HMAC key
+in the environment variable ``H5CKPT_HMAC_KEY`` (its bytes) is used as the manager
+uses it; without one, ``verify`` and ``show`` say which files carry a tag that was not
+checked.
+
+With ``--json``, a number the file could not provide (no readable header) is
+``null``; a loss or timestamp that a header holds as NaN or an infinity is the string
+``"NaN"``, ``"Infinity"`` or ``"-Infinity"`` (strict JSON has no such numbers).
 """
 
 from __future__ import annotations
@@ -51,9 +67,21 @@ from rich.text import Text
 from rich.tree import Tree
 
 from . import _native
-from .errors import CheckpointError, CheckpointNotFoundError, CheckpointPickleError
-from .inspection import CHECKPOINT_NAME, checkpoint_files, describe_file, json_safe, verify_paths
-from .manager import HMAC_KEY_ENV, CheckpointManager, _resolve_key
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointPickleError,
+    CheckpointValueError,
+)
+from .inspection import (
+    CHECKPOINT_NAME,
+    FileReport,
+    checkpoint_files,
+    describe_file,
+    json_safe,
+    verify_paths,
+)
+from .manager import HMAC_KEY_ENV, CheckpointManager, _prefix, _resolve_key
 from .migrate import migrate_directory
 from .payload import FORMAT_VERSION
 from .verification import CheckpointInfo
@@ -188,15 +216,15 @@ def _directory(path: str) -> Path:
 
 
 def _int_at_least(minimum: int, what: str):
-    """An argparse type: an integer of at least ``minimum``."""
+    """An argparse type: an integer from ``minimum`` to 2**63-1 (the manager's range)."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        if not minimum <= value < 2**63:
+            raise argparse.ArgumentTypeError(f"expected {what} below 2**63, got {text!r}")
         return value
 
     return parse
@@ -204,6 +232,14 @@ def _int_at_least(minimum: int, what: str):
 
 _positive = _int_at_least(1, "a positive integer")
 _non_negative = _int_at_least(0, "an integer >= 0")
+
+
+def _prefix_arg(text: str) -> str:
+    """An argparse type: a file name prefix the manager accepts."""
+    try:
+        return _prefix(text)
+    except CheckpointValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _when(timestamp: float) -> str:
@@ -222,6 +258,43 @@ def _num(value: Any) -> str:
 
 def _status(status: str) -> Text:
     return Text(status, style=STATUS_STYLE.get(status, ""))
+
+
+def _header_readable(path: Path) -> bool:
+    try:
+        _native.read_header(path)
+    except CheckpointError:
+        return False
+    return True
+
+
+def _json_number(value: float, status: str, path: Path) -> float | str | None:
+    """A loss or timestamp for JSON: None when the file could not provide it.
+
+    Listings use NaN for "unknown", but a header may hold a real NaN loss: only an
+    invalid file's NaN can be unknown, and its header tells which.
+    """
+    if not math.isnan(value) or status != "invalid" or _header_readable(path):
+        return json_safe(value)
+    return None
+
+
+_TAG_NOT_CHECKED = f"HMAC tag not checked (no key: set {HMAC_KEY_ENV})"
+
+
+def _tag_note(report: FileReport, key: bytes | None) -> str | None:
+    if key is None and report.keyed and report.is_valid:
+        return _TAG_NOT_CHECKED
+    return None
+
+
+def _report_json(report: FileReport, key: bytes | None) -> dict[str, Any]:
+    fields = report.to_dict()
+    fields["loss"] = _json_number(report.loss, report.status, report.path)
+    fields["timestamp"] = _json_number(report.timestamp, report.status, report.path)
+    fields["tag_checked"] = key is not None and report.keyed and report.is_valid
+    fields["note"] = _tag_note(report, key)
+    return fields
 
 
 def _print_json(value: Any) -> None:
@@ -266,6 +339,7 @@ def cmd_ls(args: argparse.Namespace, out: Console) -> int:
     manager = CheckpointManager(directory, keep_last_n=None, auto_cleanup=False, prefix=args.prefix)
     latest = manager.find_latest_checkpoint()  # verifies the newest files only
     infos = manager.list_checkpoints(verify=args.verify)
+    status = 1 if any(i.status == "invalid" for i in infos) else 0
     if args.json:
         _print_json(
             [
@@ -273,8 +347,8 @@ def cmd_ls(args: argparse.Namespace, out: Console) -> int:
                     "path": str(i.path),
                     "name": i.path.name,
                     "batch_idx": i.batch_idx,
-                    "loss": i.loss,
-                    "timestamp": i.timestamp,
+                    "loss": _json_number(i.loss, i.status, i.path),
+                    "timestamp": _json_number(i.timestamp, i.status, i.path),
                     "size_bytes": i.size_bytes,
                     "status": i.status,
                     "verified": i.verified,
@@ -284,7 +358,7 @@ def cmd_ls(args: argparse.Namespace, out: Console) -> int:
                 for i in infos
             ]
         )
-        return 0
+        return status
     if not infos:
         out.print(escape(_nothing_found(directory, args.prefix)))
         return 0
@@ -322,7 +396,7 @@ def cmd_ls(args: argparse.Namespace, out: Console) -> int:
     if not args.verify and any(i.status == "unverified" or not i.verified for i in infos):
         caption += "\n(without --verify only headers were read for 'unverified' and 'legacy')"
     out.print(caption, style="dim")
-    return 0
+    return status
 
 
 def _verify_with_progress(files: list[Path], key: bytes | None, show: bool, out: Console):
@@ -349,14 +423,19 @@ def cmd_verify(args: argparse.Namespace, out: Console) -> int:
     files = checkpoint_files(args.paths)
     if not files:
         raise CheckpointNotFoundError(
-            "no checkpoint files (*_batch_<n>.h5) under " + ", ".join(args.paths), {}
+            "nothing to verify: no checkpoint files (named <prefix>_batch_<n>.h5) under "
+            + ", ".join(args.paths)
+            + " (directories are searched recursively, hidden ones skipped; a file named "
+            "on the command line is checked whatever its name)",
+            {"paths": list(args.paths)},
         )
     key = _resolve_key(None)
     reports = _verify_with_progress(files, key, out.is_terminal and not args.json, out)
     bad = sum(not r.is_valid for r in reports)
     if args.json:
-        _print_json([r.to_dict() for r in reports])
+        _print_json([_report_json(r, key) for r in reports])
         return 1 if bad else 0
+    notes = [r.error or _tag_note(r, key) for r in reports]
     columns = [
         ("status", "left"),
         ("batch", "right"),
@@ -364,10 +443,10 @@ def cmd_verify(args: argparse.Namespace, out: Console) -> int:
         ("size", "right"),
         ("file", "left"),
     ]
-    if bad:
-        columns.append(("problem", "left"))
+    if any(notes):
+        columns.append(("note", "left"))
     rows: list[list[_Cell]] = []
-    for r in reports:
+    for r, note in zip(reports, notes, strict=True):
         row: list[_Cell] = [
             _status(r.status),
             "-" if r.batch_idx is None else str(r.batch_idx),
@@ -375,8 +454,8 @@ def cmd_verify(args: argparse.Namespace, out: Console) -> int:
             human_size(r.size_bytes),
             Text(str(r.path)),
         ]
-        if bad:
-            row.append(Text(r.error or ""))
+        if any(notes):
+            row.append(Text(note or ""))
         rows.append(row)
     _emit(out, _table(columns, rows))
     counts = {s: sum(r.status == s for r in reports) for s in ("valid", "legacy", "invalid")}
@@ -384,6 +463,12 @@ def cmd_verify(args: argparse.Namespace, out: Console) -> int:
     if counts["legacy"]:
         summary += f", {counts['legacy']} legacy (seed format, own checksum only)"
     summary += f", {counts['invalid']} invalid"
+    unchecked = sum(_tag_note(r, key) is not None for r in reports)
+    if unchecked:
+        summary += (
+            f"; {unchecked} carry an HMAC tag that was not checked "
+            f"(no key: set {HMAC_KEY_ENV} to check it)"
+        )
     out.print(summary, style="bold red" if bad else "bold green")
     return 1 if bad else 0
 
@@ -439,8 +524,12 @@ def _add_children(tree: Tree, node: dict[str, Any]) -> None:
 
 def cmd_show(args: argparse.Namespace, out: Console) -> int:
     """``h5ckpt show``: header, digest status and payload tree of one file."""
-    info = describe_file(args.file, _resolve_key(None))
+    key = _resolve_key(None)
+    info = describe_file(args.file, key)
     valid = info["status"] in ("valid", "legacy")
+    keyed = bool((info["header"] or {}).get("keyed")) and info["format"] == "h5ckpt"
+    info["tag_checked"] = key is not None and keyed and info["status"] == "valid"
+    info["note"] = _TAG_NOT_CHECKED if key is None and keyed and valid else None
     if args.json:
         _print_json(info)
         return 0 if valid else 1
@@ -452,8 +541,10 @@ def cmd_show(args: argparse.Namespace, out: Console) -> int:
     if info["status"] == "valid":
         status.append(
             " — every byte verified (header digest, SHA-256 tree digest of the payload"
-            + (", HMAC tag)" if (info["header"] or {}).get("keyed") else ")")
+            + (", HMAC tag)" if info["tag_checked"] else ")")
         )
+        if info["note"]:
+            status.append(f"; {info['note']}", style="yellow")
     elif info["status"] == "legacy":
         status.append(" — the seed's checksum matches; it covers only the pickled optimizer state")
     else:
@@ -503,15 +594,24 @@ def cmd_prune(args: argparse.Namespace, out: Console) -> int:
     before = manager.list_checkpoints()
     removed = manager.plan_cleanup() if args.dry_run else manager.cleanup_old_checkpoints()
     kept = [i.path for i in before if i.path not in removed]
+    # Planning verified every file; the listing answers from what it remembers.
+    gone = set(removed)
+    invalid = [
+        i.path
+        for i in manager.list_checkpoints(verify=True)
+        if i.status == "invalid" and i.path not in gone
+    ]
+    status = 1 if invalid else 0
     if args.json:
         _print_json(
             {
                 "dry_run": args.dry_run,
                 "deleted": [str(p) for p in removed],
                 "kept": [str(p) for p in kept],
+                "invalid_kept": [str(p) for p in invalid],
             }
         )
-        return 0
+        return status
     if not before:
         out.print(escape(_nothing_found(directory, args.prefix)))
         return 0
@@ -522,7 +622,15 @@ def cmd_prune(args: argparse.Namespace, out: Console) -> int:
     summary += "would be deleted" if args.dry_run else "deleted"
     summary += f", {len(kept)} kept" + (" (dry run: nothing deleted)" if args.dry_run else "")
     out.print(summary, style="bold")
-    return 0
+    if invalid:
+        out.print(
+            Text(
+                f"kept {len(invalid)} invalid file(s) (--delete-invalid deletes them): "
+                + ", ".join(p.name for p in invalid)
+            ),
+            style="bold red",
+        )
+    return status
 
 
 def _refuse_pickle(source: CheckpointManager) -> None:
@@ -624,7 +732,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Crash-safe, verified HDF5 checkpoints: inspect, verify, prune, migrate.",
         epilog=f"An HMAC key in ${HMAC_KEY_ENV} is used as CheckpointManager uses it. "
-        "Exit status: 0 ok, 1 invalid file or failure, 2 usage error.",
+        "Exit status: 0 ok and every file examined intact, 1 an invalid file or a failure, "
+        "2 usage error.",
         parents=[common],
     )
     parser.add_argument(
@@ -641,7 +750,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("ls", cmd_ls, "list the checkpoints of a directory")
     p.add_argument("directory", metavar="DIR")
-    p.add_argument("--prefix", default="checkpoint", help="file name prefix (default: %(default)s)")
+    p.add_argument(
+        "--prefix",
+        type=_prefix_arg,
+        default="checkpoint",
+        help="file name prefix (default: %(default)s)",
+    )
     p.add_argument("--verify", action="store_true", help="hash every file (default: headers only)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -662,7 +776,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("prune", cmd_prune, "delete old checkpoints by the manager's retention policy")
     p.add_argument("directory", metavar="DIR")
-    p.add_argument("--prefix", default="checkpoint", help="file name prefix (default: %(default)s)")
+    p.add_argument(
+        "--prefix",
+        type=_prefix_arg,
+        default="checkpoint",
+        help="file name prefix (default: %(default)s)",
+    )
     p.add_argument(
         "--keep-last",
         type=_positive,
@@ -701,10 +820,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst_dir", metavar="DST_DIR")
     p.add_argument(
         "--prefix",
+        type=_prefix_arg,
         default="homodyne_state",
         help="prefix of the source files (default: %(default)s)",
     )
-    p.add_argument("--dst-prefix", default=None, help="prefix of the new files (default: --prefix)")
+    p.add_argument(
+        "--dst-prefix",
+        type=_prefix_arg,
+        default=None,
+        help="prefix of the new files (default: --prefix)",
+    )
     p.add_argument(
         "--allow-pickle",
         action="store_true",
@@ -731,6 +856,36 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+def _say(text: str) -> None:
+    """One line on stderr, whatever characters the text holds."""
+    try:
+        sys.stderr.write(text)
+    except UnicodeEncodeError:
+        encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
+        sys.stderr.write(text.encode(encoding, "backslashreplace").decode(encoding))
+
+
+@contextlib.contextmanager
+def _file_names_as_bytes() -> Iterator[None]:
+    """Print names that are not UTF-8 as the bytes they are, as ``ls`` does.
+
+    Python reads such names as lone surrogates (surrogateescape); a strict stdout,
+    as a UTF-8 locale gives, would refuse to print them back.
+    """
+    changed = []
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            with contextlib.suppress(Exception):
+                stream.reconfigure(errors="surrogateescape")
+                changed.append(stream)
+    try:
+        yield
+    finally:
+        for stream in changed:
+            with contextlib.suppress(Exception):
+                stream.reconfigure(errors="strict")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``h5ckpt`` command line.
 
@@ -742,11 +897,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns
     -------
     int
-        The exit status: 0 success, 1 invalid file or failed operation, 2 usage error.
+        The exit status: 0 success with every examined file intact, 1 an invalid
+        file or a failed operation, 2 usage error (see the module docstring).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["demo"]:  # the demo parses its own options, --help included
         return cmd_demo(argparse.Namespace(demo_args=argv[1:]), _console())
+    with _file_names_as_bytes():
+        return _run(argv)
+
+
+def _run(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
@@ -760,10 +921,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args, _console())
     except UsageError as exc:
-        sys.stderr.write(f"{PROG}: error: {_one_line(exc)}\n")
+        _say(f"{PROG}: error: {_one_line(exc)}\n")
         return 2
     except KeyboardInterrupt:
-        sys.stderr.write(f"{PROG}: interrupted\n")
+        _say(f"{PROG}: interrupted\n")
         return 130
     except BrokenPipeError:
         # The reader went away (``| head``): stop quietly.
@@ -776,5 +937,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = _one_line(exc)
         if not isinstance(exc, (CheckpointError, OSError)):
             message = f"{type(exc).__name__}: {message}"
-        sys.stderr.write(f"{PROG}: error: {message}\n")
+        _say(f"{PROG}: error: {message}\n")
         return 1

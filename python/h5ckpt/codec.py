@@ -37,9 +37,11 @@ def resolve(enable_compression: bool, compression: object) -> str | None:
     ``compression`` wins when given; otherwise ``enable_compression`` picks ``"auto"``
     or ``None``.
     """
-    if compression == "default":
+    # Only text is compared: `x in COMPRESSIONS` with an array x compares elementwise.
+    is_text = isinstance(compression, str)
+    if is_text and compression == "default":
         return "auto" if enable_compression else None
-    if compression is not None and compression not in COMPRESSIONS:
+    if compression is not None and not (is_text and compression in COMPRESSIONS):
         raise CheckpointValueError(
             f"compression must be one of {COMPRESSIONS!r}, got {compression!r}",
             {"compression": repr(compression)},

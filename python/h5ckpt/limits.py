@@ -24,6 +24,9 @@ __all__ = [
 #: The default array byte budget is never smaller than this (8 GiB).
 DEFAULT_MIN_ARRAY_BYTES = 8 * 1024**3
 
+#: Every limit is below this: the Rust core and the file format count in 64 bits.
+MAX_LIMIT = 2**63 - 1
+
 #: The default array byte budget grows with the file: this many decoded bytes per
 #: file byte, which leaves room for well-compressed arrays.
 DEFAULT_ARRAY_BYTES_PER_FILE_BYTE = 64
@@ -42,6 +45,11 @@ def _as_int(name: str, value: object) -> int:
             f"{name} must be an int, not {type(value).__name__}",
             {"field": name, "value": repr(value)},
         ) from None
+
+
+def _short(value: int) -> str:
+    text = str(value)
+    return text if len(text) <= 40 else f"an integer of {len(text)} digits"
 
 
 def default_max_array_bytes(file_size: int) -> int:
@@ -98,6 +106,8 @@ class LoadLimits:
         with the file: ``max(8 GiB, 64 * file_size)`` (see :meth:`resolved_max_bytes`).
         Must be >= 0 when given.
 
+    Every int field is at most ``2**63 - 1``.
+
     Raises
     ------
     CheckpointValueError
@@ -121,17 +131,18 @@ class LoadLimits:
     def __post_init__(self) -> None:
         for name, minimum in (("max_depth", 0), ("max_nodes", 1), ("max_attributes", 1)):
             value = _as_int(name, getattr(self, name))
-            if value < minimum:
+            if not minimum <= value <= MAX_LIMIT:
                 raise CheckpointValueError(
-                    f"{name} must be >= {minimum}, got {value}", {"field": name, "value": value}
+                    f"{name} must be from {minimum} to 2**63-1, got {_short(value)}",
+                    {"field": name, "value": _short(value)},
                 )
             object.__setattr__(self, name, value)
         if self.max_array_bytes is not None:
             value = _as_int("max_array_bytes", self.max_array_bytes)
-            if value < 0:
+            if not 0 <= value <= MAX_LIMIT:
                 raise CheckpointValueError(
-                    f"max_array_bytes must be >= 0 or None, got {value}",
-                    {"field": "max_array_bytes", "value": value},
+                    f"max_array_bytes must be from 0 to 2**63-1 or None, got {_short(value)}",
+                    {"field": "max_array_bytes", "value": _short(value)},
                 )
             object.__setattr__(self, "max_array_bytes", value)
 

@@ -10,6 +10,7 @@ import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -39,17 +40,52 @@ HMAC_KEY_ENV = "H5CKPT_HMAC_KEY"
 _PathLike = str | os.PathLike[str]
 
 
+#: Counts and batch indices stay below this: the file format and the Rust core hold
+#: them in 64 bits.
+_INT_LIMIT = 2**63
+
+#: Longest file name most file systems allow, in bytes.
+_NAME_MAX = 255
+#: What a checkpoint's temp file name adds to the prefix at most:
+#: ``.{prefix}_batch_{19 digits}.h5.{7-digit pid}.{12 hex digits}.tmp``.
+_NAME_OVERHEAD = len("._batch_.h5...tmp") + 19 + 7 + 12
+
+
 def _positive_int(name: str, value: object, *, minimum: int, allow_none: bool = False) -> Any:
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, numbers.Integral)
+        or not minimum <= value < _INT_LIMIT
+    ):
         raise CheckpointValueError(
-            f"{name} must be an integer >= {minimum}"
+            f"{name} must be an integer from {minimum} to 2**63-1"
             + (" or None" if allow_none else "")
-            + f", got {value!r}",
-            {name: repr(value)},
+            + f", got {_short_repr(value)}",
+            {name: _short_repr(value)},
         )
     return int(value)
+
+
+def _flag(name: str, value: object) -> bool:
+    # bool("no") is True: a string where a flag belongs (allow_pickle="no") is refused.
+    if isinstance(value, (bool, np.bool_)) or (
+        isinstance(value, numbers.Integral) and value in (0, 1)
+    ):
+        return bool(value)
+    raise CheckpointValueError(
+        f"{name} must be True or False, got {_short_repr(value)}", {name: _short_repr(value)}
+    )
+
+
+def _short_repr(value: object, limit: int = 60) -> str:
+    """``repr(value)``, cut short: an int of 400 digits is not a message."""
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<{type(value).__name__} object>"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class CheckpointManager:
@@ -72,15 +108,17 @@ class CheckpointManager:
     enable_compression : bool, default True
         Compress arrays that compress well (byte shuffle + LZ4); others stay raw.
     prefix : str, default "checkpoint"
-        File name prefix. Use ``"homodyne_state"`` for a directory of the
-        predecessor's files.
+        File name prefix: text without ``/``, NUL or lone surrogates, at most 200
+        bytes of UTF-8 (so that every file name fits in 255 bytes). Use
+        ``"homodyne_state"`` for a directory of the predecessor's files.
     allow_pickle : bool, default False
         Store values that have no native HDF5 form by pickling them, and load
         pickled values (including legacy files' optimizer state). Unpickling can run
         code: only enable it for files you trust.
-    hmac_key : bytes, optional
-        Sign saves with HMAC-SHA256 and refuse files without a matching tag. Defaults
-        to the UTF-8 bytes of the environment variable ``H5CKPT_HMAC_KEY``, if set.
+    hmac_key : bytes or str, optional
+        Sign saves with HMAC-SHA256 and refuse files without a matching tag. Text is
+        used as its UTF-8 bytes; an empty key is refused. Defaults to the bytes of the
+        environment variable ``H5CKPT_HMAC_KEY`` when it is set and not empty.
     durable : bool, default True
         fsync the file and its directory on every save. ``False`` is faster but a
         power loss may lose recent checkpoints (never corrupt them undetected).
@@ -128,35 +166,31 @@ class CheckpointManager:
         compression: str | None = "default",
         load_limits: LoadLimits | None = None,
     ) -> None:
-        if not isinstance(checkpoint_dir, (str, os.PathLike)):
-            raise CheckpointValueError(
-                f"checkpoint_dir must be a str or Path, got {type(checkpoint_dir).__name__}",
-                {"checkpoint_dir": repr(checkpoint_dir)},
-            )
-        self.checkpoint_dir = Path(checkpoint_dir)
+        self.checkpoint_dir = _as_path(checkpoint_dir, "checkpoint_dir")
         self.checkpoint_frequency = _positive_int(
             "checkpoint_frequency", checkpoint_frequency, minimum=1
         )
         self.keep_last_n = _positive_int("keep_last_n", keep_last_n, minimum=1, allow_none=True)
         self.keep_every = _positive_int("keep_every", keep_every, minimum=1, allow_none=True)
         self.keep_best_n = _positive_int("keep_best_n", keep_best_n, minimum=0)
-        if best_mode not in ("min", "max"):
+        if not isinstance(best_mode, str) or best_mode not in ("min", "max"):
             raise CheckpointValueError(
-                f"best_mode must be 'min' or 'max', got {best_mode!r}", {"best_mode": best_mode}
+                f"best_mode must be 'min' or 'max', got {_short_repr(best_mode)}",
+                {"best_mode": _short_repr(best_mode)},
             )
         self.best_mode = best_mode
-        if not isinstance(prefix, str) or not prefix or "/" in prefix or "\x00" in prefix:
-            raise CheckpointValueError(
-                f"prefix must be a non-empty file name part without '/', got {prefix!r}",
-                {"prefix": repr(prefix)},
-            )
-        self.prefix = prefix
-        self.enable_compression = bool(enable_compression)
+        self.prefix = _prefix(prefix)
+        self.enable_compression = _flag("enable_compression", enable_compression)
         self.compression = resolve_compression(self.enable_compression, compression)
-        self.allow_pickle = bool(allow_pickle)
-        self.durable = bool(durable)
-        self.delete_invalid = bool(delete_invalid)
-        self.auto_cleanup = bool(auto_cleanup)
+        self.allow_pickle = _flag("allow_pickle", allow_pickle)
+        self.durable = _flag("durable", durable)
+        self.delete_invalid = _flag("delete_invalid", delete_invalid)
+        self.auto_cleanup = _flag("auto_cleanup", auto_cleanup)
+        if load_limits is not None and not isinstance(load_limits, LoadLimits):
+            raise CheckpointValueError(
+                f"load_limits must be a LoadLimits or None, got {_short_repr(load_limits)}",
+                {"load_limits": _short_repr(load_limits)},
+            )
         self.load_limits = load_limits if load_limits is not None else LoadLimits()
         self._hmac_key = _resolve_key(hmac_key)
 
@@ -203,8 +237,13 @@ class CheckpointManager:
         -------
         Path
             ``checkpoint_dir / f"{prefix}_batch_{batch_idx:04d}.h5"``.
+
+        Raises
+        ------
+        CheckpointValueError
+            If ``batch_idx`` is not an integer from 0 to 2**63-1.
         """
-        return self.checkpoint_dir / f"{self.prefix}_batch_{batch_idx:04d}.h5"
+        return self.checkpoint_dir / f"{self.prefix}_batch_{_batch_index(batch_idx):04d}.h5"
 
     def should_save(self, batch_idx: int) -> bool:
         """Whether ``batch_idx`` is a batch to checkpoint (every ``checkpoint_frequency``).
@@ -243,7 +282,10 @@ class CheckpointManager:
             Any tree of dicts, lists, tuples, scalars, strings, bytes, None and numpy
             arrays/scalars; stored natively, restored with the same types.
         loss : float
-            Loss at this batch.
+            Loss at this batch: a real number (int, float, ``Fraction``, numpy
+            integer or float scalar, or a 0-d array of such a dtype), stored as a
+            64-bit float. NaN and ±inf are kept; bool, text, complex numbers,
+            ``Decimal`` and values beyond the float range are refused.
         metadata : dict, optional
             Another such tree.
 
@@ -647,54 +689,169 @@ class CheckpointManager:
 
 
 def _resolve_key(hmac_key: object) -> bytes | None:
+    """The HMAC key bytes: bytes as given, text as its UTF-8 bytes, None for no key.
+
+    Without ``hmac_key`` the environment variable ``H5CKPT_HMAC_KEY`` is used, as the
+    bytes it holds (not decoded and encoded again, so a value that is not UTF-8 still
+    works); unset or empty means no key.
+    """
     if hmac_key is None:
-        env = os.environ.get(HMAC_KEY_ENV)
-        if not env:
-            return None
-        return env.encode("utf-8")
+        return _key_from_environment()
     if isinstance(hmac_key, str):
-        hmac_key = hmac_key.encode("utf-8")
+        try:
+            hmac_key = hmac_key.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise CheckpointValueError(
+                f"hmac_key is text with a lone surrogate (at position {exc.start}), which "
+                "has no UTF-8 bytes: pass the key as bytes",
+                {"hmac_key_type": "str", "position": exc.start},
+            ) from None
     if not isinstance(hmac_key, (bytes, bytearray, memoryview)) or len(bytes(hmac_key)) == 0:
         raise CheckpointValueError(
-            "hmac_key must be non-empty bytes", {"hmac_key_type": type(hmac_key).__name__}
+            "hmac_key must be non-empty bytes or text, got "
+            + (
+                "an empty key"
+                if isinstance(hmac_key, (bytes, bytearray, memoryview))
+                else type(hmac_key).__name__
+            ),
+            {"hmac_key_type": type(hmac_key).__name__},
         )
     return bytes(hmac_key)
+
+
+def _key_from_environment() -> bytes | None:
+    if os.supports_bytes_environ:
+        raw = os.environb.get(HMAC_KEY_ENV.encode("ascii"))
+        return bytes(raw) if raw else None
+    text = os.environ.get(HMAC_KEY_ENV)  # Windows: the environment is text
+    if not text:
+        return None
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CheckpointValueError(
+            f"the environment variable {HMAC_KEY_ENV} holds text that has no UTF-8 bytes",
+            {"variable": HMAC_KEY_ENV},
+        ) from None
+
+
+def _prefix(prefix: object) -> str:
+    """The file name prefix, checked: every checkpoint name of it must be creatable."""
+    problem = None
+    if not isinstance(prefix, str):
+        problem = f"must be a str, got {type(prefix).__name__}"
+    elif not prefix:
+        problem = "must not be empty"
+    elif "/" in prefix or "\x00" in prefix:
+        problem = "must not contain '/' or NUL"
+    else:
+        try:
+            size = len(prefix.encode("utf-8"))
+        except UnicodeEncodeError as exc:
+            # The native scan matches names as UTF-8: such a prefix would match nothing.
+            problem = f"has a lone surrogate (at position {exc.start}), which is not UTF-8"
+        else:
+            if size + _NAME_OVERHEAD > _NAME_MAX:
+                problem = (
+                    f"is {size} bytes long: its file names would exceed {_NAME_MAX} bytes "
+                    f"(at most {_NAME_MAX - _NAME_OVERHEAD} bytes of UTF-8)"
+                )
+    if problem is not None:
+        raise CheckpointValueError(
+            f"prefix {problem}, got {_short_repr(prefix)}", {"prefix": _short_repr(prefix)}
+        )
+    return prefix  # type: ignore[return-value]
 
 
 def _batch_index(batch_idx: object) -> int:
     if isinstance(batch_idx, (bool, np.bool_)) or not isinstance(batch_idx, numbers.Integral):
         raise CheckpointValueError(
-            f"batch_idx must be a non-negative integer, got {batch_idx!r}",
-            {"batch_idx": repr(batch_idx)},
+            f"batch_idx must be a non-negative integer, got {_short_repr(batch_idx)}",
+            {"batch_idx": _short_repr(batch_idx)},
         )
     value = int(batch_idx)
-    if value < 0 or value >= 2**63:
+    if value < 0 or value >= _INT_LIMIT:
         raise CheckpointValueError(
-            f"batch_idx must be a non-negative integer below 2**63, got {value}",
-            {"batch_idx": value},
+            f"batch_idx must be a non-negative integer below 2**63, got {_short_repr(value)}",
+            {"batch_idx": _short_repr(value)},
         )
     return value
 
 
 def _loss(loss: object) -> float:
+    """``loss`` as a float: a real number (``numbers.Real`` except bool, numpy real
+    scalars included) or a 0-d array of an integer or float dtype (as reductions of
+    numpy, JAX or torch arrays give); anything else is refused, text included."""
+    value = loss
+    if not isinstance(loss, numbers.Real) and hasattr(loss, "__array__"):
+        try:
+            array = np.asarray(loss)
+        except Exception:
+            array = None
+        if array is not None and array.ndim == 0:
+            value = array[()]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise CheckpointValueError(
+            "loss must be a real number (an int, a float, a numpy real scalar or a 0-d "
+            f"array), got {type(loss).__name__} {_short_repr(loss)}"
+            + (
+                ": convert it with float() if that is what you mean"
+                if isinstance(loss, (str, bytes, Decimal))
+                else ""
+            ),
+            {"loss": _short_repr(loss)},
+        )
     try:
-        value = float(loss)  # type: ignore[arg-type]
+        with np.errstate(over="ignore"):
+            result = float(value)
+    except OverflowError:
+        result = math.inf if value > 0 else -math.inf
+        finite = True
     except (TypeError, ValueError) as exc:
         raise CheckpointValueError(
-            f"loss must be a real number, got {loss!r}", {"loss": repr(loss)}
+            f"loss {_short_repr(loss)} does not convert to a float: {exc}",
+            {"loss": _short_repr(loss)},
         ) from exc
-    if isinstance(loss, complex) or (isinstance(loss, np.ndarray) and loss.size != 1):
-        raise CheckpointValueError(f"loss must be a real number, got {loss!r}", {})
-    return value if not math.isnan(value) else float("nan")
-
-
-def _as_path(path: object) -> Path:
-    if not isinstance(path, (str, os.PathLike)):
+    else:
+        finite = isinstance(value, np.generic) and bool(np.isfinite(value))
+    if math.isinf(result) and finite:
         raise CheckpointValueError(
-            f"a checkpoint path must be a str or Path, got {type(path).__name__}",
-            {"path": repr(path)},
+            f"loss {_short_repr(loss)} is too large for a 64-bit float "
+            "(the largest is about 1.8e308)",
+            {"loss": _short_repr(loss)},
         )
-    return Path(path)
+    return result if not math.isnan(result) else float("nan")
+
+
+def _as_path(path: object, what: str = "the checkpoint path") -> Path:
+    """``path`` as a ``Path``, refused when no file could have that name."""
+    problem = None
+    if not isinstance(path, (str, os.PathLike)):
+        problem = f"must be a str or Path, got {type(path).__name__}"
+    else:
+        try:
+            text = os.fspath(path)
+        except TypeError as exc:
+            text, problem = None, str(exc)
+        if not isinstance(text, str):
+            problem = problem or f"must be a str path, got {type(text).__name__}"
+        elif not text:
+            problem = "is empty (use '.' for the current directory)"
+        elif "\x00" in text:
+            problem = "contains a NUL character, which no file name can hold"
+        else:
+            try:
+                os.fsencode(text)
+            except UnicodeEncodeError as exc:
+                problem = (
+                    f"has a character that is no file name byte (U+{ord(text[exc.start]):04X} "
+                    f"at position {exc.start})"
+                )
+    if problem is not None:
+        raise CheckpointValueError(
+            f"{what} {problem}: {_short_repr(path)}", {"path": _short_repr(path)}
+        )
+    return Path(text)  # type: ignore[arg-type]
 
 
 def _read_verified(path: Path, key: bytes | None) -> tuple[_native.Header, np.ndarray]:

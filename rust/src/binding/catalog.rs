@@ -10,7 +10,7 @@ use std::sync::{Mutex, MutexGuard};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 
-use super::{to_pyerr, to_u64, value_error};
+use super::{f64_arg, opt_str_arg, path_arg, str_arg, to_pyerr, u64_arg, value_error};
 use crate::catalog::{Catalog, Record, Status, Verdict};
 use crate::error::Error;
 use crate::scan::Identity;
@@ -104,26 +104,28 @@ impl PyCheckpointInfo {
     #[allow(clippy::too_many_arguments)]
     fn py_new(
         py: Python<'_>,
-        path: PathBuf,
-        batch_idx: i128,
-        loss: f64,
-        timestamp: f64,
-        size_bytes: i128,
-        status: &str,
+        path: &Bound<'_, PyAny>,
+        batch_idx: &Bound<'_, PyAny>,
+        loss: &Bound<'_, PyAny>,
+        timestamp: &Bound<'_, PyAny>,
+        size_bytes: &Bound<'_, PyAny>,
+        status: &Bound<'_, PyAny>,
         verified: bool,
-        error: Option<String>,
+        error: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
-        let status = Status::parse(status).map_err(|e| to_pyerr(py, e))?;
+        let path = path_arg(path, "path")?;
+        let status = Status::parse(&str_arg(status, "status")?).map_err(|e| to_pyerr(py, e))?;
+        let error = opt_str_arg(error, "error")?;
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         Ok(Self::new_from(InfoData {
             name,
-            batch_idx: to_u64(py, batch_idx, "batch_idx")?,
-            loss,
-            timestamp,
-            size_bytes: to_u64(py, size_bytes, "size_bytes")?,
+            batch_idx: u64_arg(batch_idx, "batch_idx")?,
+            loss: f64_arg(loss, "loss")?,
+            timestamp: f64_arg(timestamp, "timestamp")?,
+            size_bytes: u64_arg(size_bytes, "size_bytes")?,
             status,
             verified,
             error,
@@ -321,11 +323,17 @@ impl PyCatalog {
 #[pymethods]
 impl PyCatalog {
     #[new]
-    fn py_new(directory: PathBuf, prefix: String, keyed: bool) -> Self {
-        PyCatalog {
+    fn py_new(
+        directory: &Bound<'_, PyAny>,
+        prefix: &Bound<'_, PyAny>,
+        keyed: bool,
+    ) -> PyResult<Self> {
+        let directory = path_arg(directory, "directory")?;
+        let prefix = str_arg(prefix, "prefix")?;
+        Ok(PyCatalog {
             catalog: Mutex::new(Catalog::new(directory, prefix, keyed)),
             infos: Mutex::new(HashMap::new()),
-        }
+        })
     }
 
     /// Scan the directory again: ``(infos by batch index, indices of the legacy
@@ -380,12 +388,16 @@ impl PyCatalog {
         &self,
         py: Python<'_>,
         info: PyRef<'_, PyCheckpointInfo>,
-        status: Option<&str>,
-        error: Option<String>,
-        loss: Option<f64>,
-        timestamp: Option<f64>,
+        status: Option<&Bound<'_, PyAny>>,
+        error: Option<&Bound<'_, PyAny>>,
+        loss: Option<&Bound<'_, PyAny>>,
+        timestamp: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Py<PyCheckpointInfo>> {
-        let verdict = match status {
+        let status = opt_str_arg(status, "status")?;
+        let error = opt_str_arg(error, "error")?;
+        let loss = loss.map(|l| f64_arg(l, "loss")).transpose()?;
+        let timestamp = timestamp.map(|t| f64_arg(t, "timestamp")).transpose()?;
+        let verdict = match status.as_deref() {
             Some(s) => Some(Verdict {
                 status: Status::parse(s).map_err(|e| to_pyerr(py, e))?,
                 error,
@@ -435,11 +447,13 @@ impl PyCatalog {
     fn remember(
         &self,
         py: Python<'_>,
-        name: String,
-        status: &str,
-        error: Option<String>,
+        name: &Bound<'_, PyAny>,
+        status: &Bound<'_, PyAny>,
+        error: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
-        let status = Status::parse(status).map_err(|e| to_pyerr(py, e))?;
+        let name = str_arg(name, "name")?;
+        let status = Status::parse(&str_arg(status, "status")?).map_err(|e| to_pyerr(py, e))?;
+        let error = opt_str_arg(error, "error")?;
         if status == Status::Unverified {
             return Err(value_error(py, "a remembered status must be a verdict"));
         }
@@ -449,15 +463,18 @@ impl PyCatalog {
     }
 
     /// Forget the file ``name``.
-    fn forget(&self, py: Python<'_>, name: String) {
+    fn forget(&self, py: Python<'_>, name: &Bound<'_, PyAny>) -> PyResult<()> {
+        let name = str_arg(name, "name")?;
         py.detach(|| locked(&self.catalog).forget(&name));
+        Ok(())
     }
 
     fn __len__(&self, py: Python<'_>) -> usize {
         py.detach(|| locked(&self.catalog).len())
     }
 
-    fn __contains__(&self, py: Python<'_>, name: String) -> bool {
-        py.detach(|| locked(&self.catalog).get(&name).is_some())
+    fn __contains__(&self, py: Python<'_>, name: &Bound<'_, PyAny>) -> PyResult<bool> {
+        let name = str_arg(name, "name")?;
+        Ok(py.detach(|| locked(&self.catalog).get(&name).is_some()))
     }
 }

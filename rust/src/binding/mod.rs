@@ -9,11 +9,13 @@
 use std::ffi::OsStr;
 use std::path::PathBuf;
 
-use pyo3::exceptions::{PyBufferError, PyMemoryError, PyOSError, PyValueError};
+use pyo3::exceptions::{
+    PyBufferError, PyMemoryError, PyOSError, PyOverflowError, PyTypeError, PyValueError,
+};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBytes, PyDict, PyType};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyString, PyType};
 
 mod catalog;
 
@@ -231,26 +233,160 @@ fn key_bytes(key: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Vec<u8>>> {
     .transpose()
 }
 
-pub(crate) fn to_u64(py: Python<'_>, value: i128, name: &str) -> PyResult<u64> {
-    u64::try_from(value).map_err(|_| {
-        value_error(
-            py,
-            format!("{name} must be an integer from 0 to 2**64-1, got {value}"),
-        )
-    })
+// Scalars and paths are taken as Python objects and converted here, so that a bad
+// value is a `CheckpointValueError` naming the argument and what it must be, never a
+// bare OverflowError, TypeError or UnicodeEncodeError from the generic conversion.
+
+/// `repr(obj)`, cut short: an int of 400 digits is not a message.
+fn short_repr(obj: &Bound<'_, PyAny>) -> String {
+    let text = obj
+        .repr()
+        .map(|r| r.to_string())
+        .unwrap_or_else(|_| format!("<{} object>", obj.get_type()));
+    if text.chars().count() <= 60 {
+        text
+    } else {
+        text.chars().take(59).chain(std::iter::once('…')).collect()
+    }
 }
 
-fn to_usize(py: Python<'_>, value: i128, name: &str) -> PyResult<usize> {
-    usize::try_from(value).map_err(|_| {
-        value_error(
-            py,
-            format!("{name} must be a non-negative integer, got {value}"),
-        )
-    })
+/// Whether `err` is what a failed conversion raises (as opposed to, say, a
+/// KeyboardInterrupt from inside `__index__`, which must propagate as it is).
+fn conversion_failed(py: Python<'_>, err: &PyErr) -> bool {
+    err.is_instance_of::<PyTypeError>(py)
+        || err.is_instance_of::<PyOverflowError>(py)
+        || err.is_instance_of::<PyValueError>(py)
 }
 
-fn chunk_log2(py: Python<'_>, chunk_size: i128) -> PyResult<u32> {
-    let size = to_u64(py, chunk_size, "chunk_size")?;
+/// An integer argument in `min..=max` (`range` says it in words); bool is refused.
+pub(crate) fn int_in<T: TryFrom<i128>>(
+    obj: &Bound<'_, PyAny>,
+    name: &str,
+    (min, max, range): (i128, i128, &str),
+) -> PyResult<T> {
+    let py = obj.py();
+    let refuse = || {
+        value_error(
+            py,
+            format!("{name} must be an integer {range}, got {}", short_repr(obj)),
+        )
+    };
+    if obj.is_instance_of::<PyBool>() {
+        return Err(refuse());
+    }
+    let wide = match obj.extract::<i128>() {
+        Ok(v) => v,
+        Err(e) if conversion_failed(py, &e) => return Err(refuse()),
+        Err(e) => return Err(e),
+    };
+    if !(min..=max).contains(&wide) {
+        return Err(refuse());
+    }
+    T::try_from(wide).map_err(|_| refuse())
+}
+
+pub(crate) const U64: (i128, i128, &str) = (0, u64::MAX as i128, "from 0 to 2**64-1");
+/// Any C int: what the OS makes of a bad descriptor is its own error (EBADF).
+const FD: (i128, i128, &str) = (
+    i32::MIN as i128,
+    i32::MAX as i128,
+    "from -2**31 to 2**31-1 (a file descriptor)",
+);
+/// Blosc frames hold less than 2 GiB.
+const CHUNK_BYTES: (i128, i128, &str) = (0, i32::MAX as i128, "from 0 to 2**31-1");
+
+pub(crate) fn u64_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<u64> {
+    int_in(obj, name, U64)
+}
+
+fn usize_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<usize> {
+    int_in(
+        obj,
+        name,
+        (
+            0,
+            usize::MAX as i128,
+            "from 0 to the largest size of this platform",
+        ),
+    )
+}
+
+/// A float argument: anything Python converts with `float()` except text, and
+/// without overflow (an int of 400 digits has no float).
+pub(crate) fn f64_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<f64> {
+    let py = obj.py();
+    match obj.extract::<f64>() {
+        Ok(v) => Ok(v),
+        Err(e) if conversion_failed(py, &e) => Err(value_error(
+            py,
+            format!(
+                "{name} must be a real number that fits a 64-bit float, got {} ({})",
+                short_repr(obj),
+                e.value(py)
+            ),
+        )),
+        Err(e) => Err(e),
+    }
+}
+
+/// A text argument that Rust can hold: a str without lone surrogates.
+pub(crate) fn str_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<String> {
+    let py = obj.py();
+    match obj.extract::<String>() {
+        Ok(v) => Ok(v),
+        Err(e) if conversion_failed(py, &e) => {
+            let problem = if obj.is_instance_of::<PyString>() {
+                "must be text without lone surrogates (it is not UTF-8)"
+            } else {
+                "must be a str"
+            };
+            Err(value_error(
+                py,
+                format!("{name} {problem}, got {}", short_repr(obj)),
+            ))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+pub(crate) fn opt_str_arg(obj: Option<&Bound<'_, PyAny>>, name: &str) -> PyResult<Option<String>> {
+    obj.filter(|o| !o.is_none())
+        .map(|o| str_arg(o, name))
+        .transpose()
+}
+
+/// A file name argument (str or os.PathLike) that the OS can be given.
+pub(crate) fn path_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<PathBuf> {
+    let py = obj.py();
+    let path = match obj.extract::<PathBuf>() {
+        Ok(p) => p,
+        Err(e) if conversion_failed(py, &e) => {
+            let problem = if obj.is_instance_of::<PyString>() {
+                "has a character that is no file name byte"
+            } else {
+                "must be a str or os.PathLike"
+            };
+            return Err(value_error(
+                py,
+                format!("{name} {problem}, got {}", short_repr(obj)),
+            ));
+        }
+        Err(e) => return Err(e),
+    };
+    if path.as_os_str().as_encoded_bytes().contains(&0) {
+        return Err(value_error(
+            py,
+            format!(
+                "{name} contains a NUL character, which no file name can hold: {}",
+                short_repr(obj)
+            ),
+        ));
+    }
+    Ok(path)
+}
+
+fn chunk_log2(py: Python<'_>, chunk_size: &Bound<'_, PyAny>) -> PyResult<u32> {
+    let size = u64_arg(chunk_size, "chunk_size")?;
     header::chunk_log2_of(size).map_err(|e| to_pyerr(py, e))
 }
 
@@ -432,13 +568,16 @@ fn py_header(py: Python<'_>, header: Header) -> PyResult<Bound<'_, PyHeader>> {
 
 /// Payload digest (docs/format.md) of an in-memory byte string.
 #[pyfunction]
-#[pyo3(signature = (data, chunk_size = header::DEFAULT_CHUNK_SIZE as i128))]
+#[pyo3(signature = (data, chunk_size = None))]
 fn tree_digest<'py>(
     py: Python<'py>,
     data: &Bound<'py, PyAny>,
-    chunk_size: i128,
+    chunk_size: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyBytes>> {
-    let log2 = chunk_log2(py, chunk_size)?;
+    let log2 = match chunk_size {
+        Some(c) => chunk_log2(py, c)?,
+        None => header::DEFAULT_CHUNK_LOG2,
+    };
     let buf = ByteBuffer::get(data, "data")?;
     let bytes = buf.bytes();
     let root = detach(py, || Ok(digest::tree_digest(bytes, log2)))?;
@@ -456,7 +595,8 @@ fn parse_header<'py>(py: Python<'py>, data: &Bound<'py, PyAny>) -> PyResult<Boun
 
 /// Read and parse a file's header; checks the file length against it.
 #[pyfunction]
-fn read_header(py: Python<'_>, path: PathBuf) -> PyResult<Bound<'_, PyHeader>> {
+fn read_header<'py>(py: Python<'py>, path: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyHeader>> {
+    let path = path_arg(path, "path")?;
     let header = detach(py, || verify::read_header(&path))?;
     py_header(py, header)
 }
@@ -466,9 +606,10 @@ fn read_header(py: Python<'_>, path: PathBuf) -> PyResult<Bound<'_, PyHeader>> {
 #[pyo3(signature = (path, hmac_key = None))]
 fn verify_file<'py>(
     py: Python<'py>,
-    path: PathBuf,
+    path: &Bound<'py, PyAny>,
     hmac_key: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyHeader>> {
+    let path = path_arg(path, "path")?;
     let key = key_bytes(hmac_key)?;
     let header = detach(py, || verify::verify_file(&path, key.as_deref()))?;
     py_header(py, header)
@@ -479,9 +620,13 @@ fn verify_file<'py>(
 #[pyo3(signature = (paths, hmac_key = None))]
 fn verify_files<'py>(
     py: Python<'py>,
-    paths: Vec<PathBuf>,
+    paths: Vec<Bound<'py, PyAny>>,
     hmac_key: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    let paths = paths
+        .iter()
+        .map(|p| path_arg(p, "path"))
+        .collect::<PyResult<Vec<_>>>()?;
     let key = key_bytes(hmac_key)?;
     // Per-file failures are values here, not errors of the call.
     let results = detach(py, || Ok(verify::verify_files(&paths, key.as_deref())))?;
@@ -529,9 +674,10 @@ fn advise_huge_pages(ptr: *mut u8, len: usize) {
 #[pyo3(signature = (path, hmac_key = None))]
 fn read_verified<'py>(
     py: Python<'py>,
-    path: PathBuf,
+    path: &Bound<'py, PyAny>,
     hmac_key: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<(Bound<'py, PyHeader>, Bound<'py, PyBytes>)> {
+    let path = path_arg(path, "path")?;
     let key = key_bytes(hmac_key)?;
     let (file, len) = detach(py, || verify::open(&path))?;
     let len = isize::try_from(len)
@@ -568,11 +714,16 @@ fn read_verified<'py>(
 #[pyo3(signature = (fd, out, hmac_key = None, path = None))]
 fn read_verified_fd<'py>(
     py: Python<'py>,
-    fd: i32,
+    fd: &Bound<'py, PyAny>,
     out: &Bound<'py, PyAny>,
     hmac_key: Option<&Bound<'py, PyAny>>,
-    path: Option<PathBuf>,
+    path: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyHeader>> {
+    let fd: i32 = int_in(fd, "fd", FD)?;
+    let path = path
+        .filter(|p| !p.is_none())
+        .map(|p| path_arg(p, "path"))
+        .transpose()?;
     let key = key_bytes(hmac_key)?;
     let mut dst = ByteBuffer::get_writable(out, "out")?;
     let buf = dst.bytes_mut();
@@ -586,28 +737,34 @@ fn read_verified_fd<'py>(
 #[pyfunction]
 #[pyo3(signature = (
     fd, segments, batch_idx, loss, timestamp, hmac_key = None, durable = true,
-    chunk_size = header::DEFAULT_CHUNK_SIZE as i128,
+    chunk_size = None,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn finalize<'py>(
     py: Python<'py>,
-    fd: i32,
-    segments: Vec<(i128, Bound<'py, PyAny>)>,
-    batch_idx: i128,
-    loss: f64,
-    timestamp: f64,
+    fd: &Bound<'py, PyAny>,
+    segments: Vec<(Bound<'py, PyAny>, Bound<'py, PyAny>)>,
+    batch_idx: &Bound<'py, PyAny>,
+    loss: &Bound<'py, PyAny>,
+    timestamp: &Bound<'py, PyAny>,
     hmac_key: Option<&Bound<'py, PyAny>>,
     durable: bool,
-    chunk_size: i128,
+    chunk_size: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyHeader>> {
-    let chunk_log2 = chunk_log2(py, chunk_size)?;
-    let batch_idx = to_u64(py, batch_idx, "batch_idx")?;
+    let fd: i32 = int_in(fd, "fd", FD)?;
+    let chunk_log2 = match chunk_size {
+        Some(c) => chunk_log2(py, c)?,
+        None => header::DEFAULT_CHUNK_LOG2,
+    };
+    let batch_idx = u64_arg(batch_idx, "batch_idx")?;
+    let loss = f64_arg(loss, "loss")?;
+    let timestamp = f64_arg(timestamp, "timestamp")?;
     let key = key_bytes(hmac_key)?;
     // The exported buffers stay alive (and their memory in place) until the end of
     // this function, past the GIL-free section that reads them.
     let mut buffers = Vec::with_capacity(segments.len());
     for (offset, obj) in &segments {
-        let offset = to_u64(py, *offset, "segment offset")?;
+        let offset = u64_arg(offset, "segment offset")?;
         buffers.push((offset, ByteBuffer::get(obj, "segment")?));
     }
     let segs: Vec<Segment<'_>> = buffers
@@ -639,10 +796,12 @@ fn finalize<'py>(
 fn blosc_compress_chunks<'py>(
     py: Python<'py>,
     data: &Bound<'py, PyAny>,
-    chunk_bytes: usize,
-    typesize: usize,
+    chunk_bytes: &Bound<'py, PyAny>,
+    typesize: &Bound<'py, PyAny>,
     out: &Bound<'py, PyAny>,
 ) -> PyResult<Vec<usize>> {
+    let chunk_bytes: usize = int_in(chunk_bytes, "chunk_bytes", CHUNK_BYTES)?;
+    let typesize = usize_arg(typesize, "typesize")?;
     let buf = ByteBuffer::get(data, "data")?;
     let mut dst = ByteBuffer::get_writable(out, "out")?;
     let bytes = buf.bytes();
@@ -658,13 +817,19 @@ fn blosc_compress_chunks<'py>(
 
 /// Bytes of output space one frame of a `chunk_bytes` chunk may need.
 #[pyfunction]
-fn blosc_max_frame_len(chunk_bytes: usize) -> usize {
-    crate::blosc::max_frame_len(chunk_bytes)
+fn blosc_max_frame_len(chunk_bytes: &Bound<'_, PyAny>) -> PyResult<usize> {
+    let chunk_bytes: usize = int_in(chunk_bytes, "chunk_bytes", CHUNK_BYTES)?;
+    Ok(crate::blosc::max_frame_len(chunk_bytes))
 }
 
 /// Compressed over raw size of `data` as [`blosc_compress_chunks`] stores it.
 #[pyfunction]
-fn blosc_ratio(py: Python<'_>, data: &Bound<'_, PyAny>, typesize: usize) -> PyResult<f64> {
+fn blosc_ratio(
+    py: Python<'_>,
+    data: &Bound<'_, PyAny>,
+    typesize: &Bound<'_, PyAny>,
+) -> PyResult<f64> {
+    let typesize = usize_arg(typesize, "typesize")?;
     let buf = ByteBuffer::get(data, "data")?;
     let bytes = buf.bytes();
     detach(py, || crate::blosc::ratio(bytes, typesize))
@@ -673,15 +838,31 @@ fn blosc_ratio(py: Python<'_>, data: &Bound<'_, PyAny>, typesize: usize) -> PyRe
 /// Start writing the dirty pages of a file range to the disk, without waiting
 /// (`length` 0: to the end of the file). A hint: errors surface at the next fsync.
 #[pyfunction]
-#[pyo3(signature = (fd, offset = 0, length = 0))]
-fn start_writeback(py: Python<'_>, fd: i32, offset: u64, length: u64) {
+#[pyo3(signature = (fd, offset = None, length = None))]
+fn start_writeback(
+    py: Python<'_>,
+    fd: &Bound<'_, PyAny>,
+    offset: Option<&Bound<'_, PyAny>>,
+    length: Option<&Bound<'_, PyAny>>,
+) -> PyResult<()> {
+    let fd: i32 = int_in(fd, "fd", FD)?;
+    let offset = offset.map(|o| u64_arg(o, "offset")).transpose()?;
+    let length = length.map(|l| u64_arg(l, "length")).transpose()?;
+    let (offset, length) = (offset.unwrap_or(0), length.unwrap_or(0));
     py.detach(|| crate::finalize::start_writeback_fd(fd, offset, length));
+    Ok(())
 }
 
 /// Regular files named `{prefix}_batch_<digits>.h5`, headers read in parallel,
 /// sorted by `(batch_idx, name)`.
 #[pyfunction]
-fn scan(py: Python<'_>, directory: PathBuf, prefix: String) -> PyResult<Vec<Bound<'_, PyEntry>>> {
+fn scan<'py>(
+    py: Python<'py>,
+    directory: &Bound<'py, PyAny>,
+    prefix: &Bound<'py, PyAny>,
+) -> PyResult<Vec<Bound<'py, PyEntry>>> {
+    let directory = path_arg(directory, "directory")?;
+    let prefix = str_arg(prefix, "prefix")?;
     let entries = detach(py, || crate::scan::scan(&directory, &prefix))?;
     entries
         .into_iter()
@@ -699,34 +880,44 @@ fn scan(py: Python<'_>, directory: PathBuf, prefix: String) -> PyResult<Vec<Boun
 /// Indices of `(batch_idx, valid, loss)` candidates that the policy deletes.
 #[pyfunction]
 #[pyo3(signature = (
-    candidates, keep_last_n, keep_every = None, keep_best_n = 0, maximize = false,
+    candidates, keep_last_n, keep_every = None, keep_best_n = None, maximize = false,
     delete_invalid = false,
 ))]
-fn plan_retention(
-    py: Python<'_>,
-    candidates: Vec<(i128, bool, f64)>,
-    keep_last_n: Option<i128>,
-    keep_every: Option<i128>,
-    keep_best_n: i128,
+#[allow(clippy::type_complexity)]
+fn plan_retention<'py>(
+    py: Python<'py>,
+    candidates: Vec<(Bound<'py, PyAny>, bool, Bound<'py, PyAny>)>,
+    keep_last_n: Option<&Bound<'py, PyAny>>,
+    keep_every: Option<&Bound<'py, PyAny>>,
+    keep_best_n: Option<&Bound<'py, PyAny>>,
     maximize: bool,
     delete_invalid: bool,
 ) -> PyResult<Vec<usize>> {
     let candidates = candidates
-        .into_iter()
-        .map(|(b, v, l)| Ok((to_u64(py, b, "batch_idx")?, v, l)))
+        .iter()
+        .map(|(b, v, l)| {
+            Ok((
+                u64_arg(b, "batch_idx of a candidate")?,
+                *v,
+                f64_arg(l, "loss of a candidate")?,
+            ))
+        })
         .collect::<PyResult<Vec<_>>>()?;
     let keep_every = keep_every
-        .map(|k| match to_u64(py, k, "keep_every")? {
+        .map(|k| match u64_arg(k, "keep_every")? {
             0 => Err(value_error(py, "keep_every must be at least 1")),
             k => Ok(k),
         })
         .transpose()?;
     let policy = Policy {
         keep_last_n: keep_last_n
-            .map(|n| to_usize(py, n, "keep_last_n"))
+            .map(|n| usize_arg(n, "keep_last_n"))
             .transpose()?,
         keep_every,
-        keep_best_n: to_usize(py, keep_best_n, "keep_best_n")?,
+        keep_best_n: keep_best_n
+            .map(|n| usize_arg(n, "keep_best_n"))
+            .transpose()?
+            .unwrap_or(0),
         maximize,
         delete_invalid,
     };
@@ -735,7 +926,8 @@ fn plan_retention(
 
 /// fsync a directory, so that a rename in it is durable.
 #[pyfunction]
-fn fsync_directory(py: Python<'_>, path: PathBuf) -> PyResult<()> {
+fn fsync_directory(py: Python<'_>, path: &Bound<'_, PyAny>) -> PyResult<()> {
+    let path = path_arg(path, "path")?;
     detach(py, || crate::finalize::fsync_directory(&path))
 }
 
