@@ -25,6 +25,7 @@ from .errors import (
 )
 from .legacy import load_legacy, validate_legacy
 from .limits import LoadLimits
+from .opening import open_regular, read_head
 from .payload import WritebackFile, as_parameters, read_payload, write_payload
 from .reclaim import Reclaimer
 from .staging import DirectoryLock, StagedFile, oserror_to_checkpoint, sweep_temp_files
@@ -703,10 +704,7 @@ def _read_verified(path: Path, key: bytes | None) -> tuple[_native.Header, np.nd
     The memory is a numpy buffer: its large raw arrays become the loaded arrays
     (views), so loading touches their bytes once.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise oserror_to_checkpoint(exc, "open checkpoint", path) from exc
+    fd = open_regular(path)
     try:
         buf = np.empty(os.fstat(fd).st_size, dtype=np.uint8)
         header = _native.read_verified_fd(fd, buf, key, path)
@@ -717,15 +715,11 @@ def _read_verified(path: Path, key: bytes | None) -> tuple[_native.Header, np.nd
 
 def _sniff(path: Path) -> str:
     """``"h5ckpt"`` or ``"legacy"`` from a file's first bytes, or a ``CheckpointError``."""
+    fd = open_regular(path)
     try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-    except IsADirectoryError as exc:
-        raise CheckpointValueError(
-            f"{path} is a directory, not a checkpoint", {"path": str(path)}
-        ) from exc
-    except OSError as exc:
-        raise oserror_to_checkpoint(exc, "open checkpoint", path) from exc
+        head = read_head(fd, path)
+    finally:
+        os.close(fd)
     if head == _native.MAGIC:
         return "h5ckpt"
     if head == _native.HDF5_SIGNATURE:
