@@ -68,7 +68,7 @@ def wait_for_thread_in_flock():
     raise AssertionError("no thread ever blocked in flock")
 
 def hold_lock_elsewhere(directory):
-    """Another process holding the directory lock until its stdin closes."""
+    """Another process holding the directory lock until it is killed."""
     code = (
         "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
         "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()"
@@ -146,7 +146,7 @@ def test_child_saves_while_a_parent_thread_was_mid_save(tmp_path: Path):
             m.close()
 
         # Released only once the child runs: the child must wait for it like anyone.
-        threading.Timer(0.5, locker.stdin.close).start()
+        threading.Timer(0.5, locker.kill).start()
         print("child:", in_child(child))
         locker.wait()
         assert pending.result(timeout=30) == m.checkpoint_path(5)

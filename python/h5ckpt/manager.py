@@ -23,6 +23,7 @@ from .errors import (
     CheckpointError,
     CheckpointValueError,
 )
+from .forking import reset_in_child
 from .legacy import load_legacy, validate_legacy
 from .limits import LoadLimits
 from .opening import open_regular, read_head
@@ -179,6 +180,7 @@ class CheckpointManager:
         self._pending: list[Future[Path]] = []
         self._slots = threading.BoundedSemaphore(1)
         self._reclaimer = Reclaimer()
+        reset_in_child(self)
         if os.access(self.checkpoint_dir, os.W_OK):
             with self._lock.held():
                 sweep_temp_files(self.checkpoint_dir, self.prefix)
@@ -405,6 +407,33 @@ class CheckpointManager:
             if executor is not None:
                 executor.shutdown(wait=True)
             self._reclaimer.wait()
+
+    def _after_fork_in_child(self) -> None:
+        """Fresh asynchronous machinery in a forked child (see :mod:`h5ckpt.forking`).
+
+        The background thread does not exist here, the executor would wait for it
+        forever, and another thread may have held the locks or the snapshot slot at
+        the fork. Saves that were pending belong to the parent, which completes
+        them: here their futures fail at once instead of never resolving.
+        """
+        self._async_lock = threading.Lock()
+        self._executor = None
+        inherited, self._pending = self._pending, []
+        for future in inherited:
+            reinit = getattr(getattr(future, "_condition", None), "_at_fork_reinit", None)
+            if reinit is not None:
+                reinit()  # a parent thread may have held it at the fork
+            if not future.done():
+                future.set_exception(
+                    CheckpointError(
+                        "this asynchronous save was in progress in the parent process "
+                        f"when process {os.getpid()} was forked from it; the parent "
+                        "completes it, the child does not",
+                        {"pid": os.getpid()},
+                    )
+                )
+        # After the futures: their callbacks release the inherited slot.
+        self._slots = threading.BoundedSemaphore(1)
 
     def __enter__(self) -> CheckpointManager:
         return self

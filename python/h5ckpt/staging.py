@@ -31,6 +31,7 @@ from .errors import (
     CheckpointPermissionError,
     CheckpointStorageError,
 )
+from .forking import reset_in_child
 
 __all__ = ["LOCK_NAME", "DirectoryLock", "StagedFile", "oserror_to_checkpoint", "sweep_temp_files"]
 
@@ -67,6 +68,15 @@ class DirectoryLock:
         self._thread_lock = threading.RLock()
         self._depth = 0
         self._fd: int | None = None
+        reset_in_child(self)
+
+    def _after_fork_in_child(self) -> None:
+        # Another thread of the parent may have held the thread lock at the fork.
+        # The inherited descriptor is closed by _close_inherited_descriptors; the
+        # child locks on a descriptor of its own, which excludes the parent.
+        self._thread_lock = threading.RLock()
+        self._depth = 0
+        self._fd = None
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
@@ -82,6 +92,8 @@ class DirectoryLock:
                     self._release()
 
     def _acquire(self) -> None:
+        global _descriptors_opened
+        _descriptors_opened = True
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as exc:
@@ -104,6 +116,8 @@ class StagedFile:
 
     def __init__(self, final: Path) -> None:
         self.final = final
+        global _descriptors_opened
+        _descriptors_opened = True
         for _ in range(16):
             token = secrets.token_hex(6)
             path = final.with_name(f".{final.name}.{os.getpid()}.{token}.tmp")
@@ -146,6 +160,41 @@ class StagedFile:
         with contextlib.suppress(OSError):
             os.unlink(self.path)
         self.close()
+
+
+#: Whether this process ever opened a lock or temp file (forks need no scan otherwise).
+_descriptors_opened = False
+
+
+def _close_inherited_descriptors() -> None:
+    """In a forked child: close every inherited descriptor of a lock or temp file.
+
+    Each shares its open file description, and with it its ``flock``, with the
+    parent: a child that kept one would keep the parent's lock alive after the
+    parent released or died (a directory lock then blocks everyone, a dead writer's
+    temp file looks alive to sweeps), and a lock taken through one would not
+    exclude the parent. A thread of the parent may have been between opening such a
+    descriptor and recording it, so they are found by name in ``/proc/self/fd``.
+    """
+    if not _descriptors_opened:
+        return
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:  # no /proc: nothing to find them by
+        return
+    for name in names:
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        base = target.rpartition("/")[2].removesuffix(" (deleted)")
+        if base == LOCK_NAME or _TEMP_RE.match(base):
+            with contextlib.suppress(OSError):
+                os.close(int(name))
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_descriptors)
 
 
 def _pid_alive(pid: int) -> bool:
