@@ -38,7 +38,8 @@ def run_python(code: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return run_python("import sys; from h5ckpt.cli import main; sys.exit(main(sys.argv[1:]))", *args)
+    code = "import sys; from h5ckpt.cli import main; sys.exit(main(sys.argv[1:]))"
+    return run_python(code, *args)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -29,7 +30,13 @@ from .limits import LoadLimits
 from .opening import open_regular, read_head
 from .payload import WritebackFile, as_parameters, read_payload, write_payload
 from .reclaim import Reclaimer
-from .staging import DirectoryLock, StagedFile, oserror_to_checkpoint, sweep_temp_files
+from .staging import (
+    DirectoryLock,
+    StagedFile,
+    new_file_mode,
+    oserror_to_checkpoint,
+    sweep_temp_files,
+)
 from .tree import check_value
 from .verification import INVALID, CheckpointInfo, Verifier, stat_identity
 
@@ -102,6 +109,13 @@ class CheckpointManager:
         ``"auto"`` (compress what samples show to be compressible), or ``None`` (raw).
     load_limits : LoadLimits, optional
         Bounds on what loading a verified file may allocate.
+    read_only : bool, default False
+        Only list, validate, find and load: the directory must exist, nothing is
+        created or swept and no lock is taken, so read access to the directory and
+        its files is all it needs. Saves and retention raise ``CheckpointError``.
+    file_mode : int, optional
+        Permission bits of committed checkpoint files. Default: those of any new
+        file under the process umask (``0o666 & ~umask``, read at each save).
 
     Examples
     --------
@@ -129,6 +143,8 @@ class CheckpointManager:
         auto_cleanup: bool = True,
         compression: str | None = "default",
         load_limits: LoadLimits | None = None,
+        read_only: bool = False,
+        file_mode: int | None = None,
     ) -> None:
         if not isinstance(checkpoint_dir, (str, os.PathLike)):
             raise CheckpointValueError(
@@ -161,12 +177,18 @@ class CheckpointManager:
         self.auto_cleanup = bool(auto_cleanup)
         self.load_limits = load_limits if load_limits is not None else LoadLimits()
         self._hmac_key = _resolve_key(hmac_key)
+        self.read_only = bool(read_only)
+        self.file_mode = _file_mode(file_mode)
 
         try:
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            if self.read_only:
+                os.stat(self.checkpoint_dir)
+            else:
+                self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
+            action = "open" if self.read_only else "create"
             raise oserror_to_checkpoint(
-                exc, "create the checkpoint directory", checkpoint_dir
+                exc, f"{action} the checkpoint directory", checkpoint_dir
             ) from exc
         if not self.checkpoint_dir.is_dir():
             raise CheckpointValueError(
@@ -181,7 +203,7 @@ class CheckpointManager:
         self._slots = threading.BoundedSemaphore(1)
         self._reclaimer = Reclaimer()
         reset_in_child(self)
-        if os.access(self.checkpoint_dir, os.W_OK):
+        if not self.read_only and os.access(self.checkpoint_dir, os.W_OK):
             with self._lock.held():
                 sweep_temp_files(self.checkpoint_dir, self.prefix)
         logger.debug(
@@ -260,10 +282,19 @@ class CheckpointManager:
         CheckpointError
             Nothing is left behind and earlier checkpoints are untouched.
         """
+        self._refuse_if_read_only("save a checkpoint")
         batch_idx, params, loss_value, metadata = self._checked_arguments(
             batch_idx, parameters, optimizer_state, loss, metadata
         )
         return self._write(batch_idx, params, optimizer_state, loss_value, metadata)
+
+    def _refuse_if_read_only(self, action: str) -> None:
+        if self.read_only:
+            raise CheckpointError(
+                f"cannot {action} in {self.checkpoint_dir}: this manager was made with "
+                "read_only=True (make another without it to save or prune)",
+                {"checkpoint_dir": str(self.checkpoint_dir), "read_only": True},
+            )
 
     def _checked_arguments(
         self, batch_idx: object, parameters: Any, optimizer_state: Any, loss: object, metadata: Any
@@ -283,7 +314,8 @@ class CheckpointManager:
         # Space freed by the last retention is back before new space is taken.
         self._reclaimer.wait()
         final = self.checkpoint_path(batch_idx)
-        staged = StagedFile(final)
+        mode = self.file_mode if self.file_mode is not None else new_file_mode()
+        staged = StagedFile(final, mode)
         timestamp = time.time()
         try:
             with WritebackFile(staged.fd, writeback=self.durable) as raw:
@@ -362,6 +394,7 @@ class CheckpointManager:
         concurrent.futures.Future
             Resolves to the checkpoint path, or raises its ``CheckpointError``.
         """
+        self._refuse_if_read_only("save a checkpoint")
         batch_idx, params, loss_value, metadata = self._checked_arguments(
             batch_idx, parameters, optimizer_state, loss, metadata
         )
@@ -611,6 +644,7 @@ class CheckpointManager:
         list of Path
             The files deleted.
         """
+        self._refuse_if_read_only("delete checkpoints")
         with self._lock.held():
             return self._cleanup_locked()
 
@@ -624,8 +658,9 @@ class CheckpointManager:
         -------
         list of Path
             The checkpoint files the retention policy would delete, by batch index.
+            A ``read_only`` manager plans without the directory lock.
         """
-        with self._lock.held():
+        with contextlib.nullcontext() if self.read_only else self._lock.held():
             infos, doomed = self._plan_locked()
         return [infos[index].path for index in doomed]
 
@@ -689,6 +724,17 @@ def _resolve_key(hmac_key: object) -> bytes | None:
             "hmac_key must be non-empty bytes", {"hmac_key_type": type(hmac_key).__name__}
         )
     return bytes(hmac_key)
+
+
+def _file_mode(mode: object) -> int | None:
+    if mode is None:
+        return None
+    if isinstance(mode, bool) or not isinstance(mode, numbers.Integral) or not 0 <= mode <= 0o777:
+        raise CheckpointValueError(
+            f"file_mode must be None or permission bits from 0 to 0o777, got {mode!r}",
+            {"file_mode": repr(mode)},
+        )
+    return int(mode)
 
 
 def _batch_index(batch_idx: object) -> int:

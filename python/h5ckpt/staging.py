@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import secrets
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -33,7 +34,15 @@ from .errors import (
 )
 from .forking import reset_in_child
 
-__all__ = ["LOCK_NAME", "DirectoryLock", "StagedFile", "oserror_to_checkpoint", "sweep_temp_files"]
+__all__ = [
+    "LOCK_NAME",
+    "DirectoryLock",
+    "StagedFile",
+    "new_file_mode",
+    "oserror_to_checkpoint",
+    "process_umask",
+    "sweep_temp_files",
+]
 
 logger = logging.getLogger("h5ckpt")
 
@@ -41,6 +50,30 @@ LOCK_NAME = ".h5ckpt.lock"
 #: A temp file whose writer still runs but whose lock is free is taken as stale after this.
 STALE_AFTER_SECONDS = 600.0
 _TEMP_RE = re.compile(r"^\.(?P<stem>.+_batch_\d+\.h5)\.(?P<pid>\d+)\.[0-9a-f]{12}\.tmp$", re.A)
+
+
+def process_umask() -> int:
+    """This process's umask, read without changing it.
+
+    ``os.umask`` can only read the mask by setting another one, and a thread that
+    creates a file meanwhile gets the wrong mode; Linux reports it in
+    ``/proc/self/status`` instead. The set-and-restore is only the fallback.
+    """
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The mode a file created now with ``0o666`` gets: what a user expects of a save."""
+    return 0o666 & ~process_umask()
 
 
 def oserror_to_checkpoint(exc: OSError, action: str, path: Path | str) -> CheckpointError:
@@ -94,16 +127,74 @@ class DirectoryLock:
     def _acquire(self) -> None:
         global _descriptors_opened
         _descriptors_opened = True
+        # The lock guards changes to the directory: one this process cannot change
+        # is refused here, before anything is half done (the lock file opens
+        # read-only, so opening it would not tell).
+        directory = self.path.parent
+        if not os.access(directory, os.W_OK):
+            try:
+                readonly_fs = os.statvfs(directory).f_flag & os.ST_RDONLY
+            except OSError as exc:  # gone, or not a directory any more
+                raise oserror_to_checkpoint(exc, "open the lock file", self.path) from exc
+            code = errno.EROFS if readonly_fs else errno.EACCES
+            raise oserror_to_checkpoint(
+                OSError(code, os.strerror(code)), "change the checkpoint directory", directory
+            )
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = self._open()
+        except PermissionError as exc:
+            error = oserror_to_checkpoint(exc, "open the lock file", self.path)
+            error.message += (
+                " (every user who saves or prunes here must be able to read it: its owner"
+                " can run `chmod a+r` on it, or remove it while no save runs)"
+            )
+            error.args = (error.message,)
+            raise error from exc
         except OSError as exc:
             raise oserror_to_checkpoint(exc, "open the lock file", self.path) from exc
+        try:
+            regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        except OSError as exc:
+            os.close(fd)
+            raise oserror_to_checkpoint(exc, "stat", self.path) from exc
+        if not regular:
+            os.close(fd)
+            raise CheckpointStorageError(
+                f"the lock file {self.path} is not a regular file: remove it",
+                {"path": str(self.path)},
+            )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError as exc:
             os.close(fd)
             raise oserror_to_checkpoint(exc, "lock", self.path) from exc
         self._fd = fd
+
+    def _open(self) -> int:
+        """A descriptor of the lock file, made if missing.
+
+        Read-only: ``flock`` needs no more, so every user who can read the file can
+        lock it. A new lock file gets the mode of any new file, plus read access for
+        whoever may write the directory, so that all who can save here lock the same
+        file.
+        """
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        while True:
+            try:
+                return os.open(self.path, flags)
+            except FileNotFoundError:
+                pass
+            try:
+                fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                continue  # made by another process meanwhile
+            try:
+                writers = os.stat(self.path.parent).st_mode & 0o222
+                os.fchmod(fd, new_file_mode() | (writers << 1))
+            except OSError:
+                os.close(fd)
+                raise
+            return fd
 
     def _release(self) -> None:
         if self._fd is not None:
@@ -112,9 +203,13 @@ class DirectoryLock:
 
 
 class StagedFile:
-    """A new, exclusively created, locked temp file that will become ``final``."""
+    """A new, exclusively created, locked temp file that will become ``final``.
 
-    def __init__(self, final: Path) -> None:
+    It is made with mode ``mode`` (the umask does not apply), which the committed
+    file keeps.
+    """
+
+    def __init__(self, final: Path, mode: int = 0o600) -> None:
         self.final = final
         global _descriptors_opened
         _descriptors_opened = True
@@ -133,6 +228,11 @@ class StagedFile:
             raise CheckpointStorageError(f"cannot create a unique temp file for {final}", {})
         self.path = path
         self.fd = fd
+        try:
+            os.fchmod(fd, mode)
+        except OSError as exc:
+            self.discard()
+            raise oserror_to_checkpoint(exc, "set the mode of", path) from exc
         try:
             # Blocking: a sweeper in another process may hold the lock for a moment
             # while it checks whether this file's writer is alive.
