@@ -205,8 +205,8 @@ class DirectoryLock:
 class StagedFile:
     """A new, exclusively created, locked temp file that will become ``final``.
 
-    It is made with mode ``mode`` (the umask does not apply), which the committed
-    file keeps.
+    Private (``0600``) while it is written; given ``mode`` (the umask does not
+    apply) just before it is renamed into place.
     """
 
     def __init__(self, final: Path, mode: int = 0o600) -> None:
@@ -228,11 +228,7 @@ class StagedFile:
             raise CheckpointStorageError(f"cannot create a unique temp file for {final}", {})
         self.path = path
         self.fd = fd
-        try:
-            os.fchmod(fd, mode)
-        except OSError as exc:
-            self.discard()
-            raise oserror_to_checkpoint(exc, "set the mode of", path) from exc
+        self.mode = mode
         try:
             # Blocking: a sweeper in another process may hold the lock for a moment
             # while it checks whether this file's writer is alive.
@@ -243,6 +239,12 @@ class StagedFile:
 
     def commit(self, durable: bool, fsync_directory) -> None:
         """Rename into place (replacing any file or symlink there, never following it)."""
+        try:
+            # On the open descriptor: the name may not be followed. The directory
+            # fsync below commits this inode change with the rename.
+            os.fchmod(self.fd, self.mode)
+        except OSError as exc:
+            raise oserror_to_checkpoint(exc, "set the mode of", self.path) from exc
         try:
             os.replace(self.path, self.final)
         except OSError as exc:
