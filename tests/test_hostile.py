@@ -542,13 +542,15 @@ def test_links_out_of_the_file_are_never_followed(tmp_path: Path):
 # ------------------------------------------------------- file modes and symlinks
 
 
-def test_files_are_created_0600_whatever_the_umask(ckpt_dir: Path):
-    old = os.umask(0)
+def test_files_are_created_with_the_umask_mode(ckpt_dir: Path):
+    ckpt_dir.chmod(0o755)
+    old = os.umask(0o077)
     try:
         path = save(ckpt_dir)
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o600
+    # Readable by whoever may write the directory (its owner only here).
     assert (ckpt_dir / ".h5ckpt.lock").stat().st_mode & 0o777 == 0o600
 
 

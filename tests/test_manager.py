@@ -130,10 +130,12 @@ def test_auto_compression_shrinks_smooth_and_keeps_random_raw(ckpt_dir: Path):
     assert c.stat().st_size >= smooth.nbytes
 
 
-def test_files_are_private_and_no_temp_files_remain(ckpt_dir: Path):
+def test_files_get_the_umask_mode_and_no_temp_files_remain(ckpt_dir: Path):
     m = CheckpointManager(ckpt_dir)
     path = m.save_checkpoint(7, np.ones(3), {}, 0.0)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
     assert not [p for p in ckpt_dir.iterdir() if p.name.endswith(".tmp")]
 
 

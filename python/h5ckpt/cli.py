@@ -336,7 +336,9 @@ def _without_key_from_environment() -> Iterator[None]:
 def cmd_ls(args: argparse.Namespace, out: Console) -> int:
     """``h5ckpt ls``: the checkpoints of one directory and prefix."""
     directory = _directory(args.directory)
-    manager = CheckpointManager(directory, keep_last_n=None, auto_cleanup=False, prefix=args.prefix)
+    manager = CheckpointManager(
+        directory, keep_last_n=None, auto_cleanup=False, prefix=args.prefix, read_only=True
+    )
     latest = manager.find_latest_checkpoint()  # verifies the newest files only
     infos = manager.list_checkpoints(verify=args.verify)
     status = 1 if any(i.status == "invalid" for i in infos) else 0
@@ -590,6 +592,7 @@ def cmd_prune(args: argparse.Namespace, out: Console) -> int:
         delete_invalid=args.delete_invalid,
         auto_cleanup=False,
         prefix=args.prefix,
+        read_only=args.dry_run,
     )
     before = manager.list_checkpoints()
     removed = manager.plan_cleanup() if args.dry_run else manager.cleanup_old_checkpoints()
@@ -671,6 +674,7 @@ def cmd_migrate(args: argparse.Namespace, out: Console) -> int:
             auto_cleanup=False,
             prefix=args.prefix,
             allow_pickle=args.allow_pickle,
+            read_only=True,
         )
     if not source.list_checkpoints():
         raise CheckpointNotFoundError(_nothing_found(src, args.prefix), {"path": str(src)})

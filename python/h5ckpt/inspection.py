@@ -21,6 +21,7 @@ import numpy as np
 from . import _native
 from .errors import CheckpointError, CheckpointNotFoundError
 from .legacy import read_legacy_summary, validate_legacy
+from .opening import open_hdf5, open_regular, read_head
 from .staging import oserror_to_checkpoint
 from .tree import TYPE_ATTR, unescape_key
 
@@ -112,11 +113,11 @@ def file_format(path: str | os.PathLike[str]) -> str:
     CheckpointError
         When the file cannot be opened or read.
     """
+    fd = open_regular(path, "read")
     try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-    except OSError as exc:
-        raise oserror_to_checkpoint(exc, "read", path) from exc
+        head = read_head(fd, path)
+    finally:
+        os.close(fd)
     if head == _native.MAGIC:
         return "h5ckpt"
     if head == _native.HDF5_SIGNATURE:
@@ -542,7 +543,7 @@ def describe_file(
     if not report.is_valid:
         return json_safe(info)
     try:
-        with h5py.File(path, "r", locking=False) as f:
+        with open_hdf5(path) as f:
             info["attributes"] = {
                 key: (value.decode() if isinstance(value, bytes) else value)
                 for key, value in f.attrs.items()

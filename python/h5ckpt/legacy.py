@@ -9,6 +9,7 @@ unpickled when the caller allows it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import pickle
@@ -20,14 +21,15 @@ import numpy as np
 
 from .errors import CheckpointCorruptError, CheckpointPickleError
 from .limits import LoadLimits
+from .opening import open_hdf5
 
 __all__ = ["load_legacy", "read_legacy_summary", "validate_legacy"]
 
 _REQUIRED_ATTRS = ("batch_idx", "loss", "checksum")
 
 
-def _open(path: Path) -> h5py.File:
-    return h5py.File(path, "r", locking=False)
+def _open(path: Path) -> contextlib.AbstractContextManager[h5py.File]:
+    return open_hdf5(path)
 
 
 def _checked_pickle(f: h5py.File, path: Path) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -24,11 +25,19 @@ from .errors import (
     CheckpointError,
     CheckpointValueError,
 )
+from .forking import reset_in_child
 from .legacy import load_legacy, validate_legacy
 from .limits import LoadLimits
+from .opening import open_regular, read_head
 from .payload import WritebackFile, as_parameters, read_payload, write_payload
 from .reclaim import Reclaimer
-from .staging import DirectoryLock, StagedFile, oserror_to_checkpoint, sweep_temp_files
+from .staging import (
+    DirectoryLock,
+    StagedFile,
+    new_file_mode,
+    oserror_to_checkpoint,
+    sweep_temp_files,
+)
 from .tree import check_value
 from .verification import INVALID, CheckpointInfo, Verifier, stat_identity
 
@@ -138,6 +147,13 @@ class CheckpointManager:
         ``"auto"`` (compress what samples show to be compressible), or ``None`` (raw).
     load_limits : LoadLimits, optional
         Bounds on what loading a verified file may allocate.
+    read_only : bool, default False
+        Only list, validate, find and load: the directory must exist, nothing is
+        created or swept and no lock is taken, so read access to the directory and
+        its files is all it needs. Saves and retention raise ``CheckpointError``.
+    file_mode : int, optional
+        Permission bits of committed checkpoint files. Default: those of any new
+        file under the process umask (``0o666 & ~umask``, read at each save).
 
     Examples
     --------
@@ -165,6 +181,8 @@ class CheckpointManager:
         auto_cleanup: bool = True,
         compression: str | None = "default",
         load_limits: LoadLimits | None = None,
+        read_only: bool = False,
+        file_mode: int | None = None,
     ) -> None:
         self.checkpoint_dir = _as_path(checkpoint_dir, "checkpoint_dir")
         self.checkpoint_frequency = _positive_int(
@@ -193,12 +211,18 @@ class CheckpointManager:
             )
         self.load_limits = load_limits if load_limits is not None else LoadLimits()
         self._hmac_key = _resolve_key(hmac_key)
+        self.read_only = _flag("read_only", read_only)
+        self.file_mode = _file_mode(file_mode)
 
         try:
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            if self.read_only:
+                os.stat(self.checkpoint_dir)
+            else:
+                self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
+            action = "open" if self.read_only else "create"
             raise oserror_to_checkpoint(
-                exc, "create the checkpoint directory", checkpoint_dir
+                exc, f"{action} the checkpoint directory", checkpoint_dir
             ) from exc
         if not self.checkpoint_dir.is_dir():
             raise CheckpointValueError(
@@ -212,7 +236,8 @@ class CheckpointManager:
         self._pending: list[Future[Path]] = []
         self._slots = threading.BoundedSemaphore(1)
         self._reclaimer = Reclaimer()
-        if os.access(self.checkpoint_dir, os.W_OK):
+        reset_in_child(self)
+        if not self.read_only and os.access(self.checkpoint_dir, os.W_OK):
             with self._lock.held():
                 sweep_temp_files(self.checkpoint_dir, self.prefix)
         logger.debug(
@@ -299,10 +324,19 @@ class CheckpointManager:
         CheckpointError
             Nothing is left behind and earlier checkpoints are untouched.
         """
+        self._refuse_if_read_only("save a checkpoint")
         batch_idx, params, loss_value, metadata = self._checked_arguments(
             batch_idx, parameters, optimizer_state, loss, metadata
         )
         return self._write(batch_idx, params, optimizer_state, loss_value, metadata)
+
+    def _refuse_if_read_only(self, action: str) -> None:
+        if self.read_only:
+            raise CheckpointError(
+                f"cannot {action} in {self.checkpoint_dir}: this manager was made with "
+                "read_only=True (make another without it to save or prune)",
+                {"checkpoint_dir": str(self.checkpoint_dir), "read_only": True},
+            )
 
     def _checked_arguments(
         self, batch_idx: object, parameters: Any, optimizer_state: Any, loss: object, metadata: Any
@@ -322,7 +356,8 @@ class CheckpointManager:
         # Space freed by the last retention is back before new space is taken.
         self._reclaimer.wait()
         final = self.checkpoint_path(batch_idx)
-        staged = StagedFile(final)
+        mode = self.file_mode if self.file_mode is not None else new_file_mode()
+        staged = StagedFile(final, mode)
         timestamp = time.time()
         try:
             with WritebackFile(staged.fd, writeback=self.durable) as raw:
@@ -401,6 +436,7 @@ class CheckpointManager:
         concurrent.futures.Future
             Resolves to the checkpoint path, or raises its ``CheckpointError``.
         """
+        self._refuse_if_read_only("save a checkpoint")
         batch_idx, params, loss_value, metadata = self._checked_arguments(
             batch_idx, parameters, optimizer_state, loss, metadata
         )
@@ -446,6 +482,33 @@ class CheckpointManager:
             if executor is not None:
                 executor.shutdown(wait=True)
             self._reclaimer.wait()
+
+    def _after_fork_in_child(self) -> None:
+        """Fresh asynchronous machinery in a forked child (see :mod:`h5ckpt.forking`).
+
+        The background thread does not exist here, the executor would wait for it
+        forever, and another thread may have held the locks or the snapshot slot at
+        the fork. Saves that were pending belong to the parent, which completes
+        them: here their futures fail at once instead of never resolving.
+        """
+        self._async_lock = threading.Lock()
+        self._executor = None
+        inherited, self._pending = self._pending, []
+        for future in inherited:
+            reinit = getattr(getattr(future, "_condition", None), "_at_fork_reinit", None)
+            if reinit is not None:
+                reinit()  # a parent thread may have held it at the fork
+            if not future.done():
+                future.set_exception(
+                    CheckpointError(
+                        "this asynchronous save was in progress in the parent process "
+                        f"when process {os.getpid()} was forked from it; the parent "
+                        "completes it, the child does not",
+                        {"pid": os.getpid()},
+                    )
+                )
+        # After the futures: their callbacks release the inherited slot.
+        self._slots = threading.BoundedSemaphore(1)
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -623,6 +686,7 @@ class CheckpointManager:
         list of Path
             The files deleted.
         """
+        self._refuse_if_read_only("delete checkpoints")
         with self._lock.held():
             return self._cleanup_locked()
 
@@ -636,8 +700,9 @@ class CheckpointManager:
         -------
         list of Path
             The checkpoint files the retention policy would delete, by batch index.
+            A ``read_only`` manager plans without the directory lock.
         """
-        with self._lock.held():
+        with contextlib.nullcontext() if self.read_only else self._lock.held():
             infos, doomed = self._plan_locked()
         return [infos[index].path for index in doomed]
 
@@ -763,6 +828,17 @@ def _prefix(prefix: object) -> str:
     return prefix  # type: ignore[return-value]
 
 
+def _file_mode(mode: object) -> int | None:
+    if mode is None:
+        return None
+    if isinstance(mode, bool) or not isinstance(mode, numbers.Integral) or not 0 <= mode <= 0o777:
+        raise CheckpointValueError(
+            f"file_mode must be None or permission bits from 0 to 0o777, got {mode!r}",
+            {"file_mode": repr(mode)},
+        )
+    return int(mode)
+
+
 def _batch_index(batch_idx: object) -> int:
     if isinstance(batch_idx, (bool, np.bool_)) or not isinstance(batch_idx, numbers.Integral):
         raise CheckpointValueError(
@@ -860,10 +936,7 @@ def _read_verified(path: Path, key: bytes | None) -> tuple[_native.Header, np.nd
     The memory is a numpy buffer: its large raw arrays become the loaded arrays
     (views), so loading touches their bytes once.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise oserror_to_checkpoint(exc, "open checkpoint", path) from exc
+    fd = open_regular(path)
     try:
         buf = np.empty(os.fstat(fd).st_size, dtype=np.uint8)
         header = _native.read_verified_fd(fd, buf, key, path)
@@ -874,15 +947,11 @@ def _read_verified(path: Path, key: bytes | None) -> tuple[_native.Header, np.nd
 
 def _sniff(path: Path) -> str:
     """``"h5ckpt"`` or ``"legacy"`` from a file's first bytes, or a ``CheckpointError``."""
+    fd = open_regular(path)
     try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-    except IsADirectoryError as exc:
-        raise CheckpointValueError(
-            f"{path} is a directory, not a checkpoint", {"path": str(path)}
-        ) from exc
-    except OSError as exc:
-        raise oserror_to_checkpoint(exc, "open checkpoint", path) from exc
+        head = read_head(fd, path)
+    finally:
+        os.close(fd)
     if head == _native.MAGIC:
         return "h5ckpt"
     if head == _native.HDF5_SIGNATURE:

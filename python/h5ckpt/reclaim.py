@@ -7,6 +7,8 @@ import os
 import threading
 from pathlib import Path
 
+from .forking import reset_in_child
+
 __all__ = ["Reclaimer"]
 
 
@@ -25,6 +27,15 @@ class Reclaimer:
 
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
+        self._closing: list[int] = []
+        reset_in_child(self)
+
+    def _after_fork_in_child(self) -> None:
+        # The closing thread exists only in the parent; the child's copies of the
+        # descriptors it had still to close would keep the deleted files' space.
+        self._thread = None
+        closing, self._closing = self._closing, []
+        _close_all(closing)
 
     def unlink(self, path: Path, size: int, held: list[int]) -> None:
         """Unlink ``path``; for a large file, append a descriptor to close to ``held``."""
@@ -47,13 +58,15 @@ class Reclaimer:
         if not fds:
             return
         self.wait()
+        closing = list(fds)
         thread = threading.Thread(
-            target=_close_all, args=(fds,), name="h5ckpt-reclaim", daemon=True
+            target=_close_all, args=(closing,), name="h5ckpt-reclaim", daemon=True
         )
+        self._closing = closing
         try:
             thread.start()
         except RuntimeError:  # no thread to be had: close here
-            _close_all(fds)
+            _close_all(closing)
             return
         self._thread = thread
 
@@ -65,6 +78,9 @@ class Reclaimer:
 
 
 def _close_all(fds: list[int]) -> None:
-    for fd in fds:
+    # Taken off the list before it is closed: a fork in between leaves the child one
+    # descriptor too many, never a closed number that may have been reused.
+    while fds:
+        fd = fds.pop()
         with contextlib.suppress(OSError):
             os.close(fd)

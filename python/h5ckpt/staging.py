@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import secrets
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -31,8 +32,17 @@ from .errors import (
     CheckpointPermissionError,
     CheckpointStorageError,
 )
+from .forking import reset_in_child
 
-__all__ = ["LOCK_NAME", "DirectoryLock", "StagedFile", "oserror_to_checkpoint", "sweep_temp_files"]
+__all__ = [
+    "LOCK_NAME",
+    "DirectoryLock",
+    "StagedFile",
+    "new_file_mode",
+    "oserror_to_checkpoint",
+    "process_umask",
+    "sweep_temp_files",
+]
 
 logger = logging.getLogger("h5ckpt")
 
@@ -40,6 +50,30 @@ LOCK_NAME = ".h5ckpt.lock"
 #: A temp file whose writer still runs but whose lock is free is taken as stale after this.
 STALE_AFTER_SECONDS = 600.0
 _TEMP_RE = re.compile(r"^\.(?P<stem>.+_batch_\d+\.h5)\.(?P<pid>\d+)\.[0-9a-f]{12}\.tmp$", re.A)
+
+
+def process_umask() -> int:
+    """This process's umask, read without changing it.
+
+    ``os.umask`` can only read the mask by setting another one, and a thread that
+    creates a file meanwhile gets the wrong mode; Linux reports it in
+    ``/proc/self/status`` instead. The set-and-restore is only the fallback.
+    """
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The mode a file created now with ``0o666`` gets: what a user expects of a save."""
+    return 0o666 & ~process_umask()
 
 
 def oserror_to_checkpoint(exc: OSError, action: str, path: Path | str) -> CheckpointError:
@@ -67,6 +101,15 @@ class DirectoryLock:
         self._thread_lock = threading.RLock()
         self._depth = 0
         self._fd: int | None = None
+        reset_in_child(self)
+
+    def _after_fork_in_child(self) -> None:
+        # Another thread of the parent may have held the thread lock at the fork.
+        # The inherited descriptor is closed by _close_inherited_descriptors; the
+        # child locks on a descriptor of its own, which excludes the parent.
+        self._thread_lock = threading.RLock()
+        self._depth = 0
+        self._fd = None
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
@@ -82,16 +125,76 @@ class DirectoryLock:
                     self._release()
 
     def _acquire(self) -> None:
+        global _descriptors_opened
+        _descriptors_opened = True
+        # The lock guards changes to the directory: one this process cannot change
+        # is refused here, before anything is half done (the lock file opens
+        # read-only, so opening it would not tell).
+        directory = self.path.parent
+        if not os.access(directory, os.W_OK):
+            try:
+                readonly_fs = os.statvfs(directory).f_flag & os.ST_RDONLY
+            except OSError as exc:  # gone, or not a directory any more
+                raise oserror_to_checkpoint(exc, "open the lock file", self.path) from exc
+            code = errno.EROFS if readonly_fs else errno.EACCES
+            raise oserror_to_checkpoint(
+                OSError(code, os.strerror(code)), "change the checkpoint directory", directory
+            )
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = self._open()
+        except PermissionError as exc:
+            error = oserror_to_checkpoint(exc, "open the lock file", self.path)
+            error.message += (
+                " (every user who saves or prunes here must be able to read it: its owner"
+                " can run `chmod a+r` on it, or remove it while no save runs)"
+            )
+            error.args = (error.message,)
+            raise error from exc
         except OSError as exc:
             raise oserror_to_checkpoint(exc, "open the lock file", self.path) from exc
+        try:
+            regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        except OSError as exc:
+            os.close(fd)
+            raise oserror_to_checkpoint(exc, "stat", self.path) from exc
+        if not regular:
+            os.close(fd)
+            raise CheckpointStorageError(
+                f"the lock file {self.path} is not a regular file: remove it",
+                {"path": str(self.path)},
+            )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError as exc:
             os.close(fd)
             raise oserror_to_checkpoint(exc, "lock", self.path) from exc
         self._fd = fd
+
+    def _open(self) -> int:
+        """A descriptor of the lock file, made if missing.
+
+        Read-only: ``flock`` needs no more, so every user who can read the file can
+        lock it. A new lock file gets the mode of any new file, plus read access for
+        whoever may write the directory, so that all who can save here lock the same
+        file.
+        """
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        while True:
+            try:
+                return os.open(self.path, flags)
+            except FileNotFoundError:
+                pass
+            try:
+                fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                continue  # made by another process meanwhile
+            try:
+                writers = os.stat(self.path.parent).st_mode & 0o222
+                os.fchmod(fd, new_file_mode() | (writers << 1))
+            except OSError:
+                os.close(fd)
+                raise
+            return fd
 
     def _release(self) -> None:
         if self._fd is not None:
@@ -100,10 +203,16 @@ class DirectoryLock:
 
 
 class StagedFile:
-    """A new, exclusively created, locked temp file that will become ``final``."""
+    """A new, exclusively created, locked temp file that will become ``final``.
 
-    def __init__(self, final: Path) -> None:
+    Private (``0600``) while it is written; given ``mode`` (the umask does not
+    apply) just before it is renamed into place.
+    """
+
+    def __init__(self, final: Path, mode: int = 0o600) -> None:
         self.final = final
+        global _descriptors_opened
+        _descriptors_opened = True
         for _ in range(16):
             token = secrets.token_hex(6)
             path = final.with_name(f".{final.name}.{os.getpid()}.{token}.tmp")
@@ -119,6 +228,7 @@ class StagedFile:
             raise CheckpointStorageError(f"cannot create a unique temp file for {final}", {})
         self.path = path
         self.fd = fd
+        self.mode = mode
         try:
             # Blocking: a sweeper in another process may hold the lock for a moment
             # while it checks whether this file's writer is alive.
@@ -129,6 +239,12 @@ class StagedFile:
 
     def commit(self, durable: bool, fsync_directory) -> None:
         """Rename into place (replacing any file or symlink there, never following it)."""
+        try:
+            # On the open descriptor: the name may not be followed. The directory
+            # fsync below commits this inode change with the rename.
+            os.fchmod(self.fd, self.mode)
+        except OSError as exc:
+            raise oserror_to_checkpoint(exc, "set the mode of", self.path) from exc
         try:
             os.replace(self.path, self.final)
         except OSError as exc:
@@ -146,6 +262,41 @@ class StagedFile:
         with contextlib.suppress(OSError):
             os.unlink(self.path)
         self.close()
+
+
+#: Whether this process ever opened a lock or temp file (forks need no scan otherwise).
+_descriptors_opened = False
+
+
+def _close_inherited_descriptors() -> None:
+    """In a forked child: close every inherited descriptor of a lock or temp file.
+
+    Each shares its open file description, and with it its ``flock``, with the
+    parent: a child that kept one would keep the parent's lock alive after the
+    parent released or died (a directory lock then blocks everyone, a dead writer's
+    temp file looks alive to sweeps), and a lock taken through one would not
+    exclude the parent. A thread of the parent may have been between opening such a
+    descriptor and recording it, so they are found by name in ``/proc/self/fd``.
+    """
+    if not _descriptors_opened:
+        return
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:  # no /proc: nothing to find them by
+        return
+    for name in names:
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        base = target.rpartition("/")[2].removesuffix(" (deleted)")
+        if base == LOCK_NAME or _TEMP_RE.match(base):
+            with contextlib.suppress(OSError):
+                os.close(int(name))
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_descriptors)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -6,7 +6,7 @@
 use std::fs::File;
 use std::mem::ManuallyDrop;
 use std::os::fd::{FromRawFd, RawFd};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::digest::{check_segments, tree_digest_mixed, Segment};
@@ -191,7 +191,12 @@ pub(crate) fn fd_path(fd: RawFd) -> PathBuf {
 /// fsyncs a directory, so that a rename or unlink in it is durable. File systems
 /// that cannot fsync a directory (EINVAL) are taken as done.
 pub fn fsync_directory(path: &Path) -> Result<()> {
-    let dir = File::open(path).map_err(|e| Error::io("open", path, e))?;
+    // O_DIRECTORY: a FIFO put in the directory's place must not block the open.
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| Error::io("open", path, e))?;
     match dir.sync_all() {
         Ok(()) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),

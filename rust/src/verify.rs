@@ -1,11 +1,11 @@
 //! Verification of checkpoint files: header, length, payload digest and (keyed)
 //! HMAC tag.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io;
 use std::mem::{ManuallyDrop, MaybeUninit};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 use rayon::prelude::*;
@@ -15,8 +15,16 @@ use crate::error::{Error, Result};
 use crate::header::{self, Header, HEADER_SIZE};
 
 /// Opens `path` for reading and returns the file and its length.
+///
+/// Without blocking: opening a FIFO for reading would wait for a writer forever.
+/// The flag does nothing to a regular file, and anything else is refused before a
+/// byte is read. A symlink is followed; its target must be a regular file.
 pub fn open(path: &Path) -> Result<(File, u64)> {
-    let file = File::open(path).map_err(|e| Error::io("open", path, e))?;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| Error::io("open", path, e))?;
     let meta = file.metadata().map_err(|e| Error::io("stat", path, e))?;
     if !meta.is_file() {
         return Err(Error::corrupt(path, "not a regular file"));

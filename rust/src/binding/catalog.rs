@@ -4,8 +4,8 @@
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::path::PathBuf;
-use std::sync::{Mutex, MutexGuard};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -265,12 +265,39 @@ impl PyCheckpointInfo {
 /// showed (by file identity). Thread-safe: the catalog is locked only while the
 /// GIL is released; nobody waits for the GIL while holding a lock, and no worker of
 /// the thread pool ever waits for one.
+///
+/// Fork-safe: a child of `fork()` may inherit the catalog locked by a thread that
+/// exists only in the parent, or half-updated. So the state belongs to a process:
+/// the first call in a process that did not make it makes a fresh one.
 #[pyclass(frozen, name = "Catalog", module = "h5ckpt._native")]
 pub struct PyCatalog {
+    directory: PathBuf,
+    prefix: String,
+    keyed: bool,
+    /// The owning process and its state. Locked only with the GIL held and never
+    /// across a release of it, so no thread holds it when `os.fork()` runs (the
+    /// forking thread holds the GIL).
+    state: Mutex<(u32, Arc<State>)>,
+}
+
+struct State {
     catalog: Mutex<Catalog>,
     /// The info objects of the records of the last listing (and of later notes),
     /// by record version: a record that did not change gets the same object back.
     infos: Mutex<HashMap<u64, Py<PyCheckpointInfo>>>,
+}
+
+impl State {
+    fn new(directory: &Path, prefix: &str, keyed: bool) -> Arc<Self> {
+        Arc::new(State {
+            catalog: Mutex::new(Catalog::new(
+                directory.to_path_buf(),
+                prefix.to_string(),
+                keyed,
+            )),
+            infos: Mutex::new(HashMap::new()),
+        })
+    }
 }
 
 fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -279,6 +306,20 @@ fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl PyCatalog {
+    /// This process's state (made afresh in a forked child).
+    fn state(&self, _py: Python<'_>) -> Arc<State> {
+        let pid = std::process::id();
+        let mut slot = locked(&self.state);
+        if slot.0 != pid {
+            let fresh = State::new(&self.directory, &self.prefix, self.keyed);
+            let inherited = std::mem::replace(&mut *slot, (pid, fresh));
+            // Its locks may be held by threads that exist only in the parent and its
+            // data be half-changed: never touch or drop it here.
+            std::mem::forget(inherited);
+        }
+        Arc::clone(&slot.1)
+    }
+
     /// Runs `f` on the locked catalog with the GIL released.
     ///
     /// `f` runs on the calling thread, and only its parallel part in the thread
@@ -288,16 +329,17 @@ impl PyCatalog {
     /// neither would finish.
     fn with_catalog<T, F>(&self, py: Python<'_>, f: F) -> PyResult<T>
     where
-        F: FnOnce(&mut Catalog) -> Result<T, Error> + Send,
+        F: FnOnce(&mut Catalog, &State) -> Result<T, Error> + Send,
         T: Send,
     {
-        py.detach(|| f(&mut locked(&self.catalog)))
+        let state = self.state(py);
+        py.detach(|| f(&mut locked(&state.catalog), &state))
             .map_err(|e| to_pyerr(py, e))
     }
 
     /// The record of version `version`, if the catalog still holds it.
     fn current(&self, py: Python<'_>, version: u64) -> PyResult<Option<InfoData>> {
-        self.with_catalog(py, |catalog| {
+        self.with_catalog(py, |catalog, _| {
             let keyed = catalog.keyed();
             let data = catalog
                 .records()
@@ -315,7 +357,7 @@ impl PyCatalog {
         data: InfoData,
     ) -> PyResult<Py<PyCheckpointInfo>> {
         let info = Py::new(py, PyCheckpointInfo::new_from(data))?;
-        locked(&self.infos).insert(version, info.clone_ref(py));
+        locked(&self.state(py).infos).insert(version, info.clone_ref(py));
         Ok(info)
     }
 }
@@ -330,9 +372,12 @@ impl PyCatalog {
     ) -> PyResult<Self> {
         let directory = path_arg(directory, "directory")?;
         let prefix = str_arg(prefix, "prefix")?;
+        let state = State::new(&directory, &prefix, keyed);
         Ok(PyCatalog {
-            catalog: Mutex::new(Catalog::new(directory, prefix, keyed)),
-            infos: Mutex::new(HashMap::new()),
+            directory,
+            prefix,
+            keyed,
+            state: Mutex::new((std::process::id(), state)),
         })
     }
 
@@ -340,10 +385,11 @@ impl PyCatalog {
     /// files whose loss and timestamp are still to be read)``.
     fn list(&self, py: Python<'_>) -> PyResult<(Vec<Py<PyCheckpointInfo>>, Vec<usize>)> {
         // (version, data unless an info object of that version exists, needs summary)
-        let snaps = self.with_catalog(py, |catalog| {
+        let state = self.state(py);
+        let snaps = self.with_catalog(py, |catalog, state| {
             crate::parallel::install(|| catalog.refresh())?;
             let keyed = catalog.keyed();
-            let infos = locked(&self.infos);
+            let infos = locked(&state.infos);
             Ok(catalog
                 .records()
                 .map(|r| {
@@ -352,7 +398,7 @@ impl PyCatalog {
                 })
                 .collect::<Vec<_>>())
         })?;
-        let mut known = std::mem::take(&mut *locked(&self.infos));
+        let mut known = std::mem::take(&mut *locked(&state.infos));
         let mut fresh = HashMap::with_capacity(snaps.len());
         let mut out = Vec::with_capacity(snaps.len());
         let mut pending = Vec::new();
@@ -373,7 +419,7 @@ impl PyCatalog {
             fresh.insert(version, info);
         }
         // Objects another thread stored meanwhile (a note) are kept too.
-        let mut infos = locked(&self.infos);
+        let mut infos = locked(&state.infos);
         infos.extend(fresh);
         drop(infos);
         drop(known);
@@ -409,7 +455,7 @@ impl PyCatalog {
         let identity = info.data.identity;
         let noted = {
             let verdict = verdict.clone();
-            self.with_catalog(py, |catalog| {
+            self.with_catalog(py, |catalog, _| {
                 let keyed = catalog.keyed();
                 Ok(catalog
                     .note(&name, &identity, verdict, summary)
@@ -457,7 +503,7 @@ impl PyCatalog {
         if status == Status::Unverified {
             return Err(value_error(py, "a remembered status must be a verdict"));
         }
-        self.with_catalog(py, |catalog| {
+        self.with_catalog(py, |catalog, _| {
             catalog.remember(&name, Verdict { status, error })
         })
     }
@@ -465,16 +511,19 @@ impl PyCatalog {
     /// Forget the file ``name``.
     fn forget(&self, py: Python<'_>, name: &Bound<'_, PyAny>) -> PyResult<()> {
         let name = str_arg(name, "name")?;
-        py.detach(|| locked(&self.catalog).forget(&name));
+        let state = self.state(py);
+        py.detach(|| locked(&state.catalog).forget(&name));
         Ok(())
     }
 
     fn __len__(&self, py: Python<'_>) -> usize {
-        py.detach(|| locked(&self.catalog).len())
+        let state = self.state(py);
+        py.detach(|| locked(&state.catalog).len())
     }
 
     fn __contains__(&self, py: Python<'_>, name: &Bound<'_, PyAny>) -> PyResult<bool> {
         let name = str_arg(name, "name")?;
-        Ok(py.detach(|| locked(&self.catalog).get(&name).is_some()))
+        let state = self.state(py);
+        Ok(py.detach(|| locked(&state.catalog).get(&name).is_some()))
     }
 }
