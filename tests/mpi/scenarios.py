@@ -1,0 +1,258 @@
+"""Multi-rank scenarios, run under ``mpiexec`` by tests/test_mpi*.py.
+
+``python scenarios.py NAME DIR [ARGS...]``: every rank runs scenario NAME against the
+checkpoint directory DIR and exits 0 only if every check held. Checks use ``assert``
+with messages; a failing rank exits non-zero and mpiexec ends the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from mpi4py import MPI
+
+from h5ckpt import CheckpointError
+from h5ckpt.mpi import (
+    CheckpointTimeoutError,
+    Sharded,
+    ShardedCheckpointManager,
+    list_steps,
+    load_global,
+)
+from h5ckpt.tree import values_equal
+
+COMM = MPI.COMM_WORLD
+RANK = COMM.Get_rank()
+WORLD = COMM.Get_size()
+
+
+def state_of(batch: int, rank: int, n: int = 10) -> dict:
+    """A deterministic state of ``rank`` at ``batch``: sharded, replicated, rank-local."""
+    rng = np.random.default_rng(batch * 1000 + rank)
+    return {
+        "params": rng.standard_normal(n + rank),  # this rank's block (uneven split)
+        "moment": rng.standard_normal((n + rank, 3)).astype(np.float32),
+        "lr": 0.125 * batch,  # replicated
+        "schedule": {"warmup": [1, 2, 3], "name": "cosine"},  # replicated
+        "cursor": batch * 100 + rank,  # rank-local
+        "rng": rng.bytes(16),  # rank-local
+    }
+
+
+def save_state(m: ShardedCheckpointManager, batch: int, rank: int = RANK) -> Path:
+    s = state_of(batch, rank)
+    return m.save_checkpoint(
+        batch,
+        Sharded(s["params"]),
+        {
+            "moment": Sharded(s["moment"], axis=0),
+            "lr": s["lr"],
+            "schedule": s["schedule"],
+            "cursor": s["cursor"],
+            "rng": s["rng"],
+        },
+        loss=1.0 / (batch + 1),
+        metadata={"job": "scenario", "rank_note": f"rank {rank}"},
+    )
+
+
+def check_own(state: dict, batch: int, rank: int = RANK) -> None:
+    s = state_of(batch, rank)
+    assert state is not None, "nothing restored"
+    assert state["batch_idx"] == batch, (state["batch_idx"], batch)
+    assert state["parameters"].dtype == s["params"].dtype
+    assert np.array_equal(state["parameters"], s["params"]), "parameters differ"
+    o = state["optimizer_state"]
+    assert list(o) == ["moment", "lr", "schedule", "cursor", "rng"], list(o)
+    assert values_equal(o["moment"], s["moment"])
+    assert values_equal(o["lr"], s["lr"]) and type(o["lr"]) is float
+    assert values_equal(o["schedule"], s["schedule"])
+    assert values_equal(o["cursor"], s["cursor"]) and type(o["cursor"]) is int
+    assert values_equal(o["rng"], s["rng"])
+    assert state["metadata"] == {"job": "scenario", "rank_note": f"rank {rank}"}
+    assert state["loss"] == 1.0 / (batch + 1)
+
+
+def manager(d: str, **kw) -> ShardedCheckpointManager:
+    kw.setdefault("keep_last_n", None)
+    return ShardedCheckpointManager(d, COMM, **kw)
+
+
+def same_everywhere(value) -> None:
+    got = COMM.allgather(value)
+    assert all(g == got[0] for g in got), got
+
+
+# -- scenarios -------------------------------------------------------------------------
+
+
+def roundtrip(d: str) -> None:
+    m = manager(d)
+    assert m.load_latest() is None
+    assert m.find_latest_checkpoint() is None
+    p = save_state(m, 10)
+    same_everywhere(str(p))
+    assert p.name == "checkpoint_batch_0010"
+    names = sorted(os.listdir(p))
+    assert names == ["manifest.h5"] + [f"shard_{r:05d}_of_{WORLD:05d}.h5" for r in range(WORLD)]
+    save_state(m, 20)
+    same_everywhere(str(m.find_latest_checkpoint()))
+    check_own(m.load_latest(), 20)
+    # Each shard is an ordinary, verifiable h5ckpt file.
+    from h5ckpt import CheckpointManager
+
+    plain = CheckpointManager(d)
+    for name in names:
+        assert plain.validate_checkpoint(p / name), name
+    if RANK == 0:
+        # Replicated values are stored once: the other shards hold a placeholder.
+        other = plain.load_checkpoint(p / f"shard_{WORLD - 1:05d}_of_{WORLD:05d}.h5")
+        if WORLD > 1:
+            assert other["optimizer_state"]["lr"] is None
+        infos = list_steps(d, verify=True)
+        assert [i.status for i in infos] == ["complete", "complete"], infos
+        g = load_global(p)
+        full = np.concatenate([state_of(10, r)["params"] for r in range(WORLD)])
+        assert np.array_equal(g["parameters"], full)
+        assert g["optimizer_state"]["lr"] == 0.125 * 10
+        assert g["optimizer_state"]["cursor"] == [10 * 100 + r for r in range(WORLD)]
+        assert g["world_size"] == WORLD
+    same_everywhere(True)
+
+
+def expect_error(kind, fn, *args, everywhere=True, **kw) -> CheckpointError:
+    """``fn`` raises ``kind`` on this rank; the message is the same on every rank."""
+    try:
+        fn(*args, **kw)
+    except kind as exc:
+        if everywhere:
+            same_everywhere(str(exc))
+        return exc
+    raise AssertionError(f"rank {RANK}: {fn.__name__} did not raise {kind.__name__}")
+
+
+def no_leftovers(d: str, steps: list[str]) -> None:
+    """Only the given steps (and the lock file) exist: no staging directory, no temp file."""
+    COMM.Barrier()
+    if RANK == 0:
+        names = sorted(n for n in os.listdir(d) if n != ".h5ckpt.lock")
+        assert names == sorted(steps), names
+
+
+def bad_input(d: str) -> None:
+    m = manager(d)
+    save_state(m, 1)
+    bad = {"x": object()} if RANK == WORLD - 1 else {"x": 1}
+    err = expect_error(CheckpointError, m.save_checkpoint, 2, np.zeros(3), bad, 0.5)
+    assert f"rank {WORLD - 1}" in str(err), str(err)
+    expect_error(CheckpointError, m.save_checkpoint, 2 + (RANK == 1), np.zeros(3), {}, 0.5)
+    expect_error(CheckpointError, m.save_checkpoint, 2, np.zeros(3), {}, 0.5 + RANK)
+    # Sharded on one rank only, and blocks that do not fit together.
+    v = Sharded(np.zeros(3)) if RANK == 0 else np.zeros(3)
+    expect_error(CheckpointError, m.save_checkpoint, 2, np.zeros(3), {"v": v}, 0.5)
+    v = Sharded(np.zeros((3, 1 + RANK)))
+    expect_error(CheckpointError, m.save_checkpoint, 2, np.zeros(3), {"v": v}, 0.5)
+    no_leftovers(d, ["checkpoint_batch_0001"])
+    check_own(m.load_latest(), 1)
+    save_state(m, 2)
+    check_own(m.load_latest(), 2)
+
+
+def full_disk(d: str) -> None:
+    m = manager(d)
+    save_state(m, 1)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if RANK == 1:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, hard))
+    big = np.random.default_rng(RANK).standard_normal(200_000)  # 1.6 MB per rank
+    expect_error(CheckpointError, m.save_checkpoint, 2, Sharded(big), {"a": 1}, 0.5)
+    if RANK == 1:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    no_leftovers(d, ["checkpoint_batch_0001"])
+    check_own(m.load_latest(), 1)
+    m.save_checkpoint(2, Sharded(big), {"a": 1}, 0.5)
+    got = m.load_latest()
+    assert got["batch_idx"] == 2 and np.array_equal(got["parameters"], big)
+
+
+def flip(path: Path, offset: int | None = None) -> None:
+    data = bytearray(path.read_bytes())
+    at = len(data) // 2 if offset is None else offset
+    data[at] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def corrupt_steps(d: str) -> None:
+    m = manager(d)
+    for b in (10, 20, 30, 40, 50):
+        save_state(m, b)
+    COMM.Barrier()
+    last = WORLD - 1
+    if RANK == 0:
+        root = Path(d)
+        (root / f"checkpoint_batch_0050/shard_{last:05d}_of_{WORLD:05d}.h5").unlink()
+        flip(root / f"checkpoint_batch_0040/shard_{last:05d}_of_{WORLD:05d}.h5")
+        flip(root / "checkpoint_batch_0030/manifest.h5")
+        (root / "checkpoint_batch_0020/manifest.h5").unlink()
+    COMM.Barrier()
+    same_everywhere(str(m.find_latest_checkpoint()))
+    check_own(m.load_latest(), 10)
+    if RANK == 0:
+        got = [(i.batch_idx, i.status) for i in list_steps(d, verify=True)]
+        assert got == [
+            (10, "complete"),
+            (20, "incomplete"),
+            (30, "invalid"),
+            (40, "invalid"),
+            (50, "incomplete"),
+        ], got
+        assert [m.validate_checkpoint(Path(d) / f"checkpoint_batch_{b:04d}") for b in (10, 40)] == [
+            True,
+            False,
+        ]
+
+
+def wrong_key(d: str) -> None:
+    m = manager(d, hmac_key=b"right key")
+    save_state(m, 3)
+    other = manager(d, hmac_key=b"wrong key")
+    assert other.find_latest_checkpoint() is None
+    assert other.load_latest() is None
+    assert not other.validate_checkpoint(Path(d) / "checkpoint_batch_0003")
+    check_own(m.load_latest(), 3)
+
+
+def deadline(d: str) -> None:
+    m = manager(d, timeout=2.0)
+    save_state(m, 1)
+    if RANK == 1:
+        time.sleep(5)  # arrives after the others gave up
+    expect_error(CheckpointTimeoutError, save_state, m, 2)
+    no_leftovers(d, ["checkpoint_batch_0001"])
+    # The ranks are in step again: the next save and restore work.
+    save_state(m, 3)
+    check_own(m.load_latest(), 3)
+    # A rank that never comes: the others raise instead of hanging.
+    if RANK == 1:
+        return
+    expect_error(CheckpointTimeoutError, m.load_latest, everywhere=False)
+
+
+def main() -> int:
+    logging.basicConfig(level=os.environ.get("H5CKPT_LOG", "WARNING"), stream=sys.stderr)
+    name, d, *args = sys.argv[1:]
+    globals()[name](d, *args)
+    COMM.Barrier()
+    if RANK == 0:
+        print(f"ok {name} on {WORLD} ranks", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
