@@ -70,3 +70,9 @@ def test_wrong_hmac_key_finds_nothing(tmp_path):
 
 def test_deadline_expires_instead_of_hanging(tmp_path):
     scenario(4, "deadline", tmp_path)
+
+
+@pytest.mark.parametrize(("before", "after"), [(4, 3), (2, 4)])
+def test_restore_with_another_world_size(tmp_path, before, after):
+    scenario(before, "save_for_resplit", tmp_path)
+    scenario(after, "resplit", tmp_path, str(before))

@@ -244,6 +244,72 @@ def deadline(d: str) -> None:
     expect_error(CheckpointTimeoutError, m.load_latest, everywhere=False)
 
 
+def save_for_resplit(d: str) -> None:
+    m = manager(d)
+    save_state(m, 5)
+    # A later step without rank-local values (only Sharded and replicated ones).
+    s = state_of(6, RANK)
+    m.save_checkpoint(
+        6, Sharded(s["params"]), {"moment": Sharded(s["moment"]), "lr": s["lr"]}, 0.25
+    )
+
+
+def resplit(d: str, old_world: str) -> None:
+    old = int(old_world)
+    m = manager(d)
+    # Step 6 has no rank-local values: it loads with any world size.
+    got = m.load_latest()
+    assert got["batch_idx"] == 6
+    full = np.concatenate([state_of(6, r)["params"] for r in range(old)])
+    want = np.array_split(full, WORLD)[RANK]
+    assert got["parameters"].dtype == want.dtype and np.array_equal(got["parameters"], want)
+    moment = np.concatenate([state_of(6, r)["moment"] for r in range(old)])
+    assert values_equal(got["optimizer_state"]["moment"], np.array_split(moment, WORLD)[RANK])
+    assert got["optimizer_state"]["lr"] == 0.125 * 6
+    # Step 5 holds rank-local values: a clear error on every rank, no fall back to older.
+    m.cleanup_old_checkpoints()
+    if RANK == 0:
+        from h5ckpt.mpi.layout import retire_step
+
+        retire_step(Path(d) / "checkpoint_batch_0006", durable=True)
+    COMM.Barrier()
+    err = expect_error(CheckpointError, m.load_latest)
+    for key in ("optimizer_state/cursor", "optimizer_state/rng", "metadata/rank_note"):
+        assert key in str(err), str(err)
+    assert "optimizer_state/lr" not in str(err)
+    calls = []
+
+    def hook(key, values, new_rank, new_world):
+        calls.append(key)
+        assert len(values) == old and new_world == WORLD and new_rank == RANK
+        if key == "optimizer_state/cursor":
+            assert values == [5 * 100 + r for r in range(old)], values
+            return max(values)
+        if key == "optimizer_state/rng":
+            return values[new_rank % old]
+        return f"rank {new_rank}"
+
+    got = m.load_latest(rank_local=hook)
+    assert calls == ["optimizer_state/cursor", "optimizer_state/rng", "metadata/rank_note"]
+    assert got["batch_idx"] == 5
+    o = got["optimizer_state"]
+    assert list(o) == ["moment", "lr", "schedule", "cursor", "rng"], list(o)
+    full = np.concatenate([state_of(5, r)["params"] for r in range(old)])
+    assert np.array_equal(got["parameters"], np.array_split(full, WORLD)[RANK])
+    assert o["cursor"] == 5 * 100 + old - 1
+    assert o["rng"] == state_of(5, RANK % old)["rng"]
+    assert o["schedule"] == {"warmup": [1, 2, 3], "name": "cosine"}
+    assert got["metadata"] == {"job": "scenario", "rank_note": f"rank {RANK}"}
+
+    # A hook that fails on one rank fails the restore on every rank.
+    def failing(key, values, new_rank, new_world):
+        if new_rank == WORLD - 1:
+            raise ValueError("cannot map")
+        return None
+
+    expect_error(CheckpointError, m.load_latest, rank_local=failing)
+
+
 def main() -> int:
     logging.basicConfig(level=os.environ.get("H5CKPT_LOG", "WARNING"), stream=sys.stderr)
     name, d, *args = sys.argv[1:]
