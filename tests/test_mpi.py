@@ -76,3 +76,8 @@ def test_deadline_expires_instead_of_hanging(tmp_path):
 def test_restore_with_another_world_size(tmp_path, before, after):
     scenario(before, "save_for_resplit", tmp_path)
     scenario(after, "resplit", tmp_path, str(before))
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_retention_counts_complete_steps_only(tmp_path, n):
+    scenario(n, "retention", tmp_path)

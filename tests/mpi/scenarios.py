@@ -310,6 +310,82 @@ def resplit(d: str, old_world: str) -> None:
     expect_error(CheckpointError, m.load_latest, rank_local=failing)
 
 
+def steps_in(d: str) -> list[str]:
+    import re
+
+    return sorted(n for n in os.listdir(d) if re.fullmatch(r"checkpoint_batch_\d+", n))
+
+
+def retention(d: str) -> None:
+    import fcntl
+    import shutil
+
+    root = Path(d)
+    m = manager(d, keep_last_n=2)
+    for b in (10, 20, 30):
+        save_state(m, b)
+    same_everywhere(steps_in(d))
+    assert steps_in(d) == ["checkpoint_batch_0020", "checkpoint_batch_0030"]
+    unknown = ["notes", "checkpoint_batch_50x", ".checkpoint_batch_0050.foo", "other_batch_0001"]
+    COMM.Barrier()
+    if RANK == 0:
+        flip(root / f"checkpoint_batch_0030/shard_{WORLD - 1:05d}_of_{WORLD:05d}.h5")
+        # An incomplete newer step, as a copy without its manifest would leave.
+        shutil.copytree(root / "checkpoint_batch_0020", root / "checkpoint_batch_0040")
+        (root / "checkpoint_batch_0040" / "manifest.h5").unlink()
+        for name in unknown:
+            (root / name).mkdir()
+    COMM.Barrier()
+    save_state(m, 50)
+    # Complete steps: 20 and 50; 30 (invalid) and 40 (incomplete) are kept, not counted.
+    assert steps_in(d) == [f"checkpoint_batch_00{b}0" for b in (2, 3, 4, 5)], steps_in(d)
+    save_state(m, 60)
+    assert steps_in(d) == [f"checkpoint_batch_00{b}0" for b in (3, 4, 5, 6)], steps_in(d)
+    check_own(m.load_latest(), 60)
+    # The newest complete step survives even when every newer one is bad.
+    COMM.Barrier()
+    if RANK == 0:
+        shutil.copytree(root / "checkpoint_batch_0060", root / "checkpoint_batch_0070")
+        flip(root / "checkpoint_batch_0070" / "manifest.h5")
+    COMM.Barrier()
+    strict = manager(d, keep_last_n=1, delete_invalid=True)
+    deleted = strict.cleanup_old_checkpoints()
+    same_everywhere([p.name for p in deleted])
+    assert sorted(p.name for p in deleted) == [f"checkpoint_batch_00{b}0" for b in (3, 4, 5, 7)], (
+        deleted
+    )
+    assert steps_in(d) == ["checkpoint_batch_0060"]
+    check_own(strict.load_latest(), 60)
+    # Stale staging directories of dead jobs are swept, live ones and unknown names kept.
+    COMM.Barrier()
+    live = root / ".checkpoint_batch_0080.1.0123456789ab.staging"
+    dead = root / ".checkpoint_batch_0090.1.0123456789ab.staging"
+    gone = root / ".checkpoint_batch_0010.1.0123456789ab.deleting"
+    fd = -1
+    if RANK == 0:
+        for p in (live, dead, gone):
+            p.mkdir()
+            (p / ".lock").touch()
+            (p / "shard_00000_of_00001.h5").write_bytes(b"partial")
+        fd = os.open(live / ".lock", os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    COMM.Barrier()
+    manager(d, keep_last_n=1)
+    if RANK == 0:
+        assert live.exists() and not dead.exists() and not gone.exists()
+        for name in unknown:
+            assert (root / name).is_dir(), name
+        os.close(fd)
+    # Milestones and the best losses are kept too.
+    COMM.Barrier()
+    other = Path(d) / "policy"
+    p = manager(str(other), keep_last_n=1, keep_every=20, keep_best_n=1)
+    losses = {10: 0.5, 20: 0.9, 30: 0.1, 40: 0.8, 50: 0.7}
+    for b, loss in losses.items():
+        p.save_checkpoint(b, Sharded(np.arange(3.0)), {"b": b}, loss)
+    assert steps_in(str(other)) == [f"checkpoint_batch_00{b}0" for b in (2, 3, 4, 5)]
+
+
 def main() -> int:
     logging.basicConfig(level=os.environ.get("H5CKPT_LOG", "WARNING"), stream=sys.stderr)
     name, d, *args = sys.argv[1:]
