@@ -81,3 +81,8 @@ def test_restore_with_another_world_size(tmp_path, before, after):
 @pytest.mark.parametrize("n", [2, 4])
 def test_retention_counts_complete_steps_only(tmp_path, n):
     scenario(n, "retention", tmp_path)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_async_saves(tmp_path, n):
+    scenario(n, "async_saves", tmp_path)

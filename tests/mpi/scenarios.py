@@ -386,6 +386,34 @@ def retention(d: str) -> None:
     assert steps_in(str(other)) == [f"checkpoint_batch_00{b}0" for b in (2, 3, 4, 5)]
 
 
+def async_saves(d: str) -> None:
+    m = manager(d, keep_last_n=2)
+    params = np.arange(1000.0) + RANK
+    state = {"w": Sharded(params.copy()), "n": 1}
+    f = m.save_checkpoint_async(1, Sharded(params), state, 0.5)
+    params[:] = -1.0  # changes after the call do not reach the snapshot
+    state["n"] = 99
+    m.wait_until_finished()
+    same_everywhere(str(f.result()))
+    got = m.load_latest()
+    assert got["batch_idx"] == 1 and np.array_equal(got["parameters"], np.arange(1000.0) + RANK)
+    assert got["optimizer_state"]["n"] == 1
+    # Several in a row, then collective calls that wait for the one in flight.
+    for b in (2, 3, 4):
+        m.save_checkpoint_async(b, Sharded(np.full(10, float(b))), {"b": b}, 1.0 / b)
+    same_everywhere(str(m.find_latest_checkpoint()))
+    assert m.find_latest_checkpoint().name == "checkpoint_batch_0004"
+    m.wait_until_finished()
+    # A rank with bad input fails the background save on every rank.
+    bad = {"x": object()} if RANK == 0 else {"x": 1}
+    m.save_checkpoint_async(5, np.zeros(2), bad, 0.1)
+    expect_error(CheckpointError, m.wait_until_finished)
+    with m:
+        m.save_checkpoint_async(6, Sharded(np.full(10, 6.0)), {"b": 6}, 0.1)
+    assert m.load_latest()["batch_idx"] == 6
+    assert steps_in(d) == ["checkpoint_batch_0004", "checkpoint_batch_0006"]
+
+
 def main() -> int:
     logging.basicConfig(level=os.environ.get("H5CKPT_LOG", "WARNING"), stream=sys.stderr)
     name, d, *args = sys.argv[1:]
