@@ -55,6 +55,7 @@ from .errors import CheckpointError, CheckpointNotFoundError, CheckpointPickleEr
 from .inspection import CHECKPOINT_NAME, checkpoint_files, describe_file, json_safe, verify_paths
 from .manager import HMAC_KEY_ENV, CheckpointManager, _resolve_key
 from .migrate import migrate_directory
+from .mpi.cli import Steps, show_step, step_dirs, verify_steps
 from .payload import FORMAT_VERSION
 from .verification import CheckpointInfo
 
@@ -66,6 +67,8 @@ STATUS_STYLE = {
     "legacy": "yellow",
     "unverified": "cyan",
     "invalid": "bold red",
+    "complete": "green",
+    "incomplete": "yellow",
     "converted": "green",
     "skipped": "yellow",
     "failed": "bold red",
@@ -266,6 +269,7 @@ def cmd_ls(args: argparse.Namespace, out: Console) -> int:
     manager = CheckpointManager(directory, keep_last_n=None, auto_cleanup=False, prefix=args.prefix)
     latest = manager.find_latest_checkpoint()  # verifies the newest files only
     infos = manager.list_checkpoints(verify=args.verify)
+    steps = Steps(directory, args.prefix, args.verify)  # sharded checkpoints of MPI jobs
     if args.json:
         _print_json(
             [
@@ -283,9 +287,12 @@ def cmd_ls(args: argparse.Namespace, out: Console) -> int:
                 }
                 for i in infos
             ]
+            + steps.json()
         )
         return 0
     if not infos:
+        if steps:
+            return steps.render(out)
         out.print(escape(_nothing_found(directory, args.prefix)))
         return 0
     notes = any(i.error for i in infos)
@@ -322,7 +329,7 @@ def cmd_ls(args: argparse.Namespace, out: Console) -> int:
     if not args.verify and any(i.status == "unverified" or not i.verified for i in infos):
         caption += "\n(without --verify only headers were read for 'unverified' and 'legacy')"
     out.print(caption, style="dim")
-    return 0
+    return steps.render(out)
 
 
 def _verify_with_progress(files: list[Path], key: bytes | None, show: bool, out: Console):
@@ -347,15 +354,21 @@ def _verify_with_progress(files: list[Path], key: bytes | None, show: bool, out:
 def cmd_verify(args: argparse.Namespace, out: Console) -> int:
     """``h5ckpt verify``: check every byte of files and directories."""
     files = checkpoint_files(args.paths)
-    if not files:
+    steps = step_dirs(args.paths)  # sharded checkpoints of MPI jobs
+    if not files and not steps:
         raise CheckpointNotFoundError(
             "no checkpoint files (*_batch_<n>.h5) under " + ", ".join(args.paths), {}
         )
+    step_reports, steps_bad = verify_steps(steps, None if args.json else out)
+    if not files:
+        if args.json:
+            _print_json(step_reports)
+        return steps_bad
     key = _resolve_key(None)
     reports = _verify_with_progress(files, key, out.is_terminal and not args.json, out)
-    bad = sum(not r.is_valid for r in reports)
+    bad = sum(not r.is_valid for r in reports) + steps_bad
     if args.json:
-        _print_json([r.to_dict() for r in reports])
+        _print_json([r.to_dict() for r in reports] + step_reports)
         return 1 if bad else 0
     columns = [
         ("status", "left"),
@@ -439,6 +452,8 @@ def _add_children(tree: Tree, node: dict[str, Any]) -> None:
 
 def cmd_show(args: argparse.Namespace, out: Console) -> int:
     """``h5ckpt show``: header, digest status and payload tree of one file."""
+    if Path(args.file).is_dir():
+        return show_step(Path(args.file), args, out)  # a sharded step directory
     info = describe_file(args.file, _resolve_key(None))
     valid = info["status"] in ("valid", "legacy")
     if args.json:
