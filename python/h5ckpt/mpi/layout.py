@@ -129,12 +129,15 @@ class StagingDir:
             shutil.rmtree(self.path, ignore_errors=True)
             raise oserror_to_checkpoint(exc, "lock the staging directory", self.path) from exc
 
+    def unlock_file(self) -> None:
+        """Remove the lock file before the last file goes in (whose directory fsync makes
+        the removal durable too); the open descriptor keeps the lock until the rename."""
+        os.unlink(self._lock_path)
+
     def commit(self, durable: bool) -> None:
         """Make the staged step the step ``final`` in one rename (an existing step of the
-        same batch is swapped out atomically, then removed)."""
-        os.unlink(self._lock_path)  # the fd keeps the lock until the rename is done
-        if durable:
-            fsync_directory(self.path)
+        same batch is swapped out atomically, then removed). Call after
+        :meth:`unlock_file` and the last file's directory fsync."""
         try:
             _rename_dir(self.path, self.final)
         except OSError as exc:

@@ -409,6 +409,7 @@ compression, load_limits
                     ],
                     decided["values"],
                 )
+                staging.unlock_file()
                 write_manifest(
                     staging.path, manifest, hmac_key=self._hmac_key, durable=self.durable
                 )
@@ -485,22 +486,30 @@ compression, load_limits
         return self._restore("load", rank_local)
 
     def _restore(self, mode: str | None, hook: RankLocalHook | None) -> Any:
-        def candidates(_: list[Any]) -> list[tuple[int, str]]:
-            steps = layout.list_steps(self.checkpoint_dir, self.prefix)
-            return [(b, p.name) for b, p in reversed(steps)]
+        def manifest_of(step: Path, batch: int) -> Manifest | str:
+            try:
+                return read_manifest(step, self._hmac_key, batch)
+            except CheckpointError as exc:
+                return str(exc)
 
-        names = self._ch.decide(lambda: None, candidates, "restoring (listing the steps)")
+        def candidates(_: list[Any]) -> tuple[list[tuple[int, str]], Manifest | str | None]:
+            steps = layout.list_steps(self.checkpoint_dir, self.prefix)[::-1]
+            # The newest manifest comes with the listing: one exchange fewer on a resume.
+            first = manifest_of(steps[0][1], steps[0][0]) if steps else None
+            return [(b, p.name) for b, p in steps], first
+
+        names, first = self._ch.decide(lambda: None, candidates, "restoring (listing the steps)")
         skipped: list[str] = []
-        for batch, name in names:
+        for index, (batch, name) in enumerate(names):
             step = self.checkpoint_dir / name
-
-            def manifest_of(_: list[Any], step: Path = step, batch: int = batch) -> Any:
-                try:
-                    return read_manifest(step, self._hmac_key, batch)
-                except CheckpointError as exc:
-                    return str(exc)
-
-            manifest = self._ch.decide(lambda: None, manifest_of, "restoring (reading a manifest)")
+            if index == 0:
+                manifest = first
+            else:
+                manifest = self._ch.decide(
+                    lambda: None,
+                    lambda _, step=step, batch=batch: manifest_of(step, batch),
+                    "restoring (reading a manifest)",
+                )
             if isinstance(manifest, str):
                 skipped.append(manifest)
                 continue
