@@ -17,7 +17,9 @@ TRIALS = 12
 def test_sigkill_of_one_rank_mid_save(tmp_path, n):
     resumed = []
     for trial in range(TRIALS):
-        proc = mpirun(n, KILLJOB, str(tmp_path), str(1000 * n + trial), timeout=60)
+        # Longer than the job's own deadline (20 s): should the launcher be slow to end
+        # the job, the surviving ranks raise CheckpointTimeoutError and exit.
+        proc = mpirun(n, KILLJOB, str(tmp_path), str(1000 * n + trial), timeout=120)
         # The job must die by the kill (not by a failed check, which exits with 1
         # before any save and prints an AssertionError).
         assert "AssertionError" not in proc.stderr, proc.stderr

@@ -33,7 +33,7 @@ def block(batch: int, rank: int) -> np.ndarray:
 def main() -> int:
     d, seed = Path(sys.argv[1]), int(sys.argv[2])
     log = d / "committed.log"
-    m = ShardedCheckpointManager(d, COMM, keep_last_n=2, timeout=60)
+    m = ShardedCheckpointManager(d, COMM, keep_last_n=2, timeout=20)
     state = m.load_latest()
     committed = [int(x) for x in log.read_text().split()] if log.exists() else []
     if state is None:

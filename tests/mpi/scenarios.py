@@ -359,16 +359,15 @@ def retention(d: str) -> None:
     # Stale staging directories of dead jobs are swept, live ones and unknown names kept.
     COMM.Barrier()
     live = root / ".checkpoint_batch_0080.1.0123456789ab.staging"
-    dead = root / ".checkpoint_batch_0090.1.0123456789ab.staging"
+    dead = root / ".checkpoint_batch_0090.99999999.0123456789ab.staging"
     gone = root / ".checkpoint_batch_0010.1.0123456789ab.deleting"
     fd = -1
     if RANK == 0:
         for p in (live, dead, gone):
             p.mkdir()
-            (p / ".lock").touch()
             (p / "shard_00000_of_00001.h5").write_bytes(b"partial")
-        fd = os.open(live / ".lock", os.O_RDWR)
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as a live job's committing rank holds it
     COMM.Barrier()
     manager(d, keep_last_n=1)
     if RANK == 0:

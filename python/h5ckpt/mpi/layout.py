@@ -22,11 +22,10 @@ import time
 from pathlib import Path
 
 from .._native import fsync_directory
-from ..staging import STALE_AFTER_SECONDS, oserror_to_checkpoint
+from ..staging import STALE_AFTER_SECONDS, _pid_alive, oserror_to_checkpoint
 
 __all__ = [
     "MANIFEST_NAME",
-    "STAGING_LOCK",
     "StagingDir",
     "list_steps",
     "retire_step",
@@ -38,8 +37,6 @@ __all__ = [
 logger = logging.getLogger("h5ckpt")
 
 MANIFEST_NAME = "manifest.h5"
-#: Held (flock) by the committing rank while a staging directory is in use.
-STAGING_LOCK = ".lock"
 _SHARD_RE = re.compile(r"^shard_(\d{5,})_of_(\d{5,})\.h5$", re.A)
 _HIDDEN_RE = re.compile(
     r"^\.(?P<step>.+_batch_\d+)\.(?P<pid>\d+)\.[0-9a-f]{12}\.(?P<kind>staging|deleting)$", re.A
@@ -110,7 +107,12 @@ def _hidden(step: str, kind: str) -> str:
 
 
 class StagingDir:
-    """A new hidden directory a step is written into, locked while in use."""
+    """A new hidden directory a step is written into, ``flock``ed while in use.
+
+    The lock is on the directory itself, so it exists from the first moment the
+    directory is in use to the rename (the kernel drops it when the committing rank
+    dies, however it dies), and no lock file ever reaches the step.
+    """
 
     def __init__(self, directory: Path, step: str) -> None:
         self.final = directory / step
@@ -119,25 +121,21 @@ class StagingDir:
             os.mkdir(self.path, 0o755)
         except OSError as exc:
             raise oserror_to_checkpoint(exc, "create the staging directory", self.path) from exc
-        self._lock_path = self.path / STAGING_LOCK
         try:
-            self._fd = os.open(
-                self._lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
-            )
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             shutil.rmtree(self.path, ignore_errors=True)
+            raise oserror_to_checkpoint(exc, "open the staging directory", self.path) from exc
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            self.discard()
             raise oserror_to_checkpoint(exc, "lock the staging directory", self.path) from exc
-
-    def unlock_file(self) -> None:
-        """Remove the lock file before the last file goes in (whose directory fsync makes
-        the removal durable too); the open descriptor keeps the lock until the rename."""
-        os.unlink(self._lock_path)
 
     def commit(self, durable: bool) -> None:
         """Make the staged step the step ``final`` in one rename (an existing step of the
-        same batch is swapped out atomically, then removed). Call after
-        :meth:`unlock_file` and the last file's directory fsync."""
+        same batch is swapped out atomically, then removed). Call after the last
+        file's directory fsync."""
         try:
             _rename_dir(self.path, self.final)
         except OSError as exc:
@@ -207,9 +205,8 @@ def retire_step(step: Path, durable: bool) -> None:
 def sweep_hidden(directory: Path, prefix: str, keep: set[Path] = frozenset()) -> list[Path]:
     """Remove staging and half-deleted directories of ``prefix`` left by dead jobs.
 
-    A staging directory is stale when its lock file is not locked (its committing
-    rank is gone), or, lacking a lock file, when it has not changed for
-    ``STALE_AFTER_SECONDS``. Names that are not exactly ours are never touched.
+    A staging directory is stale when nobody holds its ``flock`` (its committing rank
+    is gone). Names that are not exactly ours are never touched.
     """
     removed: list[Path] = []
     try:
@@ -223,7 +220,7 @@ def sweep_hidden(directory: Path, prefix: str, keep: set[Path] = frozenset()) ->
         path = directory / name
         if path in keep or path.is_symlink() or not path.is_dir():
             continue
-        if m["kind"] == "staging" and not _staging_stale(path):
+        if m["kind"] == "staging" and not _staging_stale(path, int(m["pid"])):
             continue
         shutil.rmtree(path, ignore_errors=True)
         if not path.exists():
@@ -233,23 +230,23 @@ def sweep_hidden(directory: Path, prefix: str, keep: set[Path] = frozenset()) ->
     return removed
 
 
-def _staging_stale(path: Path) -> bool:
+def _staging_stale(path: Path, pid: int) -> bool:
+    """Nobody holds the directory's lock, and its creator is gone (or it has not
+    changed for ``STALE_AFTER_SECONDS``: a pid of another host, or one reused)."""
     try:
-        fd = os.open(path / STAGING_LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        try:
-            return time.time() - os.stat(path).st_mtime > STALE_AFTER_SECONDS
-        except OSError:
-            return False
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return False  # a live job holds it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False  # a live job holds it
+        age = time.time() - os.fstat(fd).st_mtime
     finally:
         os.close(fd)
-    return True
+    # Between mkdir and flock a live creator holds no lock yet: its pid tells.
+    return not _pid_alive(pid) or age > STALE_AFTER_SECONDS
 
 
 def remove_quietly(path: Path) -> None:

@@ -409,7 +409,6 @@ compression, load_limits
                     ],
                     decided["values"],
                 )
-                staging.unlock_file()
                 write_manifest(
                     staging.path, manifest, hmac_key=self._hmac_key, durable=self.durable
                 )
