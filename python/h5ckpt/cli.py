@@ -83,6 +83,7 @@ from .inspection import (
 )
 from .manager import HMAC_KEY_ENV, CheckpointManager, _prefix, _resolve_key
 from .migrate import migrate_directory
+from .mpi.cli import Steps, show_step, step_dirs, verify_steps
 from .payload import FORMAT_VERSION
 from .verification import CheckpointInfo
 
@@ -94,6 +95,8 @@ STATUS_STYLE = {
     "legacy": "yellow",
     "unverified": "cyan",
     "invalid": "bold red",
+    "complete": "green",
+    "incomplete": "yellow",
     "converted": "green",
     "skipped": "yellow",
     "failed": "bold red",
@@ -342,6 +345,8 @@ def cmd_ls(args: argparse.Namespace, out: Console) -> int:
     latest = manager.find_latest_checkpoint()  # verifies the newest files only
     infos = manager.list_checkpoints(verify=args.verify)
     status = 1 if any(i.status == "invalid" for i in infos) else 0
+    steps = Steps(directory, args.prefix, args.verify)  # sharded checkpoints of MPI jobs
+    status = max(status, steps.exit_status)
     if args.json:
         _print_json(
             [
@@ -359,9 +364,12 @@ def cmd_ls(args: argparse.Namespace, out: Console) -> int:
                 }
                 for i in infos
             ]
+            + steps.json()
         )
         return status
     if not infos:
+        if steps:
+            return steps.render(out)
         out.print(escape(_nothing_found(directory, args.prefix)))
         return 0
     notes = any(i.error for i in infos)
@@ -398,7 +406,7 @@ def cmd_ls(args: argparse.Namespace, out: Console) -> int:
     if not args.verify and any(i.status == "unverified" or not i.verified for i in infos):
         caption += "\n(without --verify only headers were read for 'unverified' and 'legacy')"
     out.print(caption, style="dim")
-    return status
+    return max(status, steps.render(out))
 
 
 def _verify_with_progress(files: list[Path], key: bytes | None, show: bool, out: Console):
@@ -423,7 +431,8 @@ def _verify_with_progress(files: list[Path], key: bytes | None, show: bool, out:
 def cmd_verify(args: argparse.Namespace, out: Console) -> int:
     """``h5ckpt verify``: check every byte of files and directories."""
     files = checkpoint_files(args.paths)
-    if not files:
+    steps = step_dirs(args.paths)  # sharded checkpoints of MPI jobs
+    if not files and not steps:
         raise CheckpointNotFoundError(
             "nothing to verify: no checkpoint files (named <prefix>_batch_<n>.h5) under "
             + ", ".join(args.paths)
@@ -431,11 +440,16 @@ def cmd_verify(args: argparse.Namespace, out: Console) -> int:
             "on the command line is checked whatever its name)",
             {"paths": list(args.paths)},
         )
+    step_reports, steps_bad = verify_steps(steps, None if args.json else out)
+    if not files:
+        if args.json:
+            _print_json(step_reports)
+        return steps_bad
     key = _resolve_key(None)
     reports = _verify_with_progress(files, key, out.is_terminal and not args.json, out)
-    bad = sum(not r.is_valid for r in reports)
+    bad = sum(not r.is_valid for r in reports) + steps_bad
     if args.json:
-        _print_json([_report_json(r, key) for r in reports])
+        _print_json([_report_json(r, key) for r in reports] + step_reports)
         return 1 if bad else 0
     notes = [r.error or _tag_note(r, key) for r in reports]
     columns = [
@@ -526,6 +540,8 @@ def _add_children(tree: Tree, node: dict[str, Any]) -> None:
 
 def cmd_show(args: argparse.Namespace, out: Console) -> int:
     """``h5ckpt show``: header, digest status and payload tree of one file."""
+    if Path(args.file).is_dir():
+        return show_step(Path(args.file), args, out)  # a sharded step directory
     key = _resolve_key(None)
     info = describe_file(args.file, key)
     valid = info["status"] in ("valid", "legacy")

@@ -179,6 +179,11 @@ def _spawn_and_kill(directory: Path, cfg: FitConfig, kill_after: int) -> tuple[i
 
 
 def main(argv: list[str] | None = None) -> int:
+    args_in = sys.argv[1:] if argv is None else list(argv)
+    if "--mpi" in args_in:  # the same fit split across the ranks of an MPI job
+        from .mpi.demo import main as mpi_main
+
+        return mpi_main([a for a in args_in if a != "--mpi"])
     parser = argparse.ArgumentParser(prog="h5ckpt demo", description=__doc__.splitlines()[0])
     parser.add_argument("directory", nargs="?", help="checkpoint directory (default: a temp dir)")
     parser.add_argument("--batches", type=int, default=FitConfig.n_batches)

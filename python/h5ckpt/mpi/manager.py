@@ -1,0 +1,877 @@
+"""``ShardedCheckpointManager``: one checkpoint of an MPI job, one shard per rank."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import _native
+from ..errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointValueError,
+)
+from ..limits import LoadLimits
+from ..manager import CheckpointManager, _batch_index, _loss, _resolve_key, _snapshot
+from ..payload import as_parameters
+from ..staging import DirectoryLock
+from ..tree import check_value
+from . import layout
+from .manifest import (
+    Manifest,
+    StepInfo,
+    check_shards,
+    list_step_infos,
+    load_file,
+    read_manifest,
+    shard_mismatch,
+    step_info,
+    write_file,
+    write_manifest,
+)
+from .protocol import DEFAULT_TIMEOUT, Channel, first_failure
+from .values import (
+    RANK_LOCAL,
+    REPLICATED,
+    SHARDED,
+    KeyPath,
+    Sharded,
+    classify,
+    describe,
+    flatten,
+    get_at,
+    render,
+    set_at,
+    split_ranges,
+    take_range,
+    unflatten,
+)
+
+__all__ = ["ShardedCheckpointManager", "load_global"]
+
+logger = logging.getLogger("h5ckpt")
+
+_PathLike = str | os.PathLike[str]
+RankLocalHook = Callable[[str, list[Any], int, int], Any]
+
+
+class _Prepared:
+    """A rank's checked save arguments: its values in order, ready to classify."""
+
+    def __init__(self, batch_idx: int, loss: float, leaves: list[tuple[KeyPath, Any]]) -> None:
+        self.batch_idx = batch_idx
+        self.loss = loss
+        self.leaves = leaves
+        self.described = describe(leaves)
+
+
+def _loss_key(loss: float) -> bytes:
+    return b"nan" if math.isnan(loss) else struct.pack("<d", loss)
+
+
+class ShardedCheckpointManager:
+    """Checkpoints of an MPI job: every rank saves its own state, committed as one.
+
+    A checkpoint is the directory ``{prefix}_batch_{batch_idx:04d}/`` with one
+    ordinary h5ckpt file per rank (``shard_{rank:05d}_of_{world:05d}.h5``) and
+    ``manifest.h5``. It exists under that name only once every rank's shard was
+    written, fsynced and reported with its digest; restoring checks the manifest and
+    every shard's digest, skipping incomplete or corrupt steps.
+
+    Construction and the methods marked *collective* must be called by every rank of
+    ``comm`` in the same order. ``list_checkpoints`` and ``validate_checkpoint`` use
+    no communication.
+
+    Parameters
+    ----------
+    checkpoint_dir : str or Path
+        Directory of the steps (on a file system every rank sees).
+    comm : mpi4py.MPI.Comm, optional
+        The ranks that save together; ``MPI.COMM_WORLD`` by default. The manager talks
+        on a duplicate of it, never matching the caller's own messages.
+    checkpoint_frequency, keep_last_n, enable_compression, prefix, allow_pickle, \
+hmac_key, durable, keep_every, keep_best_n, best_mode, delete_invalid, auto_cleanup, \
+compression, load_limits
+        As for :class:`h5ckpt.CheckpointManager`; retention counts complete steps.
+    timeout : float, default 1800
+        Seconds a rank waits for the others at any step of a save or restore before
+        raising :class:`~h5ckpt.mpi.CheckpointTimeoutError`.
+    """
+
+    def __init__(
+        self,
+        checkpoint_dir: _PathLike,
+        comm: Any = None,
+        checkpoint_frequency: int = 10,
+        keep_last_n: int | None = 3,
+        enable_compression: bool = True,
+        *,
+        prefix: str = "checkpoint",
+        allow_pickle: bool = False,
+        hmac_key: bytes | None = None,
+        durable: bool = True,
+        keep_every: int | None = None,
+        keep_best_n: int = 0,
+        best_mode: str = "min",
+        delete_invalid: bool = False,
+        auto_cleanup: bool = True,
+        compression: str | None = "default",
+        load_limits: LoadLimits | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        from mpi4py import MPI
+
+        if comm is None:
+            comm = MPI.COMM_WORLD
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise CheckpointValueError(
+                f"timeout must be a positive number of seconds, got {timeout!r}", {}
+            )
+        self._threads_ok = MPI.Query_thread() == MPI.THREAD_MULTIPLE
+        self._ch = Channel(comm, timeout)
+        self.rank = self._ch.rank
+        self.world_size = self._ch.size
+        self.timeout = float(timeout)
+        self.auto_cleanup = bool(auto_cleanup)
+
+        def build() -> None:
+            # The single-file manager checks every shared argument in one place.
+            self._single = CheckpointManager(
+                checkpoint_dir,
+                checkpoint_frequency,
+                keep_last_n,
+                enable_compression,
+                prefix=prefix,
+                allow_pickle=allow_pickle,
+                hmac_key=hmac_key,
+                durable=durable,
+                keep_every=keep_every,
+                keep_best_n=keep_best_n,
+                best_mode=best_mode,
+                delete_invalid=delete_invalid,
+                auto_cleanup=False,
+                compression=compression,
+                load_limits=load_limits,
+            )
+
+        def settle(reports: list[Any]) -> None:
+            err = first_failure(reports)
+            if err is not None:
+                raise err
+            with self._lock.held():
+                layout.sweep_hidden(self._single.checkpoint_dir, self._single.prefix)
+
+        self._lock = DirectoryLock(Path(checkpoint_dir))
+        self._ch.decide(build, settle, "creating the sharded checkpoint manager")
+        s = self._single
+        self.checkpoint_dir = s.checkpoint_dir
+        self.checkpoint_frequency = s.checkpoint_frequency
+        self.keep_last_n = s.keep_last_n
+        self.keep_every = s.keep_every
+        self.keep_best_n = s.keep_best_n
+        self.best_mode = s.best_mode
+        self.prefix = s.prefix
+        self.compression = s.compression
+        self.allow_pickle = s.allow_pickle
+        self.durable = s.durable
+        self.delete_invalid = s.delete_invalid
+        self.load_limits = s.load_limits
+        self._hmac_key = s._hmac_key
+        self._known: dict[str, tuple[Any, StepInfo]] = {}
+        self._async_lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: list[Future[Path]] = []
+
+    # -- naming ---------------------------------------------------------------------
+
+    def checkpoint_path(self, batch_idx: int) -> Path:
+        """The step directory a checkpoint of ``batch_idx`` is saved as."""
+        return self.checkpoint_dir / layout.step_name(self.prefix, _batch_index(batch_idx))
+
+    def should_save(self, batch_idx: int) -> bool:
+        """Whether ``batch_idx`` is a batch to checkpoint (every ``checkpoint_frequency``)."""
+        return self._single.should_save(batch_idx)
+
+    # -- saving ---------------------------------------------------------------------
+
+    def save_checkpoint(
+        self,
+        batch_idx: int,
+        parameters: Any,
+        optimizer_state: Any,
+        loss: float,
+        metadata: dict[str, Any] | None = None,
+    ) -> Path:
+        """Save this rank's state as its shard of one step; collective.
+
+        ``parameters``, values of ``optimizer_state`` and ``metadata`` dicts may be
+        :class:`Sharded`. ``batch_idx`` and ``loss`` must be the same on every rank.
+
+        Returns
+        -------
+        Path
+            The committed step directory, on every rank.
+
+        Raises
+        ------
+        CheckpointError
+            The same error on every rank when any rank fails; nothing is committed.
+        """
+        self._drain()
+        prepared = self._prepare(batch_idx, parameters, optimizer_state, loss, metadata, False)
+        return self._commit(prepared)
+
+    def save_checkpoint_async(
+        self,
+        batch_idx: int,
+        parameters: Any,
+        optimizer_state: Any,
+        loss: float,
+        metadata: dict[str, Any] | None = None,
+    ) -> Future[Path]:
+        """Snapshot the state now and commit it in the background; collective.
+
+        The same protocol as :meth:`save_checkpoint` runs in a background thread (it
+        needs ``MPI.THREAD_MULTIPLE``; otherwise the save runs before this returns).
+        One save is in flight at a time; every other collective method waits for it.
+
+        Returns
+        -------
+        concurrent.futures.Future
+            Its result is the step directory; :meth:`wait_until_finished` raises the
+            first error of the pending saves.
+        """
+        self._drain()
+        prepared = self._prepare(batch_idx, parameters, optimizer_state, loss, metadata, True)
+        future: Future[Path]
+        if not self._threads_ok:
+            logger.warning("MPI is not initialised with THREAD_MULTIPLE: saving synchronously")
+            future = Future()
+            try:
+                future.set_result(self._commit(prepared))
+            except CheckpointError as exc:
+                future.set_exception(exc)
+        else:
+            with self._async_lock:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(1, thread_name_prefix="h5ckpt-mpi-save")
+                future = self._executor.submit(self._commit, prepared)
+        with self._async_lock:
+            self._pending.append(future)
+        return future
+
+    def wait_until_finished(self) -> None:
+        """Wait for the background saves; raise the first error among them."""
+        with self._async_lock:
+            pending, self._pending = self._pending, []
+        first: BaseException | None = None
+        for future in pending:
+            exc = future.exception()
+            if exc is not None and first is None:
+                first = exc
+        if first is not None:
+            raise first
+
+    def _drain(self) -> None:
+        """Wait for the background save (its outcome stays for wait_until_finished)."""
+        with self._async_lock:
+            pending = list(self._pending)
+        for future in pending:
+            future.exception()
+
+    def _prepare(
+        self,
+        batch_idx: Any,
+        parameters: Any,
+        optimizer_state: Any,
+        loss: Any,
+        metadata: Any,
+        copy: bool,
+    ) -> _Prepared | CheckpointError:
+        """The checked arguments, or the error to report to the other ranks."""
+        try:
+            batch = _batch_index(batch_idx)
+            loss_value = _loss(loss)
+            if isinstance(parameters, Sharded):
+                parameters = Sharded(as_parameters(parameters.block), parameters.axis)
+            else:
+                parameters = as_parameters(parameters)
+            state = {
+                "parameters": parameters,
+                "optimizer_state": optimizer_state,
+                "metadata": {} if metadata is None else metadata,
+            }
+            leaves = flatten(state)
+            plain = unflatten([(p, v.block if isinstance(v, Sharded) else v) for p, v in leaves])
+            for root in ("optimizer_state", "metadata"):
+                check_value(plain[root], allow_pickle=self.allow_pickle, path=root)
+            if copy:
+                leaves = [
+                    (p, Sharded(v.block.copy(), v.axis) if isinstance(v, Sharded) else _snapshot(v))
+                    for p, v in leaves
+                ]
+            return _Prepared(batch, loss_value, leaves)
+        except CheckpointError as exc:
+            return exc
+        except Exception as exc:
+            return CheckpointValueError(f"cannot save this state: {exc}", {})
+
+    def _commit(self, prepared: _Prepared | CheckpointError) -> Path:
+        started = time.perf_counter()
+        staging: layout.StagingDir | None = None
+        committed = False
+
+        def report() -> Any:
+            if isinstance(prepared, CheckpointError):
+                raise prepared
+            return (prepared.batch_idx, _loss_key(prepared.loss), prepared.described)
+
+        def plan(reports: list[Any]) -> dict[str, Any]:
+            nonlocal staging
+            err = first_failure(reports)
+            if err is not None:
+                raise err
+            batches = sorted({r[0] for r in reports})
+            if len(batches) > 1:
+                raise CheckpointValueError(
+                    f"batch_idx differs between ranks: {[r[0] for r in reports]}",
+                    {"batch_idx": [r[0] for r in reports]},
+                )
+            if len({r[1] for r in reports}) > 1:
+                raise CheckpointValueError(
+                    "loss differs between ranks; pass the same (reduced) loss on every rank",
+                    {"batch_idx": batches[0]},
+                )
+            values = classify([r[2] for r in reports])
+            staging = layout.StagingDir(
+                self.checkpoint_dir, layout.step_name(self.prefix, batches[0])
+            )
+            return {"values": values, "staging": str(staging.path), "timestamp": time.time()}
+
+        try:
+            decided = self._ch.decide(report, plan, "saving a checkpoint (agreeing on the step)")
+            assert isinstance(prepared, _Prepared)
+            world = self.world_size
+
+            def write() -> tuple[int, bytes]:
+                replicated = {
+                    tuple(v["path"]) for v in decided["values"] if v["kind"] == REPLICATED
+                }
+                leaves = []
+                for path, v in prepared.leaves:
+                    if isinstance(v, Sharded):
+                        v = v.block
+                    elif self.rank != 0 and path in replicated:
+                        v = _placeholder(path, v)  # stored once, in rank 0's shard
+                    leaves.append((path, v))
+                tree = unflatten(leaves)
+                header, size = write_file(
+                    Path(decided["staging"]) / layout.shard_name(self.rank, world),
+                    batch_idx=prepared.batch_idx,
+                    loss=prepared.loss,
+                    timestamp=decided["timestamp"],
+                    parameters=tree["parameters"],
+                    optimizer_state=tree["optimizer_state"],
+                    metadata=tree["metadata"],
+                    compression=self.compression,
+                    allow_pickle=self.allow_pickle,
+                    hmac_key=self._hmac_key,
+                    durable=self.durable,
+                )
+                return size, bytes(header.payload_digest)
+
+            def seal(reports: list[Any]) -> str:
+                nonlocal committed
+                err = first_failure(reports)
+                if err is not None:
+                    raise err
+                assert staging is not None
+                manifest = Manifest(
+                    prepared.batch_idx,
+                    prepared.loss,
+                    decided["timestamp"],
+                    _native.__version__,
+                    world,
+                    [
+                        {"name": layout.shard_name(r, world), "size": s, "payload_digest": d}
+                        for r, (s, d) in enumerate(reports)
+                    ],
+                    decided["values"],
+                )
+                write_manifest(
+                    staging.path, manifest, hmac_key=self._hmac_key, durable=self.durable
+                )
+                with self._lock.held():
+                    staging.commit(self.durable)
+                    committed = True
+                final = staging.final
+                self._known[final.name] = (
+                    _identity(final),
+                    StepInfo(
+                        final,
+                        prepared.batch_idx,
+                        prepared.loss,
+                        decided["timestamp"],
+                        world,
+                        _tree_bytes(final),
+                        "complete",
+                    ),
+                )
+                return str(final)
+
+            final = Path(self._ch.decide(write, seal, "saving a checkpoint (committing the step)"))
+        finally:
+            if staging is not None and not committed:
+                staging.discard()
+        if self.rank == 0:
+            logger.info(
+                "sharded checkpoint saved: batch=%d loss=%.6g step=%s (%d ranks) in %.3fs",
+                prepared.batch_idx,
+                prepared.loss,
+                final.name,
+                self.world_size,
+                time.perf_counter() - started,
+            )
+            if self.auto_cleanup:
+                try:
+                    self._cleanup_root()
+                except CheckpointError as exc:
+                    logger.warning("retention after saving %s failed: %s", final.name, exc)
+        return final
+
+    # -- restoring --------------------------------------------------------------------
+
+    def find_latest_checkpoint(self) -> Path | None:
+        """The newest complete step (manifest and every shard verified); collective.
+
+        Returns
+        -------
+        Path or None
+            The same step directory on every rank, or None.
+        """
+        self._drain()
+        return self._restore(None, None)
+
+    def load_latest(self, rank_local: RankLocalHook | None = None) -> dict[str, Any] | None:
+        """Load this rank's state from the newest complete step; collective.
+
+        With the world size of the save, each rank gets exactly its own shard back
+        (replicated values filled in from rank 0's). With another world size,
+        ``Sharded`` values are split again in rank order (``np.array_split`` of the
+        global array) and replicated values are given to every rank; rank-local
+        values then need ``rank_local(key_path, values_of_old_ranks, new_rank,
+        new_world_size)``, which returns this rank's value (``values_of_old_ranks``
+        has None for old ranks without that value); without it a
+        ``CheckpointValueError`` names them, on every rank.
+
+        Returns
+        -------
+        dict or None
+            As :meth:`h5ckpt.CheckpointManager.load_checkpoint` (``parameters`` and
+            values are this rank's), or None on a fresh start.
+        """
+        self._drain()
+        return self._restore("load", rank_local)
+
+    def _restore(self, mode: str | None, hook: RankLocalHook | None) -> Any:
+        def manifest_of(step: Path, batch: int) -> Manifest | str:
+            try:
+                return read_manifest(step, self._hmac_key, batch)
+            except CheckpointError as exc:
+                return str(exc)
+
+        def candidates(_: list[Any]) -> tuple[list[tuple[int, str]], Manifest | str | None]:
+            steps = layout.list_steps(self.checkpoint_dir, self.prefix)[::-1]
+            # The newest manifest comes with the listing: one exchange fewer on a resume.
+            first = manifest_of(steps[0][1], steps[0][0]) if steps else None
+            return [(b, p.name) for b, p in steps], first
+
+        names, first = self._ch.decide(lambda: None, candidates, "restoring (listing the steps)")
+        skipped: list[str] = []
+        for index, (batch, name) in enumerate(names):
+            step = self.checkpoint_dir / name
+            if index == 0:
+                manifest = first
+            else:
+                manifest = self._ch.decide(
+                    lambda: None,
+                    lambda _, step=step, batch=batch: manifest_of(step, batch),
+                    "restoring (reading a manifest)",
+                )
+            if isinstance(manifest, str):
+                skipped.append(manifest)
+                continue
+            same = mode == "load" and manifest.world_size == self.world_size
+            loaded: dict[str, Any] = {}
+
+            def check(
+                step: Path = step,
+                manifest: Manifest = manifest,
+                same: bool = same,
+                loaded: dict[str, Any] = loaded,
+            ) -> Any:
+                if same:
+                    try:
+                        header, result = load_file(
+                            step / manifest.shards[self.rank]["name"],
+                            self._hmac_key,
+                            self.allow_pickle,
+                            self.load_limits,
+                        )
+                    except (CheckpointCorruptError, CheckpointNotFoundError) as exc:
+                        return [str(exc)]
+                    why = shard_mismatch(step, manifest, self.rank, header)
+                    if why is not None:
+                        return [why]
+                    loaded.update(result)
+                    return []
+                mine = [i for i in range(manifest.world_size) if i % self.world_size == self.rank]
+                return check_shards(step, manifest, mine, self._hmac_key)
+
+            def verdict(reports: list[Any]) -> list[str]:
+                err = first_failure(reports)
+                if err is not None:
+                    raise err
+                return [why for rep in reports for why in rep]
+
+            bad = self._ch.decide(check, verdict, "restoring (checking the shards)")
+            if bad:
+                skipped.append(f"{step}: " + "; ".join(bad))
+                continue
+            self._warn_skipped(skipped)
+            if mode is None:
+                if self.rank == 0:
+                    logger.info("latest complete sharded checkpoint: %s", name)
+                return step
+            if same:
+                return self._fill_replicated(manifest, loaded)
+            return self._resplit(step, manifest, hook)
+        self._warn_skipped(skipped)
+        return None
+
+    def _warn_skipped(self, skipped: list[str]) -> None:
+        if skipped and self.rank == 0:
+            logger.warning(
+                "skipped %d incomplete or corrupt step(s): %s", len(skipped), " | ".join(skipped)
+            )
+
+    def _fill_replicated(self, manifest: Manifest, loaded: dict[str, Any]) -> dict[str, Any]:
+        paths = [v["path"] for v in manifest.of_kind(REPLICATED)]
+        tree = {k: loaded[k] for k in ("parameters", "optimizer_state", "metadata")}
+        if paths and self.world_size > 1:
+            values = self._ch.bcast(
+                [get_at(tree, p) for p in paths] if self.rank == 0 else None,
+                "restoring (replicated values from rank 0)",
+            )
+            if self.rank != 0:
+                for p, v in zip(paths, values, strict=True):
+                    set_at(tree, p, v)
+        return _result(manifest, tree)
+
+    def _resplit(
+        self, step: Path, manifest: Manifest, hook: RankLocalHook | None
+    ) -> dict[str, Any]:
+        old_world = manifest.world_size
+        local_values = manifest.of_kind(RANK_LOCAL)
+        if local_values and hook is None:
+            names = ", ".join(render(v["path"]) for v in local_values)
+            raise CheckpointValueError(
+                f"{step} was saved by {old_world} rank(s) and holds rank-local values "
+                f"({names}); this job has {self.world_size}. Pass "
+                "load_latest(rank_local=fn) to map them to the new ranks.",
+                {"path": str(step), "keys": [render(v["path"]) for v in local_values]},
+            )
+        need: set[int] = set()
+        wants: dict[KeyPath, tuple[int, int]] = {}
+        for v in manifest.of_kind(SHARDED):
+            axis = v["axis"]
+            want = split_ranges(v["global_shape"][axis], self.world_size)[self.rank]
+            wants[v["path"]] = want
+            for r, (a, b) in enumerate(v["ranges"]):
+                if a < want[1] and want[0] < b:
+                    need.add(r)
+        if self.rank == 0 and manifest.of_kind(REPLICATED):
+            need.add(0)
+        mine = {i for i in range(old_world) if i % self.world_size == self.rank}
+        if local_values:
+            need |= mine
+        pieces: dict[KeyPath, Any] = {}
+
+        def load() -> tuple[list[Any] | None, dict[int, dict[KeyPath, Any]]]:
+            trees = {}
+            for r in sorted(need):
+                header, result = load_file(
+                    step / manifest.shards[r]["name"],
+                    self._hmac_key,
+                    self.allow_pickle,
+                    self.load_limits,
+                )
+                why = shard_mismatch(step, manifest, r, header)
+                if why is not None:
+                    raise CheckpointCorruptError(f"{step}: {why}", {"path": str(step)})
+                trees[r] = {k: result[k] for k in ("parameters", "optimizer_state", "metadata")}
+            for v in manifest.of_kind(SHARDED):
+                p = v["path"]
+                blocks = [(tuple(v["ranges"][r]), get_at(t, p)) for r, t in trees.items()]
+                pieces[p] = take_range(
+                    blocks, wants[p], v["axis"], np.dtype(v["dtype"]), v["global_shape"]
+                )
+            replicated = None
+            if self.rank == 0:
+                replicated = [get_at(trees[0], v["path"]) for v in manifest.of_kind(REPLICATED)]
+            contributed = {
+                r: {v["path"]: get_at(trees[r], v["path"]) for v in local_values if r in v["ranks"]}
+                for r in mine
+                if local_values
+            }
+            return replicated, contributed
+
+        def merge(reports: list[Any]) -> dict[str, Any]:
+            err = first_failure(reports)
+            if err is not None:
+                raise err
+            by_rank: dict[int, dict[KeyPath, Any]] = {}
+            for _, contributed in reports:
+                by_rank.update(contributed)
+            return {"replicated": reports[0][0], "rank_local": by_rank}
+
+        shared = self._ch.decide(load, merge, "restoring (reading shards for the new world size)")
+
+        def build() -> dict[str, Any]:
+            replicated = iter(shared["replicated"] or [])
+            leaves = []
+            for v in manifest.values:
+                p = v["path"]
+                if v["kind"] == SHARDED:
+                    leaves.append((p, pieces[p]))
+                elif v["kind"] == REPLICATED:
+                    leaves.append((p, next(replicated)))
+                else:
+                    olds = [shared["rank_local"].get(r, {}).get(p) for r in range(old_world)]
+                    assert hook is not None
+                    leaves.append((p, hook(render(p), olds, self.rank, self.world_size)))
+            return unflatten(leaves)
+
+        tree: dict[str, Any] = {}
+
+        def built() -> None:
+            tree.update(build())
+
+        def fine(reports: list[Any]) -> None:
+            err = first_failure(reports)
+            if err is not None:
+                raise err
+
+        self._ch.decide(built, fine, "restoring (mapping rank-local values)")
+        return _result(manifest, tree)
+
+    # -- single-process views ----------------------------------------------------------
+
+    def list_checkpoints(self, verify: bool = False) -> list[StepInfo]:
+        """Every step directory of this manager by batch index (no communication).
+
+        Parameters
+        ----------
+        verify : bool, default False
+            Hash every shard, not only the manifest.
+        """
+        return list_step_infos(self.checkpoint_dir, self.prefix, self._hmac_key, verify)
+
+    def validate_checkpoint(self, checkpoint_path: _PathLike) -> bool:
+        """Whether a step directory is complete and intact (no communication). Never raises."""
+        try:
+            return step_info(Path(checkpoint_path), self._hmac_key, True).is_valid
+        except Exception as exc:  # the contract: False for any reason
+            logger.debug("validation failed for %s: %s", checkpoint_path, exc)
+            return False
+
+    # -- retention ------------------------------------------------------------------
+
+    def cleanup_old_checkpoints(self) -> list[Path]:
+        """Apply the retention policy now (rank 0 deletes); collective.
+
+        Only complete steps count; the newest complete step is never deleted; a step
+        is renamed to a hidden name before its files are removed; incomplete or
+        invalid steps are kept unless ``delete_invalid``.
+
+        Returns
+        -------
+        list of Path
+            The deleted step directories, on every rank.
+        """
+        self._drain()
+        deleted = self._ch.decide(
+            lambda: None,
+            lambda _: [str(p) for p in self._cleanup_root()],
+            "applying retention",
+        )
+        return [Path(p) for p in deleted]
+
+    def _step_status(self, step: Path) -> StepInfo:
+        ident = _identity(step)
+        known = self._known.get(step.name)
+        if known is not None and known[0] == ident:
+            return known[1]
+        info = step_info(step, self._hmac_key, True)
+        self._known[step.name] = (ident, info)
+        return info
+
+    def _cleanup_root(self) -> list[Path]:
+        with self._lock.held():
+            layout.sweep_hidden(self.checkpoint_dir, self.prefix)
+            steps = layout.list_steps(self.checkpoint_dir, self.prefix)
+            infos = [self._step_status(p) for _, p in steps]
+            doomed = _native.plan_retention(
+                [(i.batch_idx, i.is_valid, i.loss) for i in infos],
+                self.keep_last_n,
+                self.keep_every,
+                self.keep_best_n,
+                self.best_mode == "max",
+                self.delete_invalid,
+            )
+            deleted = []
+            for index in doomed:
+                path = infos[index].path
+                try:
+                    layout.retire_step(path, self.durable)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    logger.warning("cannot delete old step %s: %s", path, exc)
+                    continue
+                self._known.pop(path.name, None)
+                deleted.append(path)
+            kept_bad = [i.path.name for i in infos if not i.is_valid and i.path not in deleted]
+            if kept_bad:
+                logger.warning("keeping incomplete or invalid step(s): %s", ", ".join(kept_bad))
+        return deleted
+
+    # -- lifetime -------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Finish the background save and release the thread."""
+        try:
+            self.wait_until_finished()
+        finally:
+            with self._async_lock:
+                executor, self._executor = self._executor, None
+            if executor is not None:
+                executor.shutdown(wait=True)
+
+    def __enter__(self) -> ShardedCheckpointManager:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            try:
+                self.close()
+            except CheckpointError as save_error:
+                logger.error("a background save failed: %s", save_error)
+
+    def __repr__(self) -> str:
+        return (
+            f"ShardedCheckpointManager({str(self.checkpoint_dir)!r}, rank={self.rank}, "
+            f"world_size={self.world_size}, prefix={self.prefix!r})"
+        )
+
+
+def _placeholder(path: KeyPath, value: Any) -> Any:
+    if path == ("parameters",):
+        return np.empty(0, dtype=value.dtype)
+    return None
+
+
+def _result(manifest: Manifest, tree: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "batch_idx": manifest.batch_idx,
+        "parameters": tree["parameters"],
+        "optimizer_state": tree["optimizer_state"],
+        "loss": manifest.loss,
+        "metadata": tree["metadata"],
+        "version": manifest.version,
+        "timestamp": manifest.timestamp,
+    }
+
+
+def _identity(step: Path) -> Any:
+    """Everything that changes when a file of the step is replaced, added or removed."""
+    out = []
+    try:
+        for entry in sorted(os.scandir(step), key=lambda e: e.name):
+            st = entry.stat(follow_symlinks=False)
+            out.append((entry.name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        st = os.stat(step)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, tuple(out))
+
+
+def _tree_bytes(step: Path) -> int:
+    ident = _identity(step)
+    return sum(e[2] for e in ident[2]) if ident else 0
+
+
+def load_global(
+    checkpoint_path: _PathLike,
+    *,
+    hmac_key: bytes | None = None,
+    allow_pickle: bool = False,
+    load_limits: LoadLimits | None = None,
+) -> dict[str, Any]:
+    """A whole step as one state, on one process (no MPI needed).
+
+    ``Sharded`` values are assembled into global arrays, replicated values appear
+    once, rank-local values as a list with one entry per rank (None for ranks
+    without it). Every shard is verified first.
+
+    Returns
+    -------
+    dict
+        ``batch_idx``, ``parameters``, ``optimizer_state``, ``loss``, ``metadata``,
+        ``version``, ``timestamp`` and ``world_size``.
+    """
+    step = Path(checkpoint_path)
+    key = _resolve_key(hmac_key)
+    limits = load_limits if load_limits is not None else LoadLimits()
+    named = layout.is_step_dir(step)
+    manifest = read_manifest(step, key, named[1] if named else None)
+    trees = []
+    for r, entry in enumerate(manifest.shards):
+        try:
+            header, result = load_file(step / entry["name"], key, allow_pickle, limits)
+        except CheckpointNotFoundError as exc:
+            raise CheckpointNotFoundError(
+                f"{step}: shard {entry['name']} is missing (an incomplete step)", exc.error_context
+            ) from exc
+        why = shard_mismatch(step, manifest, r, header)
+        if why is not None:
+            raise CheckpointCorruptError(f"{step}: {why}", {"path": str(step)})
+        trees.append({k: result[k] for k in ("parameters", "optimizer_state", "metadata")})
+    leaves = []
+    for v in manifest.values:
+        p = v["path"]
+        if v["kind"] == SHARDED:
+            blocks = [get_at(t, p) for t in trees]
+            leaves.append((p, np.concatenate(blocks, axis=v["axis"])))
+        elif v["kind"] == REPLICATED:
+            leaves.append((p, get_at(trees[0], p)))
+        else:
+            leaves.append(
+                (p, [get_at(t, p) if r in v["ranks"] else None for r, t in enumerate(trees)])
+            )
+    result = _result(manifest, unflatten(leaves))
+    result["world_size"] = manifest.world_size
+    return result

@@ -1,0 +1,88 @@
+"""Sharded checkpoints of real MPI jobs (mpiexec from the ``mpich`` wheel, mpi4py).
+
+Each test runs one scenario of tests/mpi/scenarios.py on every rank; the scenario
+asserts on every rank and the job's exit status carries the result. A subprocess
+timeout guards against hangs (a hang is the failure).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+SCENARIOS = HERE / "mpi" / "scenarios.py"
+BIN = Path(sys.executable).parent
+MPIEXEC = BIN / "mpiexec"
+PYTHON_PATH = str(HERE.parent / "python")
+
+
+def mpirun(
+    n: int, script: Path, *args: str, timeout: float = 60, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, PYTHONPATH=PYTHON_PATH, **(env or {}))
+    full_env.pop("H5CKPT_HMAC_KEY", None)
+    return subprocess.run(
+        [str(MPIEXEC), "-n", str(n), sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )
+
+
+def scenario(n: int, name: str, directory: Path, *args: str, timeout: float = 60) -> str:
+    proc = mpirun(n, SCENARIOS, name, str(directory), *args, timeout=timeout)
+    assert proc.returncode == 0, f"{name} on {n} ranks failed:\n{proc.stdout}\n{proc.stderr}"
+    assert f"ok {name} on {n} ranks" in proc.stdout
+    return proc.stderr
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_commit_and_restore_bit_for_bit(tmp_path, n):
+    scenario(n, "roundtrip", tmp_path)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_bad_input_on_one_rank_fails_the_save_everywhere(tmp_path, n):
+    scenario(n, "bad_input", tmp_path)
+
+
+def test_full_disk_on_one_rank(tmp_path):
+    scenario(4, "full_disk", tmp_path)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_restore_past_incomplete_and_corrupt_steps(tmp_path, n):
+    err = scenario(n, "corrupt_steps", tmp_path)
+    assert "skipped 4 incomplete or corrupt step(s)" in err
+    assert "checkpoint_batch_0050" in err and "missing" in err
+
+
+def test_wrong_hmac_key_finds_nothing(tmp_path):
+    err = scenario(2, "wrong_key", tmp_path)
+    assert "HMAC" in err
+
+
+def test_deadline_expires_instead_of_hanging(tmp_path):
+    scenario(4, "deadline", tmp_path)
+
+
+@pytest.mark.parametrize(("before", "after"), [(4, 3), (2, 4)])
+def test_restore_with_another_world_size(tmp_path, before, after):
+    scenario(before, "save_for_resplit", tmp_path)
+    scenario(after, "resplit", tmp_path, str(before))
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_retention_counts_complete_steps_only(tmp_path, n):
+    scenario(n, "retention", tmp_path)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_async_saves(tmp_path, n):
+    scenario(n, "async_saves", tmp_path)
