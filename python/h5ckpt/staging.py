@@ -29,6 +29,7 @@ from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CheckpointPermissionError,
+    CheckpointResourceError,
     CheckpointStorageError,
 )
 
@@ -42,6 +43,9 @@ STALE_AFTER_SECONDS = 600.0
 _TEMP_RE = re.compile(r"^\.(?P<stem>.+_batch_\d+\.h5)\.(?P<pid>\d+)\.[0-9a-f]{12}\.tmp$", re.A)
 
 
+_RESOURCE_ERRNOS = (errno.ENOMEM, errno.EMFILE, errno.ENFILE)
+
+
 def oserror_to_checkpoint(exc: OSError, action: str, path: Path | str) -> CheckpointError:
     """The ``CheckpointError`` subclass that matches an ``OSError``."""
     context = {"path": str(path), "errno": exc.errno, "action": action}
@@ -50,6 +54,9 @@ def oserror_to_checkpoint(exc: OSError, action: str, path: Path | str) -> Checkp
         return CheckpointNotFoundError(message, context)
     if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return CheckpointPermissionError(message, context)
+    if exc.errno in _RESOURCE_ERRNOS:
+        # The process ran out of something: nothing is wrong with the file.
+        return CheckpointResourceError(message, context)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         message += " (the file system is full or the file size limit was reached)"
     return CheckpointStorageError(message, context)

@@ -33,6 +33,7 @@ struct ErrorClasses {
     not_found: Py<PyType>,
     permission: Py<PyType>,
     storage: Py<PyType>,
+    resource: Py<PyType>,
     corrupt: Py<PyType>,
     authentication: Py<PyType>,
     version: Py<PyType>,
@@ -51,6 +52,7 @@ fn error_classes(py: Python<'_>) -> PyResult<&ErrorClasses> {
             not_found: class("CheckpointNotFoundError")?,
             permission: class("CheckpointPermissionError")?,
             storage: class("CheckpointStorageError")?,
+            resource: class("CheckpointResourceError")?,
             corrupt: class("CheckpointCorruptError")?,
             authentication: class("CheckpointAuthenticationError")?,
             version: class("CheckpointVersionError")?,
@@ -71,9 +73,12 @@ fn error_instance<'py>(py: Python<'py>, err: &Error) -> PyResult<Bound<'py, PyAn
             ctx.set_item("op", *op)?;
             ctx.set_item("errno", source.raw_os_error())?;
             ctx.set_item("reason", source.to_string())?;
-            match source.kind() {
-                std::io::ErrorKind::NotFound => &classes.not_found,
-                std::io::ErrorKind::PermissionDenied => &classes.permission,
+            match (source.kind(), source.raw_os_error()) {
+                (std::io::ErrorKind::NotFound, _) => &classes.not_found,
+                (std::io::ErrorKind::PermissionDenied, _) => &classes.permission,
+                // The process ran out of something: nothing is wrong with the file.
+                (_, Some(libc::ENOMEM | libc::EMFILE | libc::ENFILE)) => &classes.resource,
+                (std::io::ErrorKind::OutOfMemory, _) => &classes.resource,
                 _ => &classes.storage,
             }
         }
