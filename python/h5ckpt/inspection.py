@@ -23,7 +23,7 @@ from .legacy import validate_legacy
 from .limits import LoadLimits
 from .staging import oserror_to_checkpoint
 from .tree import TYPE_ATTR, unescape_key
-from .verification import CHECKPOINT_NAME, VERDICT_ERRORS, check_h5ckpt, check_name
+from .verification import CHECKPOINT_NAME, VERDICT_ERRORS, check_h5ckpt_files, check_name
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -279,14 +279,9 @@ def verify_paths(
         if progress is not None:
             progress(sizes[i])
     for batch in _file_batches(hashed, sizes):
-        outcomes = _native.verify_files([paths[i] for i in batch], hmac_key)
+        outcomes = check_h5ckpt_files([paths[i] for i in batch], hmac_key, LoadLimits())
         for i, outcome in zip(batch, outcomes, strict=True):
             path = paths[i]
-            if not isinstance(outcome, Exception):
-                try:
-                    check_h5ckpt(path, outcome, LoadLimits())
-                except CheckpointError as exc:
-                    outcome = exc
             if isinstance(outcome, Exception):
                 try:
                     header = _native.read_header(path)

@@ -42,7 +42,7 @@ __all__ = [
     "CheckpointInfo",
     "Verifier",
     "check_file",
-    "check_h5ckpt",
+    "check_h5ckpt_files",
     "check_name",
     "check_size",
     "check_verified",
@@ -141,16 +141,49 @@ def check_verified(path: Path, header: Header, fd: int, limits: LoadLimits) -> N
         raise
 
 
-def check_h5ckpt(path: Path, header: Header, limits: LoadLimits) -> None:
-    """:func:`check_verified` for the file at ``path``."""
+#: Files checked at once by :func:`check_h5ckpt_files` (one descriptor each).
+_FILES_AT_ONCE = 64
+
+
+def check_h5ckpt_files(
+    paths: Sequence[Path], hmac_key: bytes | None, limits: LoadLimits
+) -> list[Header | CheckpointError]:
+    """For each h5ckpt file, its header if it is valid (see :func:`check_file`), else
+    the error: each file is opened once and every check is made on that open file
+    (digests hashed in parallel by the Rust core), so a file replaced meanwhile is
+    never judged by parts of two files."""
+    out: list[Header | CheckpointError] = []
+    for start in range(0, len(paths), _FILES_AT_ONCE):
+        out.extend(_check_some(paths[start : start + _FILES_AT_ONCE], hmac_key, limits))
+    return out
+
+
+def _check_some(
+    paths: Sequence[Path], hmac_key: bytes | None, limits: LoadLimits
+) -> list[Header | CheckpointError]:
+    results: list[Header | CheckpointError | None] = [None] * len(paths)
+    fds: dict[int, int] = {}
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as exc:
-        raise oserror_to_checkpoint(exc, "open checkpoint", path) from exc
-    try:
-        check_verified(path, header, fd, limits)
+        for i, path in enumerate(paths):
+            try:
+                fds[i] = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            except OSError as exc:
+                results[i] = oserror_to_checkpoint(exc, "open checkpoint", path)
+        opened = list(fds)
+        outcomes = _native.verify_fds(
+            [fds[i] for i in opened], [paths[i] for i in opened], hmac_key
+        )
+        for i, outcome in zip(opened, outcomes, strict=True):
+            if not isinstance(outcome, Exception):
+                try:
+                    check_verified(paths[i], outcome, fds[i], limits)
+                except CheckpointError as exc:
+                    outcome = exc
+            results[i] = outcome
     finally:
-        os.close(fd)
+        for fd in fds.values():
+            os.close(fd)
+    return results  # type: ignore[return-value]
 
 
 def check_file(path: Path, kind: str, hmac_key: bytes | None, limits: LoadLimits) -> None:
@@ -169,8 +202,9 @@ def check_file(path: Path, kind: str, hmac_key: bytes | None, limits: LoadLimits
         return
     # A file too large for the limits is refused before it is hashed.
     check_size(path, _native.read_header(path), os.stat(path).st_size, limits)
-    header = _native.verify_file(path, hmac_key)
-    check_h5ckpt(path, header, limits)
+    (outcome,) = check_h5ckpt_files([path], hmac_key, limits)
+    if isinstance(outcome, Exception):
+        raise outcome
 
 
 class Verifier:
@@ -220,13 +254,8 @@ class Verifier:
             to_hash.append(i)
         if to_hash:
             paths = [out[i].path for i in to_hash]
-            outcomes = _native.verify_files(paths, self.hmac_key)
+            outcomes = check_h5ckpt_files(paths, self.hmac_key, self.limits)
             for i, outcome in zip(to_hash, outcomes, strict=True):
-                if not isinstance(outcome, Exception):
-                    try:
-                        check_h5ckpt(out[i].path, outcome, self.limits)
-                    except CheckpointError as exc:
-                        outcome = exc
                 out[i] = self._outcome(out[i], outcome, VALID, strict)
         for i, info in enumerate(out):
             if info.status == LEGACY and not info.verified:

@@ -479,6 +479,30 @@ fn verify_file<'py>(
     py_header(py, header)
 }
 
+/// `verify_file` of open descriptors (kept open), in parallel; `paths` name them in
+/// messages. Failures are returned, not raised.
+#[pyfunction]
+#[pyo3(signature = (fds, paths, hmac_key = None))]
+fn verify_fds<'py>(
+    py: Python<'py>,
+    fds: Vec<i32>,
+    paths: Vec<PathBuf>,
+    hmac_key: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    if fds.len() != paths.len() {
+        return Err(value_error(py, "fds and paths must have the same length"));
+    }
+    let key = key_bytes(hmac_key)?;
+    let results = detach(py, || Ok(verify::verify_fds(&fds, &paths, key.as_deref())))?;
+    results
+        .into_iter()
+        .map(|r| match r {
+            Ok(h) => py_header(py, h).map(Bound::into_any),
+            Err(e) => error_instance(py, &e),
+        })
+        .collect()
+}
+
 /// `verify_file` over many files in parallel; failures are returned, not raised.
 #[pyfunction]
 #[pyo3(signature = (paths, hmac_key = None))]
@@ -764,6 +788,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(read_header, m)?)?;
     m.add_function(wrap_pyfunction!(verify_file, m)?)?;
     m.add_function(wrap_pyfunction!(verify_files, m)?)?;
+    m.add_function(wrap_pyfunction!(verify_fds, m)?)?;
     m.add_function(wrap_pyfunction!(read_verified, m)?)?;
     m.add_function(wrap_pyfunction!(read_verified_fd, m)?)?;
     m.add_function(wrap_pyfunction!(finalize, m)?)?;
