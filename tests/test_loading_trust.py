@@ -498,3 +498,26 @@ print(json.dumps(report))
     assert "LoadLimits(max_array_bytes=" in message
     assert out["files"] == [".h5ckpt.lock", "checkpoint_batch_0001.h5"], out
     assert out["latest"] == 1
+
+
+def test_a_renamed_legacy_file_is_invalid_everywhere(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], seed_writer
+):
+    d = tmp_path / "seed"
+    d.mkdir()
+    older = seed_writer(d, 3, np.ones(4), {"lr": 0.1}, 0.5)
+    renamed = seed_writer(d, 5, np.ones(4), {"lr": 0.2}, 0.4).rename(
+        d / "homodyne_state_batch_0009.h5"
+    )
+    m = CheckpointManager(d, prefix="homodyne_state", allow_pickle=True, keep_last_n=None)
+    assert m.validate_checkpoint(renamed) is False
+    with pytest.raises(CheckpointError, match="name says batch 9"):
+        m.load_checkpoint(renamed)
+    statuses = {i.path.name: i.status for i in m.list_checkpoints(verify=True)}
+    assert statuses == {older.name: "legacy", renamed.name: "invalid"}
+    fresh = CheckpointManager(d, prefix="homodyne_state", allow_pickle=True)
+    assert fresh.find_latest_checkpoint() == older
+    status, reports = _cli_json(capsys, "verify", str(renamed))
+    assert status == 1 and reports[0]["status"] == "invalid", reports
+    _, listed = _cli_json(capsys, "ls", str(d), "--prefix", "homodyne_state", "--verify")
+    assert {r["name"]: r["status"] for r in listed}[renamed.name] == "invalid", listed

@@ -261,7 +261,8 @@ class Verifier:
             if info.status == LEGACY and not info.verified:
                 outcome: object = None
                 try:
-                    validate_legacy(info.path, limits=self.limits)
+                    batch, _, _ = validate_legacy(info.path, limits=self.limits)
+                    check_name(info.path, batch)
                 except CheckpointError as exc:
                     outcome = exc
                 out[i] = self._outcome(info, outcome, LEGACY, strict)
