@@ -182,7 +182,9 @@ def test_unreadable_file(enforced: Path):
         "checkpoint_batch_0003.h5": False,
         "checkpoint_batch_0009.h5": True,
     }
-    assert report["listed"]["checkpoint_batch_0003.h5"] == "invalid"
+    # A file that cannot be read is not known to be bad: not invalid (retention
+    # with delete_invalid would delete it), just not verified.
+    assert report["listed"]["checkpoint_batch_0003.h5"] == "unverified"
     assert report["latest"] == "checkpoint_batch_0009.h5"
     newest.chmod(0o600)
     _intact(d, [1, 2, 3, 9])  # the unreadable file was kept, nothing else lost

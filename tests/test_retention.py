@@ -537,16 +537,16 @@ def test_prefix_with_special_characters(ckpt_dir: Path):
 
 
 class Spy:
-    """Counts the files handed to the real ``verify_files`` (and still calls it)."""
+    """Counts the files handed to the real ``verify_fds`` (and still calls it)."""
 
     def __init__(self, monkeypatch):
-        self.real = h5ckpt.verification._native.verify_files
+        self.real = h5ckpt.verification._native.verify_fds
         self.calls: list[list[str]] = []
-        monkeypatch.setattr(h5ckpt.verification._native, "verify_files", self)
+        monkeypatch.setattr(h5ckpt.verification._native, "verify_fds", self)
 
-    def __call__(self, paths, hmac_key=None):
+    def __call__(self, fds, paths, hmac_key=None):
         self.calls.append([Path(p).name for p in paths])
-        return self.real(paths, hmac_key)
+        return self.real(fds, paths, hmac_key)
 
     def take(self) -> list[str]:
         out = [n for call in self.calls for n in call]

@@ -159,6 +159,13 @@ def verify_file(path: _Path, hmac_key: bytes | None = None) -> Header:
 def verify_files(paths: Sequence[_Path], hmac_key: bytes | None = None) -> list[Header | Exception]:
     """``verify_file`` over many files in parallel; failures are returned, not raised."""
 
+def verify_fds(
+    fds: Sequence[int], paths: Sequence[_Path], hmac_key: bytes | None = None
+) -> list[Header | Exception]:
+    """``verify_file`` of open descriptors (kept open, offsets unchanged), in parallel:
+    the open files are verified, whatever their names point to by now. ``paths``
+    name them in messages. Failures are returned, not raised."""
+
 def read_verified(path: _Path, hmac_key: bytes | None = None) -> tuple[Header, bytes]:
     """Read a whole file once, verify it from memory, return its header and bytes."""
 

@@ -19,6 +19,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointPermissionError",
     "CheckpointPickleError",
+    "CheckpointResourceError",
     "CheckpointStorageError",
     "CheckpointValueError",
     "CheckpointVersionError",
@@ -72,6 +73,12 @@ class CheckpointPermissionError(CheckpointError, PermissionError):
 
 class CheckpointStorageError(CheckpointError, OSError):
     """Reading or writing failed (disk full, I/O error, directory gone)."""
+
+
+class CheckpointResourceError(CheckpointStorageError):
+    """The process ran out of something (memory, file descriptors) while reading or
+    writing a checkpoint. Says nothing about the file: it is neither marked invalid
+    nor deleted, and the operation may succeed with more of what ran out."""
 
 
 class CheckpointCorruptError(CheckpointError):

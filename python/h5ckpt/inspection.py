@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +19,12 @@ import numpy as np
 
 from . import _native
 from .errors import CheckpointError, CheckpointNotFoundError
-from .legacy import read_legacy_summary, validate_legacy
+from .legacy import validate_legacy
+from .limits import LoadLimits
 from .opening import open_hdf5, open_regular, read_head
 from .staging import oserror_to_checkpoint
 from .tree import TYPE_ATTR, unescape_key
+from .verification import CHECKPOINT_NAME, VERDICT_ERRORS, check_h5ckpt_files, check_name
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -35,10 +36,7 @@ __all__ = [
     "verify_paths",
 ]
 
-#: Names of checkpoint files, whatever their prefix: ``{prefix}_batch_<digits>.h5``.
-CHECKPOINT_NAME = re.compile(r"^(?P<prefix>.+)_batch_(?P<batch>\d+)\.h5$")
-
-VALID, LEGACY, INVALID = "valid", "legacy", "invalid"
+VALID, LEGACY, INVALID, UNVERIFIED = "valid", "legacy", "invalid", "unverified"
 
 #: A batch of files handed to the Rust core at once holds at most this many bytes...
 _BATCH_BYTES = 256 * 1024 * 1024
@@ -136,8 +134,10 @@ class FileReport:
     format : str
         ``"h5ckpt"``, ``"legacy"``, ``"unknown"`` (neither) or ``"unreadable"``.
     status : str
-        ``"valid"`` (every byte verified), ``"legacy"`` (a seed-format file whose own
-        checksum matches) or ``"invalid"``.
+        ``"valid"`` (every byte verified and the payload passes the checks of
+        loading), ``"legacy"`` (a seed-format file whose own checksum matches),
+        ``"invalid"``, or ``"unverified"`` when the check itself failed (memory or
+        descriptors ran out, a read failed): nothing is known of the file then.
     batch_idx : int or None
         From the header, the legacy attributes or, failing those, the file name.
     loss : float
@@ -147,7 +147,7 @@ class FileReport:
     size_bytes : int
         File size (0 when it cannot be read).
     error : str or None
-        Why the file is invalid.
+        Why the file is invalid or could not be checked.
     keyed : bool
         Whether the file carries an HMAC tag.
     """
@@ -211,11 +211,18 @@ def _legacy_report(path: Path, size: int, hmac_key: bytes | None) -> FileReport:
             error="seed-format file without an HMAC tag, refused when a key is set",
         )
     try:
-        validate_legacy(path)
-        batch, loss, timestamp = read_legacy_summary(path)
+        batch, loss, timestamp = validate_legacy(path, limits=LoadLimits())
+        check_name(path, batch)
     except CheckpointError as exc:
-        return FileReport(path, "legacy", INVALID, batch, size_bytes=size, error=str(exc))
+        status = INVALID if isinstance(exc, VERDICT_ERRORS) else UNVERIFIED
+        return FileReport(path, "legacy", status, batch, size_bytes=size, error=_why(exc))
     return FileReport(path, "legacy", LEGACY, batch, loss, timestamp, size)
+
+
+def _why(exc: CheckpointError) -> str:
+    if isinstance(exc, VERDICT_ERRORS):
+        return str(exc)
+    return f"could not be checked: {exc}"
 
 
 def verify_paths(
@@ -224,6 +231,9 @@ def verify_paths(
     progress: Callable[[int], None] | None = None,
 ) -> list[FileReport]:
     """Verify files, h5ckpt ones in parallel batches through the Rust core.
+
+    The verdict is the one a manager's listing gives (default limits): digests,
+    HMAC tag, a name that agrees with the header and the payload checks of loading.
 
     Parameters
     ----------
@@ -270,7 +280,7 @@ def verify_paths(
         if progress is not None:
             progress(sizes[i])
     for batch in _file_batches(hashed, sizes):
-        outcomes = _native.verify_files([paths[i] for i in batch], hmac_key)
+        outcomes = check_h5ckpt_files([paths[i] for i in batch], hmac_key, LoadLimits())
         for i, outcome in zip(batch, outcomes, strict=True):
             path = paths[i]
             if isinstance(outcome, Exception):
@@ -278,15 +288,16 @@ def verify_paths(
                     header = _native.read_header(path)
                 except Exception:
                     header = None
+                verdict = isinstance(outcome, VERDICT_ERRORS)
                 reports[i] = FileReport(
                     path,
                     "h5ckpt",
-                    INVALID,
+                    INVALID if verdict else UNVERIFIED,
                     header.batch_idx if header is not None else _batch_from_name(path),
                     header.loss if header is not None else math.nan,
                     header.timestamp if header is not None else math.nan,
                     sizes[i],
-                    str(outcome),
+                    _why(outcome) if isinstance(outcome, CheckpointError) else str(outcome),
                     header.keyed if header is not None else False,
                 )
             else:

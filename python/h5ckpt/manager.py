@@ -23,10 +23,12 @@ from .errors import (
     CheckpointAuthenticationError,
     CheckpointCorruptError,
     CheckpointError,
+    CheckpointLimitError,
+    CheckpointResourceError,
     CheckpointValueError,
 )
 from .forking import reset_in_child
-from .legacy import load_legacy, validate_legacy
+from .legacy import load_legacy
 from .limits import LoadLimits
 from .opening import open_regular, read_head
 from .payload import WritebackFile, as_parameters, read_payload, write_payload
@@ -39,7 +41,19 @@ from .staging import (
     sweep_temp_files,
 )
 from .tree import check_value
-from .verification import INVALID, CheckpointInfo, Verifier, stat_identity
+from .verification import (
+    INVALID,
+    LEGACY,
+    VALID,
+    VERDICT_ERRORS,
+    CheckpointInfo,
+    Verifier,
+    check_file,
+    check_name,
+    check_size,
+    check_verified,
+    stat_identity,
+)
 
 __all__ = ["CheckpointManager"]
 
@@ -229,7 +243,9 @@ class CheckpointManager:
                 f"checkpoint_dir {self.checkpoint_dir} is not a directory",
                 {"checkpoint_dir": str(self.checkpoint_dir)},
             )
-        self._verifier = Verifier(self.checkpoint_dir, self.prefix, self._hmac_key)
+        self._verifier = Verifier(
+            self.checkpoint_dir, self.prefix, self._hmac_key, self.load_limits
+        )
         self._lock = DirectoryLock(self.checkpoint_dir)
         self._async_lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
@@ -345,8 +361,26 @@ class CheckpointManager:
         if metadata is None:
             metadata = {}
         checked = (_batch_index(batch_idx), as_parameters(parameters), _loss(loss), metadata)
-        check_value(optimizer_state, allow_pickle=self.allow_pickle, path="optimizer_state")
-        check_value(metadata, allow_pickle=self.allow_pickle, path="metadata")
+        # Checked against this manager's own load limits: a save never commits a
+        # file its manager refuses to load (what only the written file can tell is
+        # checked again before the commit, see _check_loadable).
+        limits = self.load_limits
+        nbytes = checked[1].nbytes
+        for name, tree in (("optimizer_state", optimizer_state), ("metadata", metadata)):
+            nbytes += check_value(tree, allow_pickle=self.allow_pickle, limits=limits, path=name)
+        if limits.max_array_bytes is not None and nbytes > limits.max_array_bytes:
+            raise CheckpointLimitError(
+                f"the checkpoint of batch {checked[0]} holds {nbytes} bytes of arrays and "
+                f"strings, more than this manager's load_limits allow "
+                f"(max_array_bytes={limits.max_array_bytes}), so it could not be loaded; "
+                "nothing was written. Raise the limit with "
+                "CheckpointManager(..., load_limits=LoadLimits(max_array_bytes=...))",
+                {
+                    "batch_idx": checked[0],
+                    "max_array_bytes": limits.max_array_bytes,
+                    "declared_bytes": nbytes,
+                },
+            )
         return checked
 
     def _write(
@@ -382,6 +416,7 @@ class CheckpointManager:
                 self._hmac_key,
                 self.durable,
             )
+            self._check_loadable(final, staged.fd, batch_idx)
             size = os.fstat(staged.fd).st_size
             with self._lock.held():
                 staged.commit(self.durable, _native.fsync_directory)
@@ -411,6 +446,30 @@ class CheckpointManager:
             elapsed,
         )
         return final
+
+    def _check_loadable(self, final: Path, fd: int, batch_idx: int) -> None:
+        """Refuse to commit a written file that this manager's limits refuse to load:
+        with the default budget, that depends on the size of the file."""
+        header = _native.parse_header(os.pread(fd, _native.HEADER_SIZE, 0))
+        try:
+            check_verified(final, header, fd, self.load_limits)
+        except CheckpointLimitError as exc:
+            names = [
+                k for k in ("max_depth", "max_nodes", "max_attributes") if k in exc.error_context
+            ]
+            name = names[0] if names else "max_array_bytes"
+            default = ""
+            if name == "max_array_bytes" and self.load_limits.max_array_bytes is None:
+                default = (
+                    " (the default budget is max(8 GiB, 64 x file size): the file would be "
+                    f"{os.fstat(fd).st_size} bytes)"
+                )
+            raise CheckpointLimitError(
+                f"the checkpoint of batch {batch_idx} would not load with this manager's "
+                f"load_limits{default}: {exc.message}; nothing was committed. Raise the "
+                f"limit with CheckpointManager(..., load_limits=LoadLimits({name}=...))",
+                {**exc.error_context, "batch_idx": batch_idx, "limit": name},
+            ) from exc
 
     def save_checkpoint_async(
         self,
@@ -544,7 +603,9 @@ class CheckpointManager:
         Raises
         ------
         CheckpointError
-            Missing, corrupt, tampered, foreign, too new, or needing ``allow_pickle``.
+            Missing, corrupt, tampered, foreign, too new, beyond ``load_limits``, or
+            needing ``allow_pickle``. A :class:`CheckpointResourceError` (out of
+            memory or file descriptors) says nothing about the file.
         """
         path = _as_path(checkpoint_path)
         kind = _sniff(path)
@@ -555,8 +616,9 @@ class CheckpointManager:
                     {"path": str(path)},
                 )
             result = load_legacy(path, allow_pickle=self.allow_pickle, limits=self.load_limits)
+            check_name(path, result["batch_idx"])
         else:
-            header, data = _read_verified(path, self._hmac_key)
+            header, data = _read_verified(path, self._hmac_key, self.load_limits)
             try:
                 result = read_payload(
                     data, header, allow_pickle=self.allow_pickle, limits=self.load_limits
@@ -567,6 +629,7 @@ class CheckpointManager:
                     exc.message = f"{path}: {exc.message}"
                     exc.args = (exc.message,)
                 raise
+            check_name(path, header.batch_idx)
         logger.info(
             "checkpoint loaded: batch=%d loss=%.6g file=%s",
             result["batch_idx"],
@@ -576,7 +639,13 @@ class CheckpointManager:
         return result
 
     def validate_checkpoint(self, checkpoint_path: _PathLike) -> bool:
-        """Whether a file is an intact checkpoint (every byte checked). Never raises.
+        """Whether a file is a checkpoint this manager loads (every byte checked).
+        Never raises.
+
+        The same check as listing, finding the latest and retention make: digests,
+        HMAC tag for a keyed manager, a file name that agrees with the header, and
+        every check loading makes on the payload, with this manager's
+        ``load_limits`` (array data is not decoded).
 
         Parameters
         ----------
@@ -586,18 +655,13 @@ class CheckpointManager:
         Returns
         -------
         bool
-            False for a missing, unreadable, corrupt, foreign or (for a keyed
-            manager) unsigned file.
+            False for a missing, unreadable, corrupt, foreign, renamed, beyond-limits
+            or (for a keyed manager) unsigned file, and when the check itself could
+            not be made (out of memory, say).
         """
         try:
             path = _as_path(checkpoint_path)
-            kind = _sniff(path)
-            if kind == "legacy":
-                if self._hmac_key is not None:
-                    return False
-                validate_legacy(path)
-            else:
-                _native.verify_file(path, self._hmac_key)
+            check_file(path, _sniff(path), self._hmac_key, self.load_limits)
         except Exception as exc:  # the contract: False for any reason
             logger.debug("validation failed for %s: %s", checkpoint_path, exc)
             return False
@@ -627,6 +691,13 @@ class CheckpointManager:
         -------
         Path or None
             None when no file of this manager verifies.
+
+        Raises
+        ------
+        CheckpointError
+            When a file newer than every valid one could not be checked (memory or
+            descriptors ran out, a read failed): skipping it could resume from an
+            older state than the newest good one. Nothing is marked invalid.
         """
         infos = self._verifier.list()[::-1]
         # The newest alone first (it is valid on almost every resume), then growing
@@ -635,7 +706,7 @@ class CheckpointManager:
         start = 0
         while start < len(infos):
             batch = infos[start : start + window]
-            for info in self._verifier.verify(batch):
+            for info in self._verifier.verify(batch, strict=True):
                 if info.is_valid:
                     logger.info("latest valid checkpoint: %s", info.path.name)
                     return info.path
@@ -660,10 +731,12 @@ class CheckpointManager:
             before = stat_identity(path)
             try:
                 return self.load_checkpoint(path)
-            except (CheckpointCorruptError, FileNotFoundError) as exc:
-                if isinstance(exc, CheckpointCorruptError) and stat_identity(path) == before:
+            except (*VERDICT_ERRORS, FileNotFoundError) as exc:
+                # Only a verdict on the file counts (a resource or read failure says
+                # nothing about it, and propagates): never a reason to mark it.
+                if isinstance(exc, VERDICT_ERRORS) and stat_identity(path) == before:
                     # The same file does not load (rotted since it was verified, or
-                    # intact bytes that are not a loadable payload): skip it.
+                    # array data that does not decode): skip it.
                     self._verifier.remember(path, INVALID, str(exc))
                     logger.warning("latest checkpoint %s does not load: %s", path, exc)
                     continue
@@ -708,7 +781,10 @@ class CheckpointManager:
 
     def _plan_locked(self) -> tuple[list[CheckpointInfo], list[int]]:
         infos = self._verifier.list(full=True)
-        candidates = [(i.batch_idx, i.is_valid, i.loss) for i in infos]
+        # A file that could not be checked (status still "unverified") is neither
+        # counted nor deleted: nothing is known of it.
+        known = [k for k, i in enumerate(infos) if i.status in (VALID, LEGACY, INVALID)]
+        candidates = [(infos[k].batch_idx, infos[k].is_valid, infos[k].loss) for k in known]
         doomed = _native.plan_retention(
             candidates,
             self.keep_last_n,
@@ -717,7 +793,7 @@ class CheckpointManager:
             self.best_mode == "max",
             self.delete_invalid,
         )
-        return infos, doomed
+        return infos, [known[d] for d in doomed]
 
     def _cleanup_locked(self) -> list[Path]:
         infos, doomed = self._plan_locked()
@@ -930,19 +1006,51 @@ def _as_path(path: object, what: str = "the checkpoint path") -> Path:
     return Path(text)  # type: ignore[arg-type]
 
 
-def _read_verified(path: Path, key: bytes | None) -> tuple[_native.Header, np.ndarray]:
+def _read_verified(
+    path: Path, key: bytes | None, limits: LoadLimits
+) -> tuple[_native.Header, np.ndarray]:
     """The whole file, read once into fresh memory and verified from it.
 
     The memory is a numpy buffer: its large raw arrays become the loaded arrays
-    (views), so loading touches their bytes once.
+    (views), so loading touches their bytes once. The header, the file's length and
+    its size against ``limits`` and the machine's memory are checked before the
+    buffer is allocated.
     """
     fd = open_regular(path)
     try:
-        buf = np.empty(os.fstat(fd).st_size, dtype=np.uint8)
+        size = os.fstat(fd).st_size
+        head = read_head(fd, path, _native.HEADER_SIZE)
+        try:
+            header = _native.parse_header(head)
+        except CheckpointError as exc:
+            exc.message = f"{path}: {exc.message}"
+            exc.args = (exc.message,)
+            exc.error_context.setdefault("path", str(path))
+            raise
+        check_size(path, header, size, limits)
+        _check_memory(path, size)
+        try:
+            buf = np.empty(size, dtype=np.uint8)
+        except MemoryError as exc:
+            raise CheckpointResourceError(
+                f"cannot load {path}: out of memory for its {size} bytes (the file is not "
+                "at fault; free memory or raise the process's memory limit)",
+                {"path": str(path), "size_bytes": size, "resource": "memory"},
+            ) from exc
         header = _native.read_verified_fd(fd, buf, key, path)
     finally:
         os.close(fd)
     return header, buf
+
+
+def _check_memory(path: Path, size: int) -> None:
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if size > memory:
+        raise CheckpointResourceError(
+            f"cannot load {path}: it is {size} bytes, more than this machine's "
+            f"{memory} bytes of memory",
+            {"path": str(path), "size_bytes": size, "memory_bytes": memory, "resource": "memory"},
+        )
 
 
 def _sniff(path: Path) -> str:

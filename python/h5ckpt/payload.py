@@ -8,8 +8,10 @@ nor read back. Reading parses bytes that the Rust core has already verified.
 
 from __future__ import annotations
 
+import errno
 import io
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,11 +27,26 @@ from ._native import (
     blosc_max_frame_len,
     start_writeback,
 )
-from .errors import CheckpointCorruptError, CheckpointLimitError, CheckpointValueError
+from .errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointLimitError,
+    CheckpointResourceError,
+    CheckpointValueError,
+)
 from .limits import LoadLimits
-from .tree import read_value, write_value
+from .staging import oserror_to_checkpoint
+from .tree import ByteBudget, file_budget, read_value, write_value
 
-__all__ = ["FORMAT_VERSION", "ArrayWriter", "WritebackFile", "read_payload", "write_payload"]
+__all__ = [
+    "FORMAT_VERSION",
+    "ArrayWriter",
+    "DescriptorFile",
+    "WritebackFile",
+    "check_payload",
+    "read_payload",
+    "write_payload",
+]
 
 FORMAT_VERSION = "1.0"
 _TYPE_ATTR = "h5ckpt_type"
@@ -347,6 +364,47 @@ class ArrayViews:
         return self.buf[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
+class DescriptorFile(io.RawIOBase):
+    """A read-only file over a descriptor the caller owns, for h5py (positional
+    reads: the descriptor's offset is not used). Keeps the first ``OSError`` of a
+    read, so that a failing disk or an exhausted resource is not taken for a
+    malformed file once HDF5 has turned it into an HDF5 error."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+        self._pos = 0
+        self._size = os.fstat(fd).st_size
+        self.error: OSError | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        if base + pos < 0:
+            raise OSError(errno.EINVAL, f"negative seek position {base + pos}")
+        self._pos = base + pos
+        return self._pos
+
+    def readinto(self, b: Any) -> int:
+        dst = memoryview(b).cast("B")
+        try:
+            n = os.preadv(self._fd, [dst], self._pos)
+        except OSError as exc:
+            if self.error is None:
+                self.error = exc
+            raise
+        self._pos += n
+        return n
+
+
 def read_payload(
     data: bytes | np.ndarray, header: Header, *, allow_pickle: bool, limits: LoadLimits
 ) -> dict[str, Any]:
@@ -357,21 +415,9 @@ def read_payload(
     """
     views = ArrayViews(data) if isinstance(data, np.ndarray) else None
     source = BufferFile(data) if views is not None else io.BytesIO(data)
-    try:
-        with h5py.File(source, "r", locking=False) as f:
-            _check_root(f, header, limits)
-            params = read_value(f["parameters"], allow_pickle=False, limits=limits, get_array=views)
-            if not isinstance(params, np.ndarray):
-                raise CheckpointCorruptError("'parameters' is not an array", {})
-            optimizer_state = read_value(
-                f["optimizer_state"], allow_pickle=allow_pickle, limits=limits, get_array=views
-            )
-            metadata = read_value(
-                f["metadata"], allow_pickle=allow_pickle, limits=limits, get_array=views
-            )
-            version = _as_str(f.attrs.get("h5ckpt_version", "unknown"))
-    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
-        raise CheckpointCorruptError(f"the HDF5 payload is malformed: {exc}", {}) from exc
+    params, optimizer_state, metadata, version = _parse(
+        source, header, allow_pickle=allow_pickle, limits=limits, views=views
+    )
     return {
         "batch_idx": int(header.batch_idx),
         "parameters": params,
@@ -381,6 +427,62 @@ def read_payload(
         "version": version,
         "timestamp": float(header.timestamp),
     }
+
+
+def check_payload(
+    fd: int, header: Header, *, limits: LoadLimits, path: str | os.PathLike[str]
+) -> None:
+    """Make every check :func:`read_payload` makes on the payload of the file open at
+    ``fd`` (whose digests were verified), reading no array data: what makes a
+    verified file that would not load invalid. Large arrays and blobs are not read
+    and pickles not unpickled (their presence is for the loader to refuse)."""
+    source = DescriptorFile(fd)
+    try:
+        _parse(source, header, allow_pickle=False, limits=limits, structure_only=True)
+    except CheckpointCorruptError:
+        # HDF5 reports a failed read of its file as a malformed file.
+        if source.error is not None:
+            raise oserror_to_checkpoint(source.error, "read", path) from source.error
+        raise
+
+
+def _parse(
+    source: Any,
+    header: Header,
+    *,
+    allow_pickle: bool,
+    limits: LoadLimits,
+    views: ArrayViews | None = None,
+    structure_only: bool = False,
+) -> tuple[np.ndarray, Any, Any, str]:
+    """The checks and reads of one payload (the one definition of a loadable one)."""
+    try:
+        with h5py.File(source, "r", locking=False) as f:
+            _check_root(f, header, limits)
+            budget = ByteBudget(file_budget(limits, f))
+            options = {
+                "limits": limits,
+                "get_array": views,
+                "budget": budget,
+                "structure_only": structure_only,
+            }
+            params = read_value(f["parameters"], allow_pickle=False, **options)
+            if not isinstance(params, np.ndarray):
+                raise CheckpointCorruptError("'parameters' is not an array", {})
+            optimizer_state = read_value(f["optimizer_state"], allow_pickle=allow_pickle, **options)
+            metadata = read_value(f["metadata"], allow_pickle=allow_pickle, **options)
+            version = _as_str(f.attrs.get("h5ckpt_version", "unknown"))
+    except CheckpointError:
+        raise
+    except MemoryError as exc:
+        raise CheckpointResourceError(
+            "out of memory while parsing the payload (the file is not at fault; free "
+            "memory or raise the process's memory limit)",
+            {"resource": "memory"},
+        ) from exc
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise CheckpointCorruptError(f"the HDF5 payload is malformed: {exc}", {}) from exc
+    return params, optimizer_state, metadata, version
 
 
 def _check_root(f: h5py.File, header: Header, limits: LoadLimits) -> None:

@@ -30,6 +30,7 @@ from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CheckpointPermissionError,
+    CheckpointResourceError,
     CheckpointStorageError,
 )
 from .forking import reset_in_child
@@ -76,6 +77,9 @@ def new_file_mode() -> int:
     return 0o666 & ~process_umask()
 
 
+_RESOURCE_ERRNOS = (errno.ENOMEM, errno.EMFILE, errno.ENFILE)
+
+
 def oserror_to_checkpoint(exc: OSError, action: str, path: Path | str) -> CheckpointError:
     """The ``CheckpointError`` subclass that matches an ``OSError``."""
     context = {"path": str(path), "errno": exc.errno, "action": action}
@@ -84,6 +88,9 @@ def oserror_to_checkpoint(exc: OSError, action: str, path: Path | str) -> Checkp
         return CheckpointNotFoundError(message, context)
     if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return CheckpointPermissionError(message, context)
+    if exc.errno in _RESOURCE_ERRNOS:
+        # The process ran out of something: nothing is wrong with the file.
+        return CheckpointResourceError(message, context)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         message += " (the file system is full or the file size limit was reached)"
     return CheckpointStorageError(message, context)

@@ -35,6 +35,7 @@ from h5ckpt.errors import (
     CheckpointError,
     CheckpointLimitError,
     CheckpointPickleError,
+    CheckpointResourceError,
     CheckpointValueError,
 )
 from h5ckpt.limits import LoadLimits
@@ -43,6 +44,7 @@ __all__ = [
     "PICKLE_PROTOCOL",
     "TAGS",
     "TYPE_ATTR",
+    "ByteBudget",
     "check_value",
     "default_put_array",
     "escape_key",
@@ -370,7 +372,7 @@ _EXIT = object()
 
 def check_value(
     value: Any, *, allow_pickle: bool, limits: LoadLimits | None = None, path: str = ""
-) -> None:
+) -> int:
     """Make sure ``value`` can be written and loaded back; touch no file.
 
     Parameters
@@ -388,6 +390,12 @@ def check_value(
         Name of the value in messages, e.g. ``"optimizer_state"``; key paths are
         appended to it (``optimizer_state['layers'][3]['w']``). ``""`` reads "value".
 
+    Returns
+    -------
+    int
+        The bytes of arrays, bytes and strings in ``value`` (as loading counts them
+        against ``max_array_bytes``), pickled values not included.
+
     Raises
     ------
     CheckpointValueError
@@ -404,6 +412,7 @@ def check_value(
     max_depth = limits.max_depth
     max_nodes = limits.max_nodes
     nodes = 1
+    nbytes = 0
     ancestors: set[int] = set()
     stack: list[tuple[Any, Any, _Path]] = [(value, 0, None)]
     while stack:
@@ -417,7 +426,10 @@ def check_value(
                 raise _refuse(path, node, v)
             _check_picklable(v, path, node)
             continue
-        if tag not in _CONTAINERS or not v:
+        if tag not in _CONTAINERS:
+            nbytes += _declared_bytes(v)
+            continue
+        if not v:
             continue
         vid = id(v)
         if vid in ancestors:
@@ -429,14 +441,18 @@ def check_value(
         if depth >= max_depth:
             where = _render(path, node)
             raise CheckpointValueError(
-                f"{where}: the value nests deeper than max_depth={max_depth}",
+                f"{where}: the value nests deeper than max_depth={max_depth}, so it could "
+                "not be loaded with these limits; raise them with "
+                "CheckpointManager(..., load_limits=LoadLimits(max_depth=...))",
                 {"path": where, "max_depth": max_depth},
             )
         nodes += len(v)
         if nodes > max_nodes:
             where = _render(path, node)
             raise CheckpointValueError(
-                f"{where}: the value has more than max_nodes={max_nodes} nodes",
+                f"{where}: the value has more than max_nodes={max_nodes} nodes, so it could "
+                "not be loaded with these limits; raise them with "
+                "CheckpointManager(..., load_limits=LoadLimits(max_nodes=...))",
                 {"path": where, "max_nodes": max_nodes},
             )
         ancestors.add(vid)
@@ -446,6 +462,18 @@ def check_value(
             stack.extend((item, child_depth, (node, k)) for k, item in v.items())
         else:
             stack.extend((item, child_depth, (node, i)) for i, item in enumerate(v))
+    return nbytes
+
+
+def _declared_bytes(value: Any) -> int:
+    """What loading counts against ``max_array_bytes`` for one leaf."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, (bytes, bytearray)):
+        return len(value)
+    if isinstance(value, str):
+        return len(value.encode("utf-8", "surrogatepass"))
+    return 0
 
 
 # ------------------------------------------------------------------- write_value
@@ -700,21 +728,37 @@ def _read_tag(obj: Any) -> str:
     return tag
 
 
+class ByteBudget:
+    """The ``max_array_bytes`` budget of one file, shared by the trees read from it."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+
+#: Checking only (``structure_only``): strings up to this size are still read, to
+#: check that they decode; larger ones, arrays and blobs are not read.
+_CHECKED_TEXT_BYTES = 1 << 20
+
+
 class _Reader:
     def __init__(
         self,
         allow_pickle: bool,
         limits: LoadLimits,
         root: str,
-        budget: int,
+        budget: ByteBudget,
         get_array: GetArray | None = None,
+        structure_only: bool = False,
     ) -> None:
         self.get_array = get_array
         self.allow_pickle = allow_pickle
         self.limits = limits
         self.root = root
         self.budget = budget
-        self.used = 0
+        self.structure_only = structure_only
         self.nodes = 1
 
     def where(self, node: _Path) -> str:
@@ -725,13 +769,14 @@ class _Reader:
         return CheckpointLimitError(f"{where}: {message}", {"path": where, **context})
 
     def take_bytes(self, node: _Path, nbytes: int) -> None:
-        self.used += nbytes
-        if self.used > self.budget:
+        budget = self.budget
+        budget.used += nbytes
+        if budget.used > budget.limit:
             raise self.limit(
                 node,
-                f"arrays total more than max_array_bytes={self.budget} bytes (this dataset "
+                f"arrays total more than max_array_bytes={budget.limit} bytes (this dataset "
                 f"declares {nbytes} bytes)",
-                max_array_bytes=self.budget,
+                max_array_bytes=budget.limit,
                 declared_bytes=nbytes,
             )
 
@@ -837,7 +882,7 @@ class _Reader:
         stack.extend(tasks)
 
     def leaf(self, dset: h5d.DatasetID, tag: str, node: _Path) -> Any:
-        if tag == _PICKLE and not self.allow_pickle:
+        if tag == _PICKLE and not self.allow_pickle and not self.structure_only:
             where = self.where(node)
             raise CheckpointPickleError(
                 f"{where} was saved with allow_pickle=True; pass allow_pickle=True to load "
@@ -858,6 +903,8 @@ class _Reader:
                 raise _Corrupt(f"is tagged {tag} but is not a fixed-length string")
             size = tid.get_size()
             self.take_bytes(node, size)
+            if self.structure_only and size > _CHECKED_TEXT_BYTES:
+                return None
             buf = np.empty((), dtype=f"S{size}")
             dset.read(h5s.ALL, h5s.ALL, buf, mtype=tid)
             text = buf[()].decode("utf-8")  # numpy drops the NUL padding
@@ -874,6 +921,8 @@ class _Reader:
                 raise _Corrupt(f"is tagged {tag} but is not a 1-d uint8 dataset")
             (size,) = space.get_simple_extent_dims()
             self.take_bytes(node, size)
+            if self.structure_only:
+                return None
             data = bytearray(size)
             if size:
                 dset.read(h5s.ALL, h5s.ALL, np.frombuffer(data, dtype=_U8))
@@ -891,6 +940,9 @@ class _Reader:
                 raise _Corrupt(f"is tagged ndarray but has the unsupported dtype {dt}")
             shape = space.get_simple_extent_dims() if kind == h5s.SIMPLE else ()
             self.take_bytes(node, math.prod(shape) * dt.itemsize)
+            if self.structure_only:
+                # Stands for the array (no memory): the structure was all there was to check.
+                return np.broadcast_to(np.zeros((), dtype=dt), shape)
             out = self.get_array(dset, shape, dt) if self.get_array is not None else None
             if out is None:
                 out = np.empty(shape, dtype=dt)
@@ -936,6 +988,8 @@ def read_value(
     limits: LoadLimits,
     path: str = "",
     get_array: GetArray | None = None,
+    budget: ByteBudget | None = None,
+    structure_only: bool = False,
 ) -> Any:
     """Read the value stored at ``node`` by :func:`write_value`.
 
@@ -962,6 +1016,14 @@ def read_value(
         ``get_array(dataset_id, shape, dtype)`` may return the array of an
         ``ndarray`` node itself (for example a view of bytes already in memory) after
         the node passed every check; ``None`` lets the reader read it as usual.
+    budget : ByteBudget, optional
+        The array byte budget to charge, shared by every tree read from one file;
+        default: a new one of ``max_array_bytes``, or
+        ``limits.resolved_max_bytes(size of node's file)``.
+    structure_only : bool, default False
+        Make every check loading makes without reading array, blob or large string
+        data and without unpickling: what the result holds in their place is not the
+        value (arrays are zero-filled read-only stand-ins, the others ``None``).
 
     Returns
     -------
@@ -979,21 +1041,28 @@ def read_value(
         match its object's kind, dtype or dataspace, badly escaped keys, missing list
         items, soft or external links, undecodable text, and any error HDF5 or
         unpickling raises. No other exception type escapes (``KeyboardInterrupt``
-        and ``MemoryError`` aside).
+        aside).
+    CheckpointResourceError
+        When memory ran out (``MemoryError``): nothing is wrong with the file.
     """
     if not isinstance(limits, LoadLimits):
         raise CheckpointValueError(f"limits must be a LoadLimits, not {type(limits).__name__}")
     reader: _Reader | None = None
     try:
-        if limits.max_array_bytes is not None:
-            budget = limits.max_array_bytes
-        else:
-            budget = limits.resolved_max_bytes(node.file.id.get_filesize())
-        reader = _Reader(allow_pickle, limits, path, budget, get_array)
+        if budget is None:
+            budget = ByteBudget(file_budget(limits, node.file))
+        reader = _Reader(allow_pickle, limits, path, budget, get_array, structure_only)
         # A File's id is a FileID; its root group is a GroupID.
         return reader.run(node["/"].id if isinstance(node, h5py.File) else node.id)
     except CheckpointError:
         raise
+    except MemoryError as exc:
+        where = _render(path, reader.node if reader is not None else None)
+        raise CheckpointResourceError(
+            f"{where}: out of memory while loading (the file is not at fault; free memory "
+            "or raise the process's memory limit)",
+            {"path": where, "resource": "memory"},
+        ) from exc
     except Exception as exc:
         tree_node = reader.node if reader is not None else None
         where = _render(path, tree_node)
@@ -1009,6 +1078,13 @@ def read_value(
         if hdf5_name is not None:
             context["hdf5_path"] = hdf5_name
         raise CheckpointCorruptError(message, context) from cause
+
+
+def file_budget(limits: LoadLimits, f: h5py.File) -> int:
+    """The ``max_array_bytes`` budget of the open file ``f``."""
+    if limits.max_array_bytes is not None:
+        return limits.max_array_bytes
+    return limits.resolved_max_bytes(f.id.get_filesize())
 
 
 # ------------------------------------------------------------------ values_equal

@@ -78,12 +78,17 @@ pub type Assessment<'a> = (Status, bool, Option<Cow<'a, str>>);
 impl Record {
     /// The status of the file for a reader with (`keyed`) or without an HMAC key.
     ///
-    /// What the header alone shows comes first (unreadable, foreign, malformed, a
-    /// name that disagrees with the header, a legacy file for a keyed reader); then
-    /// the verdict, if the file was checked; else "unverified" (or "legacy").
+    /// What the header alone shows comes first (foreign, malformed, a name that
+    /// disagrees with the header, a legacy file for a keyed reader); then the
+    /// verdict, if the file was checked; else "unverified" (or "legacy"). A file that
+    /// could not be read is "unverified" with the reason: a failed read says nothing
+    /// of what the file holds.
     pub fn assess(&self, keyed: bool) -> Assessment<'_> {
         let e = &self.entry;
         if let Some(error) = &e.error {
+            if e.unread {
+                return (Status::Unverified, false, Some(Cow::Borrowed(error)));
+            }
             return (Status::Invalid, true, Some(Cow::Borrowed(error)));
         }
         match e.kind {
@@ -532,6 +537,23 @@ mod tests {
         assert!(!recs[0].needs_summary(false));
         assert_eq!(recs[0].loss_and_timestamp(), (0.5, 7.0));
         assert_eq!(recs[0].assess(false).0, Status::Legacy);
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_read_is_unverified_not_invalid() {
+        let d = tempfile::tempdir().unwrap();
+        make(d.path(), 1, b"payload", None);
+        let mut c = Catalog::new(d.path().to_path_buf(), "ck".into(), false);
+        c.refresh().unwrap();
+        let mut record = c.get("ck_batch_1.h5").unwrap().clone();
+        record.entry.error = Some("cannot open ck_batch_1.h5: Too many open files".into());
+        record.entry.unread = true;
+        let (status, verified, error) = record.assess(false);
+        assert_eq!((status, verified), (Status::Unverified, false));
+        assert!(error.unwrap().contains("Too many open files"));
+        // What the bytes showed is a verdict, though.
+        record.entry.unread = false;
+        assert_eq!(record.assess(false).0, Status::Invalid);
     }
 
     #[test]

@@ -83,6 +83,9 @@ pub struct Entry {
     /// Why the file is not a well-formed h5ckpt file or could not be read; `None`
     /// for a good h5ckpt header and for legacy and foreign files that were read.
     pub error: Option<String>,
+    /// Whether `error` is a failure to read the file (an I/O error, no descriptor
+    /// left, ...), which says nothing of what the file holds.
+    pub unread: bool,
 }
 
 /// The batch index of a name `{prefix}_batch_<one or more ASCII digits>.h5`.
@@ -257,6 +260,7 @@ fn examine(dir: &File, directory: &Path, name: String, batch_idx: u64) -> Option
         kind: Kind::Foreign,
         header: None,
         error: None,
+        unread: false,
     };
     classify(&file, &mut entry);
     Some(entry)
@@ -279,6 +283,7 @@ fn unreadable(
         kind: Kind::Foreign,
         header: None,
         error: Some(error),
+        unread: true,
     }
 }
 
@@ -288,6 +293,7 @@ fn classify(file: &File, entry: &mut Entry) {
         Ok(n) => n,
         Err(e) => {
             entry.error = Some(e.to_string());
+            entry.unread = true;
             return;
         }
     };

@@ -116,12 +116,46 @@ fn check_key(
 pub fn verify_file(path: &Path, key: Option<&[u8]>) -> Result<Header> {
     header::check_key(key)?;
     let (file, len) = open(path)?;
-    let (bytes, got) = read_header_bytes(&file, path)?;
+    verify_opened(&file, len, path, key)
+}
+
+/// [`verify_file`] of a file the caller has open (`fd`, kept open, its offset
+/// unchanged): what is verified is that file, whatever its name points to by now.
+/// `path` names it in messages.
+pub fn verify_fd(fd: RawFd, path: &Path, key: Option<&[u8]>) -> Result<Header> {
+    header::check_key(key)?;
+    if fd < 0 {
+        return Err(Error::invalid(format!("invalid file descriptor {fd}")));
+    }
+    // SAFETY: the caller keeps the descriptor open for the whole call; ManuallyDrop
+    // keeps this `File` from closing it.
+    let file = ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
+    let meta = file.metadata().map_err(|e| Error::io("stat", path, e))?;
+    if !meta.is_file() {
+        return Err(Error::corrupt(path, "not a regular file"));
+    }
+    verify_opened(&file, meta.len(), path, key)
+}
+
+/// [`verify_fd`] over many descriptors in parallel; one result per descriptor.
+pub fn verify_fds<P: AsRef<Path> + Sync>(
+    fds: &[RawFd],
+    paths: &[P],
+    key: Option<&[u8]>,
+) -> Vec<Result<Header>> {
+    fds.par_iter()
+        .zip(paths.par_iter())
+        .map(|(&fd, p)| verify_fd(fd, p.as_ref(), key))
+        .collect()
+}
+
+fn verify_opened(file: &File, len: u64, path: &Path, key: Option<&[u8]>) -> Result<Header> {
+    let (bytes, got) = read_header_bytes(file, path)?;
     let header = parse_and_check_length(&bytes[..got], len, path)?;
     // Authenticate the header before spending time on the payload.
     check_key(&header, &bytes, key, path)?;
     let digest = tree_digest_file(
-        &file,
+        file,
         header.payload_offset,
         header.payload_length,
         header.chunk_log2,
@@ -405,6 +439,28 @@ pub(crate) mod tests {
             Err(Error::Corrupt { .. })
         ));
         assert!(read_verified_fd(-1, None, None, &mut buf).is_err());
+    }
+
+    #[test]
+    fn verify_an_open_descriptor() {
+        let d = tempfile::tempdir().unwrap();
+        let p = make_file(d.path(), "a.h5", &payload(9000), Some(b"k"));
+        let f = File::open(&p).unwrap();
+        // The open file is verified, whatever the name points to now.
+        let junk = d.path().join("junk");
+        std::fs::write(&junk, b"replaced").unwrap();
+        std::fs::rename(&junk, &p).unwrap();
+        let h = verify_fd(f.as_raw_fd(), &p, Some(b"k")).unwrap();
+        assert_eq!(h.batch_idx, 3);
+        let other = make_file(d.path(), "b.h5", &payload(100), None);
+        let g = File::open(&other).unwrap();
+        let r = verify_fds(&[f.as_raw_fd(), g.as_raw_fd()], &[&p, &other], None);
+        assert!(r[0].is_ok() && r[1].is_ok());
+        assert!(matches!(
+            verify_fd(g.as_raw_fd(), &other, Some(b"k")),
+            Err(Error::Authentication { .. })
+        ));
+        assert!(verify_fd(-1, &p, None).is_err());
     }
 
     #[test]

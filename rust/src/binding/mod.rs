@@ -35,6 +35,7 @@ struct ErrorClasses {
     not_found: Py<PyType>,
     permission: Py<PyType>,
     storage: Py<PyType>,
+    resource: Py<PyType>,
     corrupt: Py<PyType>,
     authentication: Py<PyType>,
     version: Py<PyType>,
@@ -53,6 +54,7 @@ fn error_classes(py: Python<'_>) -> PyResult<&ErrorClasses> {
             not_found: class("CheckpointNotFoundError")?,
             permission: class("CheckpointPermissionError")?,
             storage: class("CheckpointStorageError")?,
+            resource: class("CheckpointResourceError")?,
             corrupt: class("CheckpointCorruptError")?,
             authentication: class("CheckpointAuthenticationError")?,
             version: class("CheckpointVersionError")?,
@@ -73,9 +75,12 @@ fn error_instance<'py>(py: Python<'py>, err: &Error) -> PyResult<Bound<'py, PyAn
             ctx.set_item("op", *op)?;
             ctx.set_item("errno", source.raw_os_error())?;
             ctx.set_item("reason", source.to_string())?;
-            match source.kind() {
-                std::io::ErrorKind::NotFound => &classes.not_found,
-                std::io::ErrorKind::PermissionDenied => &classes.permission,
+            match (source.kind(), source.raw_os_error()) {
+                (std::io::ErrorKind::NotFound, _) => &classes.not_found,
+                (std::io::ErrorKind::PermissionDenied, _) => &classes.permission,
+                // The process ran out of something: nothing is wrong with the file.
+                (_, Some(libc::ENOMEM | libc::EMFILE | libc::ENFILE)) => &classes.resource,
+                (std::io::ErrorKind::OutOfMemory, _) => &classes.resource,
                 _ => &classes.storage,
             }
         }
@@ -615,6 +620,30 @@ fn verify_file<'py>(
     py_header(py, header)
 }
 
+/// `verify_file` of open descriptors (kept open), in parallel; `paths` name them in
+/// messages. Failures are returned, not raised.
+#[pyfunction]
+#[pyo3(signature = (fds, paths, hmac_key = None))]
+fn verify_fds<'py>(
+    py: Python<'py>,
+    fds: Vec<i32>,
+    paths: Vec<PathBuf>,
+    hmac_key: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    if fds.len() != paths.len() {
+        return Err(value_error(py, "fds and paths must have the same length"));
+    }
+    let key = key_bytes(hmac_key)?;
+    let results = detach(py, || Ok(verify::verify_fds(&fds, &paths, key.as_deref())))?;
+    results
+        .into_iter()
+        .map(|r| match r {
+            Ok(h) => py_header(py, h).map(Bound::into_any),
+            Err(e) => error_instance(py, &e),
+        })
+        .collect()
+}
+
 /// `verify_file` over many files in parallel; failures are returned, not raised.
 #[pyfunction]
 #[pyo3(signature = (paths, hmac_key = None))]
@@ -951,6 +980,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(read_header, m)?)?;
     m.add_function(wrap_pyfunction!(verify_file, m)?)?;
     m.add_function(wrap_pyfunction!(verify_files, m)?)?;
+    m.add_function(wrap_pyfunction!(verify_fds, m)?)?;
     m.add_function(wrap_pyfunction!(read_verified, m)?)?;
     m.add_function(wrap_pyfunction!(read_verified_fd, m)?)?;
     m.add_function(wrap_pyfunction!(finalize, m)?)?;
