@@ -91,7 +91,7 @@ def load_file(
     path: Path, hmac_key: bytes | None, allow_pickle: bool, limits: LoadLimits
 ) -> tuple[_native.Header, dict[str, Any]]:
     """Verify every byte of one h5ckpt file, then parse it."""
-    header, data = _read_verified(path, hmac_key)
+    header, data = _read_verified(path, hmac_key, limits)
     try:
         result = read_payload(data, header, allow_pickle=allow_pickle, limits=limits)
     except CheckpointError as exc:
