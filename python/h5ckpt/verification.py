@@ -5,6 +5,12 @@ cores, with the GIL released); legacy files are checked here through h5py. A res
 is remembered against the file's identity (device, inode, size, mtime, ctime), so
 that save, cleanup and find-latest in a row do not hash the same unchanged file
 twice, and listing an unchanged directory again reads no file.
+
+Bit rot changes no part of the identity, so a remembered "valid" is a belief about
+the file as it was checked, not a check: it serves the manager's own decisions
+(retention after a save, find-latest, which ``load_checkpoint`` backs by verifying
+every byte again), while a caller who asks for verification (``recheck``) gets the
+files hashed again.
 """
 
 from __future__ import annotations
@@ -51,19 +57,29 @@ class Verifier:
         self.hmac_key = hmac_key
         self.catalog = _native.Catalog(directory, prefix, hmac_key is not None)
 
-    def list(self, full: bool = False) -> list[CheckpointInfo]:
+    def list(self, full: bool = False, recheck: bool = False) -> list[CheckpointInfo]:
         """Every checkpoint file of the directory by batch index; with ``full``,
-        every file not checked before is checked now."""
+        every file not checked before is checked now; with ``recheck`` too, also
+        every file remembered as valid or legacy (see :meth:`verify`)."""
         infos, unsummarized = self.catalog.list()
         for i in unsummarized:
             infos[i] = self._summarize(infos[i])
-        return self.verify(infos) if full else infos
+        return self.verify(infos, recheck=recheck) if full or recheck else infos
 
-    def verify(self, infos: Sequence[CheckpointInfo]) -> list[CheckpointInfo]:
+    def verify(
+        self, infos: Sequence[CheckpointInfo], recheck: bool = False
+    ) -> list[CheckpointInfo]:
         """``infos`` with every file not yet checked checked: h5ckpt files hashed
-        together on all cores, legacy files opened through h5py."""
+        together on all cores, legacy files opened through h5py.
+
+        With ``recheck``, files remembered as valid (or as checked legacy files) are
+        checked again, and what is found replaces what was remembered. A file known
+        to be invalid stays so: its identity has not changed since, and a verdict
+        from loading (intact bytes that do not load) is not a hash's to overturn.
+        """
         out = list(infos)
-        to_hash = [i for i, info in enumerate(out) if info.status == UNVERIFIED]
+        again = (VALID,) if recheck else ()
+        to_hash = [i for i, info in enumerate(out) if info.status in (UNVERIFIED, *again)]
         if to_hash:
             paths = [out[i].path for i in to_hash]
             outcomes = _native.verify_files(paths, self.hmac_key)
@@ -74,7 +90,7 @@ class Verifier:
                 else:
                     out[i] = self.catalog.note(out[i], VALID)
         for i, info in enumerate(out):
-            if info.status == LEGACY and not info.verified:
+            if info.status == LEGACY and (recheck or not info.verified):
                 try:
                     validate_legacy(info.path)
                     out[i] = self.catalog.note(info, LEGACY)
@@ -90,7 +106,17 @@ class Verifier:
         return self.catalog.note(info, loss=loss, timestamp=timestamp)
 
     def remember(self, path: Path, status: str, error: str | None = None) -> None:
-        """Record ``status`` for ``path`` as the file is now."""
+        """Record ``status`` for ``path`` as the file is now.
+
+        A save records "valid" for the file it has just committed without reading it
+        back. That is sound because the digest in its header was computed over exactly
+        the bytes written: the big arrays are copied once from the caller's memory into
+        a private buffer that is both hashed and written (the caller may change them
+        meanwhile), and everything else is read back from the file after HDF5 closed
+        it; nobody else writes the locked temp file, and the identity recorded here
+        is that of the renamed file. What can still go wrong later (bit rot) is what
+        ``recheck`` and ``load_checkpoint`` look for.
+        """
         self.catalog.remember(path.name, status, error)
 
     def forget(self, path: Path) -> None:
