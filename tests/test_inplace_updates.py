@@ -178,7 +178,8 @@ def _ext4_image(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     try:
         yield mount, image
     finally:
-        subprocess.run(["umount", str(mount)], check=True)
+        # Lazy: a failed test may still hold a file of it open.
+        subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 _FS_IOC_FIEMAP = 0xC020660B

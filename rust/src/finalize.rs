@@ -138,21 +138,31 @@ fn write_and_digest_in(
     let n = crate::header::chunk_count(len, chunk_log2);
     let digests = (0..n)
         .into_par_iter()
-        .map_init(Vec::<u8>::new, |buf, i| {
+        .map(|i| {
             let (start, end) = chunk_range(offset, len, chunk_log2, i);
-            let mut chunk = ChunkSealer {
-                file,
-                path,
-                buf,
-                piece,
-                writeback,
-                hasher: Sha256::new(),
-            };
-            chunk.seal(start, end, segments)?;
-            Ok(chunk.hasher.finalize().into())
+            BUFFER.with_borrow_mut(|buf| {
+                let mut chunk = ChunkSealer {
+                    file,
+                    path,
+                    buf,
+                    piece,
+                    writeback,
+                    hasher: Sha256::new(),
+                };
+                chunk.seal(start, end, segments)?;
+                Ok(chunk.hasher.finalize().into())
+            })
         })
         .collect::<Result<Vec<Hash>>>()?;
     Ok(root(chunk_log2, &digests))
+}
+
+thread_local! {
+    /// A worker's private buffer (at most one piece), kept from call to call: one
+    /// per rayon job instead would fault in fresh memory every few chunks, which
+    /// costs as much as the copy itself. Nothing inside its use waits for rayon, so
+    /// a worker never runs a second job while it is borrowed.
+    static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// One digest chunk being hashed (and its segment parts written) by one worker.
