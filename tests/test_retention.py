@@ -573,8 +573,11 @@ def test_unchanged_files_are_hashed_once(ckpt_dir: Path, monkeypatch):
     assert spy.take() == []
     assert fresh.cleanup_old_checkpoints() == [ckpt_dir / name(3)]
     assert spy.take() == [name(3)]
+    # Asked for, verification hashes again what the manager already knows.
     assert fresh.list_checkpoints(verify=True)[0].status == "valid"
-    assert spy.take() == []
+    assert spy.take() == [name(4)]
+    assert m.list_checkpoints(verify=True)[0].status == "valid"
+    assert spy.take() == [name(4)]
 
 
 def test_verify_true_hashes_all_files_in_one_parallel_call(ckpt_dir: Path, monkeypatch):
@@ -606,8 +609,12 @@ def test_file_changed_in_place_is_verified_again(ckpt_dir: Path, monkeypatch):
     other = CheckpointManager(ckpt_dir, keep_last_n=None, durable=False)
     other.save_checkpoint(1, np.full(2, 7.0), {}, 0.0)  # another manager's rewrite
     spy.take()  # (the other manager's own cleanup checked files it did not know)
-    assert m.list_checkpoints(verify=True)[1].status == "valid"
+    assert m.cleanup_old_checkpoints() == []
     assert spy.take() == [name(1)]
+    assert m.list_checkpoints()[1].status == "valid"
+    # verify=True hashes every file again, whatever the manager remembers.
+    assert [i.status for i in m.list_checkpoints(verify=True)] == ["valid"] * 3
+    assert sorted(spy.take()) == [name(b) for b in range(3)]
 
 
 def test_listing_an_unchanged_directory_again_reuses_what_it_knows(ckpt_dir: Path):

@@ -673,7 +673,8 @@ class CheckpointManager:
         Parameters
         ----------
         verify : bool, default False
-            Hash every file (in parallel) instead of reading headers only.
+            Hash every file (in parallel) instead of reading headers only, also
+            the ones this manager saved or verified before.
 
         Returns
         -------
@@ -682,7 +683,7 @@ class CheckpointManager:
             Without ``verify``, h5ckpt files not checked before are
             ``"unverified"``.
         """
-        return self._verifier.list(full=verify)
+        return self._verifier.list(full=verify, recheck=verify)
 
     def find_latest_checkpoint(self) -> Path | None:
         """The newest checkpoint that verifies, skipping any number of invalid ones.

@@ -3,7 +3,12 @@
 Writing goes through h5py for everything except the bytes of large raw arrays: for
 those HDF5 only reserves the space (early allocation, no fill), and the Rust core
 writes the array bytes into it while hashing them, so they are neither written twice
-nor read back. Reading parses bytes that the Rust core has already verified.
+nor read back. The arrays are the caller's own memory, which another thread may
+change during the save: the core reads each piece of them once, into a private
+buffer that it both writes and hashes, so the digest covers exactly what the file
+holds. Every other byte (HDF5's, and the chunks compressed here, each built from one
+copy of its input) is hashed as read back from the file. Reading parses bytes that
+the Rust core has already verified.
 """
 
 from __future__ import annotations
@@ -135,7 +140,11 @@ class ArrayWriter:
         return h5py.Dataset(dsid)
 
     def segments(self) -> list[tuple[int, np.ndarray]]:
-        """``(file offset, bytes)`` of each reserved dataset; call before closing the file."""
+        """``(file offset, bytes)`` of each reserved dataset; call before closing the file.
+
+        The bytes are views of the caller's arrays, not copies: ``finalize`` copies
+        them piece by piece as it writes and hashes them.
+        """
         return [(dsid.get_offset(), arr.reshape(-1).view(np.uint8)) for dsid, arr in self.pending]
 
 

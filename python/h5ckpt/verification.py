@@ -11,6 +11,12 @@ find-latest, retention, ``h5ckpt verify`` and ``ls --verify``): :func:`check_fil
 A file is invalid only when what it holds cannot load with the reader's key and
 limits (:data:`VERDICT_ERRORS`); when the check itself fails (memory, descriptors,
 a read error) nothing is concluded about the file.
+
+Bit rot changes no part of the identity, so a remembered "valid" is a belief about
+the file as it was checked, not a check: it serves the manager's own decisions
+(retention after a save, find-latest, which ``load_checkpoint`` backs by verifying
+every byte again), while a caller who asks for verification (``recheck``) gets the
+files checked again.
 """
 
 from __future__ import annotations
@@ -225,15 +231,18 @@ class Verifier:
         self.limits = limits
         self.catalog = _native.Catalog(directory, prefix, hmac_key is not None)
 
-    def list(self, full: bool = False) -> list[CheckpointInfo]:
+    def list(self, full: bool = False, recheck: bool = False) -> list[CheckpointInfo]:
         """Every checkpoint file of the directory by batch index; with ``full``,
-        every file not checked before is checked now."""
+        every file not checked before is checked now; with ``recheck`` too, also
+        every file remembered as valid or legacy (see :meth:`verify`)."""
         infos, unsummarized = self.catalog.list()
         for i in unsummarized:
             infos[i] = self._summarize(infos[i])
-        return self.verify(infos) if full else infos
+        return self.verify(infos, recheck=recheck) if full or recheck else infos
 
-    def verify(self, infos: Sequence[CheckpointInfo], strict: bool = False) -> list[CheckpointInfo]:
+    def verify(
+        self, infos: Sequence[CheckpointInfo], strict: bool = False, recheck: bool = False
+    ) -> list[CheckpointInfo]:
         """``infos`` with every file not yet checked checked: h5ckpt files hashed
         together on all cores, legacy files opened through h5py.
 
@@ -241,11 +250,17 @@ class Verifier:
         stays ``"unverified"``, with the failure as its ``error``, and nothing is
         remembered; with ``strict`` that failure is raised instead (a vanished file
         is skipped either way).
+
+        With ``recheck``, files remembered as valid (or as checked legacy files) are
+        checked again, and what is found replaces what was remembered. A file known
+        to be invalid stays so: its identity has not changed since, and a verdict
+        from loading (intact bytes that do not load) is not a hash's to overturn.
         """
         out = list(infos)
+        again = (VALID,) if recheck else ()
         to_hash = []
         for i, info in enumerate(out):
-            if info.status != UNVERIFIED:
+            if info.status not in (UNVERIFIED, *again):
                 continue
             try:
                 check_size_limit(info.path, info.size_bytes, self.limits)
@@ -259,7 +274,7 @@ class Verifier:
             for i, outcome in zip(to_hash, outcomes, strict=True):
                 out[i] = self._outcome(out[i], outcome, VALID, strict)
         for i, info in enumerate(out):
-            if info.status == LEGACY and not info.verified:
+            if info.status == LEGACY and (recheck or not info.verified):
                 outcome: object = None
                 try:
                     batch, _, _ = validate_legacy(info.path, limits=self.limits)
@@ -302,7 +317,17 @@ class Verifier:
         return self.catalog.note(info, loss=loss, timestamp=timestamp)
 
     def remember(self, path: Path, status: str, error: str | None = None) -> None:
-        """Record ``status`` for ``path`` as the file is now."""
+        """Record ``status`` for ``path`` as the file is now.
+
+        A save records "valid" for the file it has just committed without reading it
+        back. That is sound because the digest in its header was computed over exactly
+        the bytes written: the big arrays are copied once from the caller's memory into
+        a private buffer that is both hashed and written (the caller may change them
+        meanwhile), and everything else is read back from the file after HDF5 closed
+        it; nobody else writes the locked temp file, and the identity recorded here
+        is that of the renamed file. What can still go wrong later (bit rot) is what
+        ``recheck`` and ``load_checkpoint`` look for.
+        """
         self.catalog.remember(path.name, status, error)
 
     def forget(self, path: Path) -> None:

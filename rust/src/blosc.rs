@@ -171,17 +171,18 @@ fn compress_with(
         for (k, block) in chunk.chunks(blocksize).enumerate() {
             out[starts_at + 4 * k..starts_at + 4 * k + 4]
                 .copy_from_slice(&(pos as u32).to_le_bytes());
-            let src: &[u8] = if shuffled {
-                let t = &mut scratch.shuffled[..block.len()];
-                if typesize == 8 {
-                    shuffle8(block, t);
-                } else {
-                    shuffle(typesize, block, t);
-                }
-                t
+            // The block is read from the caller's memory once, shuffled or copied:
+            // the caller may change it meanwhile (an array updated in place during a
+            // save), and the compressor and the stored fallback must see one state.
+            let t = &mut scratch.shuffled[..block.len()];
+            if !shuffled {
+                t.copy_from_slice(block);
+            } else if typesize == 8 {
+                shuffle8(block, t);
             } else {
-                block
-            };
+                shuffle(typesize, block, t);
+            }
+            let src: &[u8] = t;
             let nsplits = if split && block.len() == blocksize {
                 typesize
             } else {

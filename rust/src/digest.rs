@@ -5,9 +5,9 @@
 //! root = SHA-256(u64le(C) || u64le(n) || d_0 || ... || d_{n-1})
 //! ```
 //!
-//! Chunk digests are computed in parallel with rayon, over memory, over a region of
-//! a file (positional reads), or over a file region part of which is supplied from
-//! memory (used when finalizing a checkpoint).
+//! Chunk digests are computed in parallel with rayon, over memory or over a region
+//! of a file (positional reads). Sealing a checkpoint, which hashes what it writes,
+//! is in `finalize`.
 
 use std::fs::File;
 use std::io;
@@ -67,7 +67,7 @@ pub(crate) fn read_error(path: &Path, e: io::Error) -> Error {
 }
 
 /// The file offset range of chunk `i` of a payload at `offset` of length `len`.
-fn chunk_range(offset: u64, len: u64, chunk_log2: u32, i: u64) -> (u64, u64) {
+pub(crate) fn chunk_range(offset: u64, len: u64, chunk_log2: u32, i: u64) -> (u64, u64) {
     let start = offset + (i << chunk_log2);
     let end = (start + (1u64 << chunk_log2)).min(offset + len);
     (start, end)
@@ -142,72 +142,6 @@ pub fn check_segments<'a>(segments: &[Segment<'a>], lo: u64, hi: u64) -> Result<
         }
     }
     Ok(sorted)
-}
-
-/// Tree digest of the file region `[offset, offset + len)` where the bytes under
-/// `segments` (sorted, non-overlapping, inside the region: see [`check_segments`])
-/// come from memory and all others are read from `file`. Segment bytes are hashed
-/// in place: neither read back from disk nor copied.
-pub fn tree_digest_mixed(
-    file: &File,
-    offset: u64,
-    len: u64,
-    chunk_log2: u32,
-    segments: &[Segment<'_>],
-    path: &Path,
-) -> Result<Hash> {
-    let n = crate::header::chunk_count(len, chunk_log2);
-    let digests = (0..n)
-        .into_par_iter()
-        .map_init(Vec::<u8>::new, |buf, i| {
-            let (start, end) = chunk_range(offset, len, chunk_log2, i);
-            hash_mixed_chunk(file, start, end, segments, buf, path)
-        })
-        .collect::<Result<Vec<Hash>>>()?;
-    Ok(root(chunk_log2, &digests))
-}
-
-fn hash_mixed_chunk(
-    file: &File,
-    start: u64,
-    end: u64,
-    segments: &[Segment<'_>],
-    buf: &mut Vec<u8>,
-    path: &Path,
-) -> Result<Hash> {
-    // First segment that ends after `start`.
-    let first = segments.partition_point(|s| s.end() <= start);
-    let mut hasher = Sha256::new();
-    let mut pos = start;
-    let mut read_gap = |hasher: &mut Sha256, from: u64, to: u64| -> Result<()> {
-        buf.resize((to - from) as usize, 0);
-        file.read_exact_at(buf, from)
-            .map_err(|e| read_error(path, e))?;
-        hasher.update(&buf[..]);
-        Ok(())
-    };
-    for s in &segments[first..] {
-        if s.offset >= end {
-            break;
-        }
-        let s_start = s.offset.max(start);
-        let s_end = s.end().min(end);
-        if s_start == start && s_end == end {
-            // The whole chunk lies in one segment.
-            return Ok(sha256(
-                &s.data[(start - s.offset) as usize..(end - s.offset) as usize],
-            ));
-        }
-        if pos < s_start {
-            read_gap(&mut hasher, pos, s_start)?;
-        }
-        hasher.update(&s.data[(s_start - s.offset) as usize..(s_end - s.offset) as usize]);
-        pos = s_end;
-    }
-    if pos < end {
-        read_gap(&mut hasher, pos, end)?;
-    }
-    Ok(hasher.finalize().into())
 }
 
 #[cfg(test)]
@@ -335,40 +269,6 @@ mod tests {
         #[test]
         fn memory_equals_reference(data in proptest::collection::vec(any::<u8>(), 0..40_000)) {
             prop_assert_eq!(tree_digest(&data, 12), reference(&data, 12));
-        }
-
-        /// Whatever segments cover, the mixed digest equals the digest of the file
-        /// that has the segment bytes written into it.
-        #[test]
-        fn mixed_equals_final_file(
-            len in 0usize..30_000,
-            cuts in proptest::collection::vec((0usize..30_000, 0usize..9_000), 0..6),
-            seed in any::<u8>(),
-        ) {
-            let final_bytes: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
-            // Non-overlapping segments from the cuts.
-            let mut ranges: Vec<(usize, usize)> = Vec::new();
-            for (a, l) in cuts {
-                if a >= len { continue; }
-                let b = (a + l).min(len);
-                if ranges.iter().all(|&(x, y)| b <= x || a >= y) {
-                    ranges.push((a, b));
-                }
-            }
-            // On disk: the final bytes except under segments (zeros there).
-            let mut disk = vec![0xEEu8; 512];
-            disk.extend_from_slice(&final_bytes);
-            for &(a, b) in &ranges {
-                disk[512 + a..512 + b].fill(0);
-            }
-            let (_d, f) = temp_file(&disk);
-            let segments: Vec<Segment> = ranges
-                .iter()
-                .map(|&(a, b)| Segment { offset: 512 + a as u64, data: &final_bytes[a..b] })
-                .collect();
-            let segments = check_segments(&segments, 512, 512 + len as u64).unwrap();
-            let got = tree_digest_mixed(&f, 512, len as u64, 12, &segments, Path::new("f")).unwrap();
-            prop_assert_eq!(got, reference(&final_bytes, 12));
         }
     }
 }

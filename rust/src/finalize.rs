@@ -1,7 +1,13 @@
 //! Sealing a checkpoint: HDF5 has written the payload at offset 512 of an open file,
 //! except for some regions whose bytes are still in memory (the big arrays). This
-//! writes those segments while hashing the payload, then writes the header into the
-//! user block and, when asked, fsyncs.
+//! writes those segments and hashes the payload in one pass, then writes the header
+//! into the user block and, when asked, fsyncs.
+//!
+//! The segments are the caller's arrays, which another thread may change while the
+//! save runs (a training loop updating its parameters in place). Whatever they hold
+//! then may land in the file torn, but the digest must cover exactly the bytes that
+//! land there: each piece of a segment is read from the caller's memory once, into
+//! a private buffer, and that buffer is both hashed and written.
 
 use std::fs::File;
 use std::mem::ManuallyDrop;
@@ -9,7 +15,10 @@ use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::digest::{check_segments, tree_digest_mixed, Segment};
+use rayon::prelude::*;
+use sha2::{Digest, Sha256};
+
+use crate::digest::{check_segments, chunk_range, read_error, root, Hash, Segment};
 use crate::error::{Error, Result};
 use crate::header::{self, Header, HeaderFields, MAX_CHUNK_LOG2, MIN_CHUNK_LOG2, PAYLOAD_OFFSET};
 
@@ -26,9 +35,9 @@ pub struct Seal<'a> {
 }
 
 /// Completes the checkpoint in `file` (open for reading and writing): writes each
-/// segment at its offset while computing the tree digest of `[512, file length)`
-/// (segment bytes hashed from memory, all other bytes read from the file), writes
-/// the header at offset 0 and fsyncs when `seal.durable`. `path` is for messages.
+/// segment at its offset and computes the tree digest of `[512, file length)` as
+/// written (see [`write_and_digest`]), writes the header at offset 0 and fsyncs
+/// when `seal.durable`. `path` is for messages.
 ///
 /// Segments must lie inside `[512, file length)` without overlapping.
 pub fn finalize(
@@ -61,29 +70,22 @@ pub fn finalize(
         // What HDF5 wrote is complete: send it to the disk while the rest is written.
         start_writeback(file, 0, len);
     }
-    // Writing and hashing need each other for nothing: segment bytes are hashed
-    // from memory, the rest is read back from the page cache.
-    let (written, digest) = rayon::join(
-        || write_segments(file, path, &segments, seal.durable),
-        || {
-            tree_digest_mixed(
-                file,
-                PAYLOAD_OFFSET,
-                payload_length,
-                seal.chunk_log2,
-                &segments,
-                path,
-            )
-        },
-    );
-    written?;
+    let digest = write_and_digest(
+        file,
+        PAYLOAD_OFFSET,
+        payload_length,
+        seal.chunk_log2,
+        &segments,
+        seal.durable,
+        path,
+    )?;
     let fields = HeaderFields {
         payload_length,
         chunk_log2: seal.chunk_log2,
         batch_idx: seal.batch_idx,
         loss: seal.loss,
         timestamp: seal.timestamp,
-        payload_digest: digest?,
+        payload_digest: digest,
     };
     let bytes = header::encode(&fields, seal.key)?;
     file.write_all_at(&bytes, 0)
@@ -94,28 +96,151 @@ pub fn finalize(
     header::parse(&bytes).map_err(|e| e.with_path(path))
 }
 
-/// Bytes written per `pwrite`; with `writeback`, each piece is handed to the disk
-/// as soon as it is in the page cache.
-const WRITE_PIECE: usize = 8 << 20;
+/// Bytes copied, hashed and written at a time: a worker's private buffer holds one
+/// piece (whatever the digest chunk size), and the copy is still in the CPU cache
+/// when it is hashed and written.
+const PIECE: usize = 1 << 20;
 
-fn write_segments(
+/// Writes each segment at its offset and returns the tree digest of the file region
+/// `[offset, offset + len)` as it then is: segment bytes as written, all other bytes
+/// read back from `file` (what HDF5 wrote, from the page cache). Digest chunks are
+/// done in parallel, each by one worker, which copies, hashes and writes. With
+/// `writeback`, each written piece is handed to the disk at once.
+///
+/// `segments` are sorted, non-overlapping and inside the region (see
+/// [`check_segments`]). Their memory may change while this runs: it is read once,
+/// and only that copy is hashed and written, so the digest always matches the file.
+pub fn write_and_digest(
     file: &File,
-    path: &Path,
+    offset: u64,
+    len: u64,
+    chunk_log2: u32,
     segments: &[Segment<'_>],
     writeback: bool,
-) -> Result<()> {
-    for s in segments {
-        let mut offset = s.offset;
-        for piece in s.data.chunks(WRITE_PIECE) {
-            file.write_all_at(piece, offset)
+    path: &Path,
+) -> Result<Hash> {
+    write_and_digest_in(
+        file, offset, len, chunk_log2, segments, writeback, path, PIECE,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_and_digest_in(
+    file: &File,
+    offset: u64,
+    len: u64,
+    chunk_log2: u32,
+    segments: &[Segment<'_>],
+    writeback: bool,
+    path: &Path,
+    piece: usize,
+) -> Result<Hash> {
+    let n = crate::header::chunk_count(len, chunk_log2);
+    let digests = (0..n)
+        .into_par_iter()
+        .map(|i| {
+            let (start, end) = chunk_range(offset, len, chunk_log2, i);
+            BUFFER.with_borrow_mut(|buf| {
+                let mut chunk = ChunkSealer {
+                    file,
+                    path,
+                    buf,
+                    piece,
+                    writeback,
+                    hasher: Sha256::new(),
+                };
+                chunk.seal(start, end, segments)?;
+                Ok(chunk.hasher.finalize().into())
+            })
+        })
+        .collect::<Result<Vec<Hash>>>()?;
+    Ok(root(chunk_log2, &digests))
+}
+
+thread_local! {
+    /// A worker's private buffer (at most one piece), kept from call to call: one
+    /// per rayon job instead would fault in fresh memory every few chunks, which
+    /// costs as much as the copy itself. Nothing inside its use waits for rayon, so
+    /// a worker never runs a second job while it is borrowed.
+    static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// One digest chunk being hashed (and its segment parts written) by one worker.
+struct ChunkSealer<'a> {
+    file: &'a File,
+    path: &'a Path,
+    /// The worker's private buffer, reused from chunk to chunk.
+    buf: &'a mut Vec<u8>,
+    piece: usize,
+    writeback: bool,
+    hasher: Sha256,
+}
+
+impl ChunkSealer<'_> {
+    fn seal(&mut self, start: u64, end: u64, segments: &[Segment<'_>]) -> Result<()> {
+        // First segment that ends after `start`.
+        let first = segments.partition_point(|s| s.end() <= start);
+        let mut pos = start;
+        for s in &segments[first..] {
+            if s.offset >= end {
+                break;
+            }
+            let s_start = s.offset.max(start);
+            let s_end = s.end().min(end);
+            if pos < s_start {
+                self.read_back(pos, s_start)?;
+            }
+            let from = (s_start - s.offset) as usize;
+            self.copy_and_write(&s.data[from..from + (s_end - s_start) as usize], s_start)?;
+            pos = s_end;
+        }
+        if pos < end {
+            self.read_back(pos, end)?;
+        }
+        Ok(())
+    }
+
+    /// This worker's buffer, `n <= piece` bytes long.
+    fn buffer(&mut self, n: usize) -> &mut [u8] {
+        if self.buf.len() < n {
+            self.buf.resize(n, 0);
+        }
+        &mut self.buf[..n]
+    }
+
+    /// Hashes the file bytes `[from, to)`, read back.
+    fn read_back(&mut self, from: u64, to: u64) -> Result<()> {
+        let mut at = from;
+        while at < to {
+            let n = self.piece.min((to - at) as usize);
+            let (file, path) = (self.file, self.path);
+            let buf = self.buffer(n);
+            file.read_exact_at(buf, at)
+                .map_err(|e| read_error(path, e))?;
+            self.hasher.update(&self.buf[..n]);
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` (the caller's memory) at file offset `at` and hashes it, a
+    /// piece at a time, each copied once into the private buffer first.
+    fn copy_and_write(&mut self, data: &[u8], mut at: u64) -> Result<()> {
+        for src in data.chunks(self.piece) {
+            let (file, path, writeback) = (self.file, self.path, self.writeback);
+            let buf = self.buffer(src.len());
+            // The one read of the caller's memory for these bytes.
+            buf.copy_from_slice(src);
+            file.write_all_at(buf, at)
                 .map_err(|e| Error::io("write", path, e))?;
             if writeback {
-                start_writeback(file, offset, piece.len() as u64);
+                start_writeback(file, at, src.len() as u64);
             }
-            offset += piece.len() as u64;
+            self.hasher.update(&self.buf[..src.len()]);
+            at += src.len() as u64;
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Starts writing the dirty pages of `[offset, offset + len)` to the disk without
@@ -272,10 +397,10 @@ mod tests {
     }
 
     #[test]
-    fn segments_longer_than_one_write_piece() {
+    fn segments_longer_than_one_piece() {
         // Two segments that are written in several pieces, one ending the file.
-        let len = 512 + 4096 + 2 * WRITE_PIECE + 77 + 4096 + WRITE_PIECE + 5;
-        let a = (512 + 4096, 512 + 4096 + 2 * WRITE_PIECE + 77);
+        let len = 512 + 4096 + 2 * PIECE + 77 + 4096 + PIECE + 5;
+        let a = (512 + 4096, 512 + 4096 + 2 * PIECE + 77);
         let b = (a.1 + 4096, len);
         let (_d, p, want) = setup(len, &[a, b]);
         let f = open_rw(&p);
@@ -292,11 +417,68 @@ mod tests {
         for durable in [true, false] {
             let mut s = seal(None);
             s.durable = durable;
-            s.chunk_log2 = 20;
-            let h = finalize(&f, &p, &segs, &s).unwrap();
-            assert_eq!(h.payload_digest, tree_digest(&want[512..], 20));
-            assert_eq!(&std::fs::read(&p).unwrap()[512..], &want[512..]);
+            for chunk_log2 in [12, 20, 23] {
+                s.chunk_log2 = chunk_log2;
+                let h = finalize(&f, &p, &segs, &s).unwrap();
+                assert_eq!(h.payload_digest, tree_digest(&want[512..], chunk_log2));
+                assert_eq!(&std::fs::read(&p).unwrap()[512..], &want[512..]);
+            }
         }
+    }
+
+    /// Segments change in memory while they are written, as an array updated in place
+    /// by another thread does: the digest is the digest of the file as written.
+    #[test]
+    fn digest_matches_the_file_while_segments_change() {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let words = 3 * PIECE / 8 + 1000;
+        let len = 512 + 4096 + words * 8 + 300;
+        let seg_at = 512 + 4096;
+        let (_d, p, _) = setup(len, &[(seg_at, seg_at + words * 8)]);
+        let memory: Vec<AtomicU64> = (0..words as u64).map(AtomicU64::new).collect();
+        let stop = AtomicBool::new(false);
+        let rounds = AtomicU64::new(0);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    for w in &memory {
+                        w.fetch_add(1, Ordering::Relaxed);
+                    }
+                    rounds.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            // SAFETY: the bytes of the atomics, read while another thread changes
+            // them, as the caller's arrays are read from Python; any value read is
+            // acceptable, it only has to be the same in the file and in the digest.
+            let data =
+                unsafe { std::slice::from_raw_parts(memory.as_ptr().cast::<u8>(), words * 8) };
+            let seg = [Segment {
+                offset: seg_at as u64,
+                data,
+            }];
+            let f = open_rw(&p);
+            // Until a save has overlapped with whole rounds of changes, for each
+            // chunk size.
+            let mut raced = 0;
+            for attempt in 0..300 {
+                let mut s = seal(None);
+                s.chunk_log2 = [12, 16, 20][attempt % 3];
+                let before = rounds.load(Ordering::Relaxed);
+                let h = finalize(&f, &p, &seg, &s).unwrap();
+                if rounds.load(Ordering::Relaxed) >= before + 2 {
+                    raced += 1;
+                }
+                let bytes = std::fs::read(&p).unwrap();
+                assert_eq!(h.payload_digest, tree_digest(&bytes[512..], s.chunk_log2));
+                assert_eq!(verify_file(&p, None).unwrap(), h);
+                if raced >= 3 {
+                    break;
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+            assert!(raced >= 3, "the updates never overlapped a save");
+        });
+        assert!(rounds.load(Ordering::Relaxed) > 0);
     }
 
     #[test]
@@ -357,6 +539,77 @@ mod tests {
         ));
         let e = finalize_fd(1 << 20, &[], &seal(None)).unwrap_err();
         assert_eq!(e.errno(), Some(libc::EBADF));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+        /// Whatever segments cover and however pieces and chunks fall, the file holds
+        /// the segment bytes afterwards (and nothing else changed), and the digest is
+        /// that of the final file.
+        #[test]
+        fn writes_segments_and_digests_the_final_file(
+            len in 0usize..30_000,
+            cuts in proptest::collection::vec((0usize..30_000, 0usize..9_000), 0..6),
+            piece in proptest::sample::select(vec![1usize, 1000, 4096, 5000, PIECE]),
+            chunk_log2 in 12u32..15,
+            seed in proptest::prelude::any::<u8>(),
+        ) {
+            let final_bytes: Vec<u8> = (0..len)
+                .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+                .collect();
+            let mut ranges: Vec<(usize, usize)> = Vec::new();
+            for (a, l) in cuts {
+                if a >= len {
+                    continue;
+                }
+                let b = (a + l).min(len);
+                if ranges.iter().all(|&(x, y)| b <= x || a >= y) {
+                    ranges.push((a, b));
+                }
+            }
+            // On disk: the final bytes except under segments (garbage there).
+            let mut disk = vec![0xEEu8; 512];
+            disk.extend_from_slice(&final_bytes);
+            for &(a, b) in &ranges {
+                disk[512 + a..512 + b].fill(0x5A);
+            }
+            let d = tempfile::tempdir().unwrap();
+            let p = d.path().join("f");
+            std::fs::write(&p, &disk).unwrap();
+            let f = open_rw(&p);
+            let segments: Vec<Segment> = ranges
+                .iter()
+                .map(|&(a, b)| Segment { offset: 512 + a as u64, data: &final_bytes[a..b] })
+                .collect();
+            let segments = check_segments(&segments, 512, 512 + len as u64).unwrap();
+            let got = write_and_digest_in(
+                &f, 512, len as u64, chunk_log2, &segments, false, &p, piece,
+            )
+            .unwrap();
+            let bytes = std::fs::read(&p).unwrap();
+            proptest::prop_assert_eq!(&bytes[..512], &disk[..512]);
+            proptest::prop_assert_eq!(&bytes[512..], &final_bytes[..]);
+            proptest::prop_assert_eq!(got, tree_digest(&final_bytes, chunk_log2));
+        }
+    }
+
+    #[test]
+    fn a_failed_read_back_or_write_is_an_error() {
+        // The file is shorter than the region: reading back the gap fails as a
+        // truncation, not a panic.
+        let (_d, p, want) = setup(512 + 100, &[]);
+        let f = open_rw(&p);
+        let e = write_and_digest(&f, 512, 200, 12, &[], false, &p).unwrap_err();
+        assert!(matches!(e, Error::Corrupt { .. }), "{e}");
+        // A descriptor open read-only cannot take the segment bytes.
+        let ro = File::open(&p).unwrap();
+        let seg = [Segment {
+            offset: 512,
+            data: &want[512..612],
+        }];
+        let e = write_and_digest(&ro, 512, 100, 12, &seg, false, &p).unwrap_err();
+        assert_eq!(e.errno(), Some(libc::EBADF), "{e}");
     }
 
     #[test]
