@@ -79,7 +79,11 @@ class DirectoryLock:
             finally:
                 self._depth -= 1
                 if self._depth == 0:
-                    self._release()
+                    try:
+                        self._release()
+                    except BaseException:  # an interrupt landed in it: finish it
+                        self._release()
+                        raise
 
     def _acquire(self) -> None:
         try:
@@ -88,9 +92,11 @@ class DirectoryLock:
             raise oserror_to_checkpoint(exc, "open the lock file", self.path) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as exc:
+        except BaseException as exc:  # an interrupt while waiting too
             os.close(fd)
-            raise oserror_to_checkpoint(exc, "lock", self.path) from exc
+            if isinstance(exc, OSError):
+                raise oserror_to_checkpoint(exc, "lock", self.path) from exc
+            raise
         self._fd = fd
 
     def _release(self) -> None:
@@ -119,13 +125,16 @@ class StagedFile:
             raise CheckpointStorageError(f"cannot create a unique temp file for {final}", {})
         self.path = path
         self.fd = fd
+        self.committed = False
         try:
             # Blocking: a sweeper in another process may hold the lock for a moment
             # while it checks whether this file's writer is alive.
             fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as exc:
+        except BaseException as exc:  # an interrupt while waiting too
             self.discard()
-            raise oserror_to_checkpoint(exc, "lock the temp file", path) from exc
+            if isinstance(exc, OSError):
+                raise oserror_to_checkpoint(exc, "lock the temp file", path) from exc
+            raise
 
     def commit(self, durable: bool, fsync_directory) -> None:
         """Rename into place (replacing any file or symlink there, never following it)."""
@@ -133,6 +142,7 @@ class StagedFile:
             os.replace(self.path, self.final)
         except OSError as exc:
             raise oserror_to_checkpoint(exc, "rename the temp file to", self.final) from exc
+        self.committed = True
         if durable:
             fsync_directory(self.final.parent)
 
@@ -142,10 +152,25 @@ class StagedFile:
             self.fd = -1
 
     def discard(self) -> None:
-        """Remove the temp file after a failed save; never raises."""
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
-        self.close()
+        """Remove the temp file unless it was committed, and close it.
+
+        Raises nothing of its own, and may be called again after an interrupt landed
+        in it (each step is done once: the descriptor is never closed twice).
+        """
+        # No `with` here: entering a context manager is one more place where an
+        # interrupt could land before the system call.
+        if not self.committed:
+            try:  # noqa: SIM105
+                os.unlink(self.path)
+            except OSError:
+                pass
+            self.committed = True  # nothing left at the temp name either way
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            try:  # noqa: SIM105
+                os.close(fd)
+            except OSError:
+                pass
 
 
 def _pid_alive(pid: int) -> bool:
