@@ -301,8 +301,19 @@ class CheckpointManager:
             batch_idx, parameters, optimizer_state, loss, metadata
         )
         self._wait_for_queued()
-        self._refuse_older(batch_idx)
+        self._refuse_older(batch_idx, early=True)
         return self._write(batch_idx, params, optimizer_state, loss_value, metadata)
+
+    def _save_copy(
+        self, batch_idx: int, parameters: Any, optimizer_state: Any, loss: float, metadata: Any
+    ) -> Path:
+        """``save_checkpoint`` whatever batches the directory holds, for a migration:
+        it copies a run file by file, and no run resumes from the copy meanwhile."""
+        batch_idx, params, loss_value, metadata = self._checked_arguments(
+            batch_idx, parameters, optimizer_state, loss, metadata
+        )
+        self._wait_for_queued()
+        return self._write(batch_idx, params, optimizer_state, loss_value, metadata, older="allow")
 
     def _checked_arguments(
         self, batch_idx: object, parameters: Any, optimizer_state: Any, loss: object, metadata: Any
@@ -316,7 +327,14 @@ class CheckpointManager:
         return checked
 
     def _write(
-        self, batch_idx: int, params: np.ndarray, optimizer_state: Any, loss: float, metadata: Any
+        self,
+        batch_idx: int,
+        params: np.ndarray,
+        optimizer_state: Any,
+        loss: float,
+        metadata: Any,
+        *,
+        older: str | None = None,
     ) -> Path:
         started = time.perf_counter()
         # Space freed by the last retention is back before new space is taken.
@@ -350,9 +368,10 @@ class CheckpointManager:
             size = os.fstat(staged.fd).st_size
             with self._lock.held():
                 # Again under the lock: another process may have saved meanwhile.
-                if self.on_older_batch == "raise":
+                older = older or self.on_older_batch
+                if older == "raise":
                     self._refuse_older(batch_idx)
-                else:
+                elif older == "set_aside":
                     self._set_aside_locked(batch_idx)
                 staged.commit(self.durable, _native.fsync_directory)
                 self._after_commit_locked(final)
@@ -402,13 +421,23 @@ class CheckpointManager:
                 error,
             )
 
-    def _refuse_older(self, batch_idx: int) -> None:
+    def _refuse_older(self, batch_idx: int, *, early: bool = False) -> None:
         """With ``on_older_batch="raise"``, a ``CheckpointConflictError`` when a valid
-        checkpoint of a higher batch exists."""
+        checkpoint of a higher batch exists.
+
+        ``early``: the check at the call, before anything is written. The one under
+        the lock decides, so a directory that cannot be read now is left to it (and
+        to the save's own error).
+        """
         if self.on_older_batch != "raise":
             return
-        newer = [i for i in self._verifier.list() if i.batch_idx > batch_idx]
-        newest = self._first_valid(newer[::-1])
+        try:
+            newer = [i for i in self._verifier.list() if i.batch_idx > batch_idx]
+            newest = self._first_valid(newer[::-1])
+        except CheckpointError:
+            if early:
+                return
+            raise
         if newest is None:
             return
         names = [i.path.name for i in newer]
@@ -523,7 +552,7 @@ class CheckpointManager:
         batch_idx, params, loss_value, metadata = self._checked_arguments(
             batch_idx, parameters, optimizer_state, loss, metadata
         )
-        self._refuse_older(batch_idx)
+        self._refuse_older(batch_idx, early=True)
         # Copy only once the previous save is done: one snapshot in memory at a time.
         self._slots.acquire()
         try:
