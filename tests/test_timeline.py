@@ -333,3 +333,46 @@ def test_crash_right_after_the_first_new_save(ckpt_dir: Path, mode, resume, firs
     assert pattern_batches(ckpt_dir) == sorted([*kept, first])
     (aside,) = aside_dirs(ckpt_dir)
     check_old_run_intact(aside, newer)
+
+
+HALTER = """
+    import sys, time
+    import numpy as np
+    from h5ckpt import CheckpointManager
+    from h5ckpt.staging import StagedFile
+
+    def halt(self, *args, **kwargs):  # reached once the newer files are set aside
+        print("set aside", flush=True)
+        time.sleep(120)
+
+    StagedFile.commit = halt
+    d, resume, first = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    m = CheckpointManager(d, keep_last_n=3, on_older_batch="set_aside")
+    m.save_checkpoint(first, np.full(1000, float(first)), {"b": first, "run": "new"}, 0.0)
+"""
+
+
+@pytest.mark.parametrize(("resume", "first"), [(-1, 0), (70, 75)], ids=["fresh", "rollback"])
+def test_crash_between_set_aside_and_commit(ckpt_dir: Path, resume, first):
+    old_run(ckpt_dir)
+    child = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(HALTER), str(ckpt_dir), str(resume), str(first)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = child.stdout.readline().strip()
+    finally:
+        child.send_signal(signal.SIGKILL)
+        _, stderr = child.communicate(timeout=60)
+    assert line == "set aside", stderr
+    fresh = CheckpointManager(ckpt_dir, keep_last_n=3)  # sweeps the dead writer's temp file
+    data = fresh.load_latest()
+    if resume < 0:
+        assert data is None  # nothing: never the abandoned run
+    else:
+        assert data["batch_idx"] == resume and data["optimizer_state"]["run"] == "old"
+    assert not [p for p in ckpt_dir.iterdir() if p.name.endswith(".tmp")]
+    (aside,) = aside_dirs(ckpt_dir)
+    check_old_run_intact(aside, tuple(b for b in OLD if b > resume))
