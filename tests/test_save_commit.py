@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -163,3 +165,37 @@ def test_explicit_cleanup_that_cannot_plan_raises_a_checkpoint_error(ckpt_dir: P
     monkeypatch.setattr(m, "_plan_locked", lambda: (_ for _ in ()).throw(KeyError("k")))
     with pytest.raises(CheckpointError, match="retention"):
         m.cleanup_old_checkpoints()
+
+
+def test_a_sync_save_from_a_done_callback_does_not_wait_for_itself(ckpt_dir: Path):
+    """The callback runs on the background thread while a later async save is queued
+    behind it: waiting for the queue there would never end (a subprocess, so that a
+    hang fails the test)."""
+    code = textwrap.dedent(
+        """
+        import sys, threading
+        import numpy as np
+        from h5ckpt import CheckpointManager
+
+        m = CheckpointManager(sys.argv[1], keep_last_n=None)
+        gate = threading.Event()
+        done = []
+
+        def on_done(_):
+            gate.wait(30)  # the second async save is queued by now
+            done.append(m.save_checkpoint(5, np.ones(3), {"from": "callback"}, 0.0))
+
+        first = m.save_checkpoint_async(1, np.ones(3), {}, 0.0)
+        first.add_done_callback(on_done)
+        second = m.save_checkpoint_async(9, np.ones(3), {}, 0.0)
+        gate.set()
+        second.result()
+        m.close()
+        print("ok", [p.name for p in done])
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(ckpt_dir)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok ['checkpoint_batch_0005.h5']"

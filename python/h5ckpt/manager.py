@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -173,6 +174,7 @@ class CheckpointManager:
         self._retention_failure: CheckpointError | None = None
         # The last asynchronous save submitted: the executor runs them in order.
         self._last_async: Future[Path] | None = None
+        self._save_thread: int | None = None
         if not isinstance(prefix, str) or not prefix or "/" in prefix or "\x00" in prefix:
             raise CheckpointValueError(
                 f"prefix must be a non-empty file name part without '/', got {prefix!r}",
@@ -301,7 +303,8 @@ class CheckpointManager:
             batch_idx, parameters, optimizer_state, loss, metadata
         )
         self._wait_for_queued()
-        self._refuse_older(batch_idx, early=True)
+        if self.on_older_batch == "raise":
+            self._refuse_older(batch_idx, early=True)
         return self._write(batch_idx, params, optimizer_state, loss_value, metadata)
 
     def _save_copy(
@@ -422,15 +425,13 @@ class CheckpointManager:
             )
 
     def _refuse_older(self, batch_idx: int, *, early: bool = False) -> None:
-        """With ``on_older_batch="raise"``, a ``CheckpointConflictError`` when a valid
-        checkpoint of a higher batch exists.
+        """A ``CheckpointConflictError`` when a valid checkpoint of a higher batch
+        exists (``on_older_batch="raise"``).
 
         ``early``: the check at the call, before anything is written. The one under
         the lock decides, so a directory that cannot be read now is left to it (and
         to the save's own error).
         """
-        if self.on_older_batch != "raise":
-            return
         try:
             newer = [i for i in self._verifier.list() if i.batch_idx > batch_idx]
             newest = self._first_valid(newer[::-1])
@@ -510,6 +511,9 @@ class CheckpointManager:
             _native.fsync_directory(aside)
             _native.fsync_directory(self.checkpoint_dir)
         except OSError as exc:
+            if not moved:
+                with contextlib.suppress(OSError):
+                    os.rmdir(aside)
             raise oserror_to_checkpoint(exc, "set aside newer checkpoints into", aside) from exc
         finally:
             if moved:
@@ -552,7 +556,8 @@ class CheckpointManager:
         batch_idx, params, loss_value, metadata = self._checked_arguments(
             batch_idx, parameters, optimizer_state, loss, metadata
         )
-        self._refuse_older(batch_idx, early=True)
+        if self.on_older_batch == "raise":
+            self._refuse_older(batch_idx, early=True)
         # Copy only once the previous save is done: one snapshot in memory at a time.
         self._slots.acquire()
         try:
@@ -560,7 +565,9 @@ class CheckpointManager:
             state, meta = _snapshot(optimizer_state), _snapshot(metadata)
             with self._async_lock:
                 if self._executor is None:
-                    self._executor = ThreadPoolExecutor(1, thread_name_prefix="h5ckpt-save")
+                    self._executor = ThreadPoolExecutor(
+                        1, thread_name_prefix="h5ckpt-save", initializer=self._mark_save_thread
+                    )
                 future = self._executor.submit(
                     self._write, batch_idx, params, state, loss_value, meta
                 )
@@ -574,12 +581,17 @@ class CheckpointManager:
         future.add_done_callback(lambda _: self._slots.release())
         return future
 
+    def _mark_save_thread(self) -> None:
+        self._save_thread = threading.get_ident()
+
     def _wait_for_queued(self) -> None:
         """Until the asynchronous saves submitted so far have finished; their
         errors stay for :meth:`wait_until_finished`."""
         with self._async_lock:
             last = self._last_async
-        if last is not None:
+        # From the background thread itself (a done callback that saves), the saves
+        # before are done, and the later ones wait for this one.
+        if last is not None and threading.get_ident() != self._save_thread:
             # One background thread takes them in order: the last done, all done.
             wait_for_futures([last])
 
