@@ -27,6 +27,7 @@ from ._native import (
 )
 from .errors import CheckpointCorruptError, CheckpointLimitError, CheckpointValueError
 from .limits import LoadLimits
+from .staging import sigint_deferred
 from .tree import read_value, write_value
 
 __all__ = ["FORMAT_VERSION", "ArrayWriter", "WritebackFile", "read_payload", "write_payload"]
@@ -168,7 +169,7 @@ def write_payload(fileobj: io.RawIOBase, **fields: Any) -> list[tuple[int, np.nd
     """Write the HDF5 part of a checkpoint into ``fileobj`` (fields as for
     :func:`_write_payload`); an interrupt that lands inside HDF5 is raised once HDF5
     has let go of the file."""
-    with _ErrorKeepingFile(fileobj) as sink:
+    with sigint_deferred(), _ErrorKeepingFile(fileobj) as sink:
         return _write_payload(sink, **fields)
 
 

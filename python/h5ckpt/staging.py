@@ -20,10 +20,12 @@ import logging
 import os
 import re
 import secrets
+import signal
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from .errors import (
     CheckpointError,
@@ -32,7 +34,14 @@ from .errors import (
     CheckpointStorageError,
 )
 
-__all__ = ["LOCK_NAME", "DirectoryLock", "StagedFile", "oserror_to_checkpoint", "sweep_temp_files"]
+__all__ = [
+    "LOCK_NAME",
+    "DirectoryLock",
+    "StagedFile",
+    "oserror_to_checkpoint",
+    "sigint_deferred",
+    "sweep_temp_files",
+]
 
 logger = logging.getLogger("h5ckpt")
 
@@ -110,6 +119,27 @@ class StagedFile:
 
     def __init__(self, final: Path) -> None:
         self.final = final
+        self.fd = -1
+        self.committed = True  # nothing at a temp name yet
+        try:
+            # A Ctrl-C between open() and storing its descriptor would lose both the
+            # descriptor and the file: it is held until they are this object's.
+            with sigint_deferred():
+                self._create(final)
+        except BaseException:
+            self.discard()
+            raise
+        try:
+            # Blocking: a sweeper in another process may hold the lock for a moment
+            # while it checks whether this file's writer is alive.
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except BaseException as exc:  # an interrupt while waiting too
+            self.discard()
+            if isinstance(exc, OSError):
+                raise oserror_to_checkpoint(exc, "lock the temp file", self.path) from exc
+            raise
+
+    def _create(self, final: Path) -> None:
         for _ in range(16):
             token = secrets.token_hex(6)
             path = final.with_name(f".{final.name}.{os.getpid()}.{token}.tmp")
@@ -123,18 +153,7 @@ class StagedFile:
             break
         else:  # pragma: no cover - 16 collisions of 48 random bits
             raise CheckpointStorageError(f"cannot create a unique temp file for {final}", {})
-        self.path = path
-        self.fd = fd
-        self.committed = False
-        try:
-            # Blocking: a sweeper in another process may hold the lock for a moment
-            # while it checks whether this file's writer is alive.
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except BaseException as exc:  # an interrupt while waiting too
-            self.discard()
-            if isinstance(exc, OSError):
-                raise oserror_to_checkpoint(exc, "lock the temp file", path) from exc
-            raise
+        self.path, self.fd, self.committed = path, fd, False
 
     def commit(self, durable: bool, fsync_directory) -> None:
         """Rename into place (replacing any file or symlink there, never following it)."""
@@ -171,6 +190,31 @@ class StagedFile:
                 os.close(fd)
             except OSError:
                 pass
+
+
+@contextlib.contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) until the block is done, then hand it to the previous
+    handler; in the main thread only (no other thread gets KeyboardInterrupt).
+
+    Python runs signal handlers between bytecodes, so a ``KeyboardInterrupt`` can
+    land where no ``try`` catches it: right after ``os.open`` returned, before its
+    result is stored, or at the entry of HDF5's file-object callbacks, inside libhdf5.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[Any] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            if callable(previous):
+                previous(signal.SIGINT, caught[0])
+            elif previous == signal.SIG_DFL:
+                signal.raise_signal(signal.SIGINT)
 
 
 def _pid_alive(pid: int) -> bool:
