@@ -95,16 +95,19 @@ class DirectoryLock:
                         raise
 
     def _acquire(self) -> None:
+        fd = -1
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise oserror_to_checkpoint(exc, "open the lock file", self.path) from exc
-        try:
+            with sigint_deferred():  # a Ctrl-C right after open() would lose the descriptor
+                fd = os.open(
+                    self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+                )
             fcntl.flock(fd, fcntl.LOCK_EX)
         except BaseException as exc:  # an interrupt while waiting too
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
             if isinstance(exc, OSError):
-                raise oserror_to_checkpoint(exc, "lock", self.path) from exc
+                action = "lock" if fd >= 0 else "open the lock file"
+                raise oserror_to_checkpoint(exc, action, self.path) from exc
             raise
         self._fd = fd
 
