@@ -109,10 +109,14 @@ def test_saves_commit_in_submission_order(ckpt_dir: Path, monkeypatch):
         committed.append(self.final.name)
 
     monkeypatch.setattr(StagedFile, "commit", recording_commit)
-    order = [5, 2, 9, 1, 7, 3]
+    # Rising batches (a lower one would be refused below a higher one), but sizes
+    # that vary: saves that did not wait for each other would commit small ones first.
+    order = [1, 2, 3, 5, 7, 9]
+    sizes = {1: 2_000_000, 2: 1_000, 3: 1_500_000, 5: 10, 7: 1_000_000, 9: 100}
     with CheckpointManager(ckpt_dir, keep_last_n=None) as m:
         futures = [
-            m.save_checkpoint_async(b, np.full(50_000, float(b)), {"b": b}, float(b)) for b in order
+            m.save_checkpoint_async(b, np.full(sizes[b], float(b)), {"b": b}, float(b))
+            for b in order
         ]
         m.wait_until_finished()
         assert all(f.done() for f in futures)

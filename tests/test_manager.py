@@ -178,7 +178,7 @@ def test_find_latest_and_load_latest(ckpt_dir: Path):
 
 def test_list_checkpoints(ckpt_dir: Path):
     m = CheckpointManager(ckpt_dir, keep_last_n=None)
-    for b, loss in ((2, 0.5), (1, 0.75), (3, 0.25)):
+    for b, loss in ((1, 0.75), (2, 0.5), (3, 0.25)):
         m.save_checkpoint(b, np.ones(4), {}, loss)
     (ckpt_dir / "checkpoint_batch_0004.h5").write_bytes(b"not a checkpoint")
     (ckpt_dir / "other_batch_0001.h5").write_bytes(b"ignored")

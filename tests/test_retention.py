@@ -62,7 +62,10 @@ def make_file(d: Path, b: int, kind: str, loss: float, prefix: str = PREFIX) -> 
     """One file of ``kind`` under this prefix's name for batch ``b``."""
     path = d / name(b, prefix)
     if kind in ("valid", "flipped", "truncated", "header"):
-        writer(d, prefix).save_checkpoint(b, np.full(3, float(b)), {"b": b}, loss)
+        # Saved elsewhere and renamed in: a save below a newer batch would be refused.
+        scratch = d.parent / f".{d.name}-scratch"
+        made = writer(scratch, prefix).save_checkpoint(b, np.full(3, float(b)), {"b": b}, loss)
+        os.replace(made, path)
         if kind == "flipped":
             flip(path)
         elif kind == "truncated":
@@ -262,13 +265,19 @@ def test_auto_cleanup_runs_after_each_save_and_can_be_off(ckpt_dir: Path, tmp_pa
 
 
 def test_saving_an_older_batch_than_the_kept_ones(ckpt_dir: Path):
-    """Retention right after the commit may delete the file just saved: still a success."""
+    """Retention right after the commit would delete the file just saved: such a save
+    is refused, or (``on_older_batch="set_aside"``) the newer ones are moved away first.
+    A save never returns a path its own retention deleted."""
     m = CheckpointManager(ckpt_dir, keep_last_n=2, durable=False)
     for b in (10, 11):
         m.save_checkpoint(b, np.ones(2), {}, 0.0)
-    path = m.save_checkpoint(5, np.ones(2), {}, 0.0)
-    assert path == ckpt_dir / name(5) and not path.exists()
+    with pytest.raises(h5ckpt.CheckpointConflictError):
+        m.save_checkpoint(5, np.ones(2), {}, 0.0)
     assert pattern_names(ckpt_dir) == {name(10), name(11)}
+    aside = CheckpointManager(ckpt_dir, keep_last_n=2, on_older_batch="set_aside")
+    path = aside.save_checkpoint(5, np.ones(2), {}, 0.0)
+    assert path == ckpt_dir / name(5) and path.exists()
+    assert pattern_names(ckpt_dir) == {name(5)}
 
 
 def test_invalid_files_are_reported_not_deleted(ckpt_dir: Path, caplog):
@@ -591,7 +600,7 @@ def test_verify_true_hashes_all_files_in_one_parallel_call(ckpt_dir: Path, monke
     assert [i.status for i in infos] == ["invalid", "valid"] * 3 + ["legacy", "invalid"]
 
 
-def test_file_changed_in_place_is_verified_again(ckpt_dir: Path, monkeypatch):
+def test_file_changed_in_place_is_verified_again(ckpt_dir: Path, tmp_path: Path, monkeypatch):
     m = CheckpointManager(ckpt_dir, keep_last_n=None, durable=False)
     for b in range(3):
         m.save_checkpoint(b, np.ones(2), {}, 0.0)
@@ -606,8 +615,8 @@ def test_file_changed_in_place_is_verified_again(ckpt_dir: Path, monkeypatch):
     assert spy.take() == []
     # Replaced by a new file (new inode): checked again too.
     m.save_checkpoint(2, np.ones(2), {}, 0.0)
-    other = CheckpointManager(ckpt_dir, keep_last_n=None, durable=False)
-    other.save_checkpoint(1, np.full(2, 7.0), {}, 0.0)  # another manager's rewrite
+    other = CheckpointManager(tmp_path / "other", keep_last_n=None, durable=False)
+    os.replace(other.save_checkpoint(1, np.full(2, 7.0), {}, 0.0), ckpt_dir / name(1))
     spy.take()  # (the other manager's own cleanup checked files it did not know)
     assert m.cleanup_old_checkpoints() == []
     assert spy.take() == [name(1)]

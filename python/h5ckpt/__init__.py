@@ -17,6 +17,7 @@ except ImportError as exc:  # pragma: no cover - depends on how the package was 
 
 from .errors import (
     CheckpointAuthenticationError,
+    CheckpointConflictError,
     CheckpointCorruptError,
     CheckpointError,
     CheckpointLimitError,
@@ -36,6 +37,7 @@ __version__: str = _native.__version__
 
 __all__ = [
     "CheckpointAuthenticationError",
+    "CheckpointConflictError",
     "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointInfo",

@@ -13,6 +13,7 @@ from typing import Any
 
 __all__ = [
     "CheckpointAuthenticationError",
+    "CheckpointConflictError",
     "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointLimitError",
@@ -100,3 +101,9 @@ class CheckpointPickleError(CheckpointError):
 
 class CheckpointLimitError(CheckpointError):
     """A verified file asks for more than the configured load limits allow."""
+
+
+class CheckpointConflictError(CheckpointError):
+    """A save below the newest valid checkpoint of the directory (a restart or a
+    rollback over a newer run) was refused; nothing was written or deleted. Pass
+    ``on_older_batch="set_aside"`` or call ``set_aside_newer_than`` to go on."""

@@ -8,9 +8,11 @@ import logging
 import math
 import numbers
 import os
+import secrets
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_futures
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from . import _native
 from .codec import resolve as resolve_compression
 from .errors import (
     CheckpointAuthenticationError,
+    CheckpointConflictError,
     CheckpointCorruptError,
     CheckpointError,
     CheckpointLimitError,
@@ -60,6 +63,10 @@ __all__ = ["CheckpointManager"]
 logger = logging.getLogger("h5ckpt")
 
 HMAC_KEY_ENV = "H5CKPT_HMAC_KEY"
+#: What a save below the newest valid checkpoint of the directory does.
+ON_OLDER_BATCH = ("raise", "set_aside")
+#: Newer checkpoints set aside go to ``checkpoint_dir / f"{ABANDONED}-<UTC time>-<token>"``.
+ABANDONED = "abandoned"
 _PathLike = str | os.PathLike[str]
 
 
@@ -168,6 +175,16 @@ class CheckpointManager:
     file_mode : int, optional
         Permission bits of committed checkpoint files. Default: those of any new
         file under the process umask (``0o666 & ~umask``, read at each save).
+    on_older_batch : {"raise", "set_aside"}, default "raise"
+        What a save does when the directory holds a valid checkpoint of a *higher*
+        batch (a fresh start or a rollback in a used directory; retention would
+        delete the new saves and a resume would pick the abandoned run).
+        ``"raise"`` refuses it with :class:`CheckpointConflictError`, writing and
+        deleting nothing; saving the same batch again is always allowed.
+        ``"set_aside"`` first moves every checkpoint of a higher batch into a new
+        subdirectory ``abandoned-<UTC time>-<token>/`` (logged as a warning; never
+        listed, loaded or deleted by a manager), then commits. See also
+        :meth:`set_aside_newer_than`.
 
     Examples
     --------
@@ -195,6 +212,7 @@ class CheckpointManager:
         auto_cleanup: bool = True,
         compression: str | None = "default",
         load_limits: LoadLimits | None = None,
+        on_older_batch: str = "raise",
         read_only: bool = False,
         file_mode: int | None = None,
     ) -> None:
@@ -211,6 +229,17 @@ class CheckpointManager:
                 {"best_mode": _short_repr(best_mode)},
             )
         self.best_mode = best_mode
+        if not isinstance(on_older_batch, str) or on_older_batch not in ON_OLDER_BATCH:
+            raise CheckpointValueError(
+                f"on_older_batch must be 'raise' or 'set_aside', got {on_older_batch!r}",
+                {"on_older_batch": repr(on_older_batch)},
+            )
+        self.on_older_batch = on_older_batch
+        # A retention failure after a committed save, for the next explicit cleanup.
+        self._retention_failure: CheckpointError | None = None
+        # The last asynchronous save submitted: the executor runs them in order.
+        self._last_async: Future[Path] | None = None
+        self._save_thread: int | None = None
         self.prefix = _prefix(prefix)
         self.enable_compression = _flag("enable_compression", enable_compression)
         self.compression = resolve_compression(self.enable_compression, compression)
@@ -333,17 +362,32 @@ class CheckpointManager:
         Returns
         -------
         Path
-            The committed checkpoint file.
+            The committed checkpoint file. Once it is committed the save has
+            succeeded: a failure of the retention that follows is logged and raised
+            by the next :meth:`cleanup_old_checkpoints`.
 
         Raises
         ------
+        CheckpointConflictError
+            With ``on_older_batch="raise"``, the directory holds a valid checkpoint
+            of a higher batch; nothing was written or deleted.
         CheckpointError
             Nothing is left behind and earlier checkpoints are untouched.
+
+        Notes
+        -----
+        The asynchronous saves of this manager queued before this call commit
+        first (their errors stay for :meth:`wait_until_finished`). An interrupt
+        (``KeyboardInterrupt``) during the save removes its temp file and
+        propagates unchanged.
         """
         self._refuse_if_read_only("save a checkpoint")
         batch_idx, params, loss_value, metadata = self._checked_arguments(
             batch_idx, parameters, optimizer_state, loss, metadata
         )
+        self._wait_for_queued()
+        if self.on_older_batch == "raise":
+            self._refuse_older(batch_idx, early=True)
         return self._write(batch_idx, params, optimizer_state, loss_value, metadata)
 
     def _refuse_if_read_only(self, action: str) -> None:
@@ -353,6 +397,17 @@ class CheckpointManager:
                 "read_only=True (make another without it to save or prune)",
                 {"checkpoint_dir": str(self.checkpoint_dir), "read_only": True},
             )
+
+    def _save_copy(
+        self, batch_idx: int, parameters: Any, optimizer_state: Any, loss: float, metadata: Any
+    ) -> Path:
+        """``save_checkpoint`` whatever batches the directory holds, for a migration:
+        it copies a run file by file, and no run resumes from the copy meanwhile."""
+        batch_idx, params, loss_value, metadata = self._checked_arguments(
+            batch_idx, parameters, optimizer_state, loss, metadata
+        )
+        self._wait_for_queued()
+        return self._write(batch_idx, params, optimizer_state, loss_value, metadata, older="allow")
 
     def _checked_arguments(
         self, batch_idx: object, parameters: Any, optimizer_state: Any, loss: object, metadata: Any
@@ -384,7 +439,14 @@ class CheckpointManager:
         return checked
 
     def _write(
-        self, batch_idx: int, params: np.ndarray, optimizer_state: Any, loss: float, metadata: Any
+        self,
+        batch_idx: int,
+        params: np.ndarray,
+        optimizer_state: Any,
+        loss: float,
+        metadata: Any,
+        *,
+        older: str | None = None,
     ) -> Path:
         started = time.perf_counter()
         # Space freed by the last retention is back before new space is taken.
@@ -419,30 +481,38 @@ class CheckpointManager:
             self._check_loadable(final, staged.fd, batch_idx)
             size = os.fstat(staged.fd).st_size
             with self._lock.held():
+                # Again under the lock: another process may have saved meanwhile.
+                older = older or self.on_older_batch
+                if older == "raise":
+                    self._refuse_older(batch_idx)
+                elif older == "set_aside":
+                    self._set_aside_locked(batch_idx)
                 staged.commit(self.durable, _native.fsync_directory)
-                staged.close()
-                self._verifier.remember(final, "valid")
-                if self.auto_cleanup:
-                    self._cleanup_locked()
+                self._after_commit_locked(final)
         except CheckpointError:
-            staged.discard()
             raise
         except OSError as exc:
-            staged.discard()
             raise oserror_to_checkpoint(exc, "write checkpoint", final) from exc
         except Exception as exc:
-            staged.discard()
             raise CheckpointError(
                 f"failed to save checkpoint of batch {batch_idx}: {exc}",
                 {"batch_idx": batch_idx, "checkpoint_path": str(final)},
             ) from exc
+        finally:
+            # Whatever ended the save, an interrupt included: the temp file goes
+            # (unless it is the committed file) and its descriptor is closed.
+            try:
+                staged.discard()
+            except BaseException:  # the interrupt landed in the cleanup: finish it
+                staged.discard()
+                raise
         elapsed = time.perf_counter() - started
         logger.info(
             "checkpoint saved: batch=%d loss=%.6g file=%s (%.1f KiB) in %.3fs",
             batch_idx,
             loss,
             final.name,
-            size / 1024,  # the file may be gone already: retention, here or elsewhere
+            size / 1024,  # the file may be gone already: retention elsewhere
             elapsed,
         )
         return final
@@ -470,6 +540,130 @@ class CheckpointManager:
                 f"limit with CheckpointManager(..., load_limits=LoadLimits({name}=...))",
                 {**exc.error_context, "batch_idx": batch_idx, "limit": name},
             ) from exc
+
+    def _after_commit_locked(self, final: Path) -> None:
+        """Remember the new file and apply retention; the save has succeeded, so a
+        failure here is logged and kept for the next explicit cleanup."""
+        try:
+            self._verifier.remember(final, "valid")
+            if self.auto_cleanup:
+                self._cleanup_locked()
+        except Exception as exc:
+            error = _as_retention_error(exc)
+            error.error_context.setdefault("saved", str(final))
+            self._retention_failure = error
+            logger.warning(
+                "saved %s, but the retention after it failed (the next "
+                "cleanup_old_checkpoints() raises it): %s",
+                final.name,
+                error,
+            )
+
+    def _refuse_older(self, batch_idx: int, *, early: bool = False) -> None:
+        """A ``CheckpointConflictError`` when a valid checkpoint of a higher batch
+        exists (``on_older_batch="raise"``).
+
+        ``early``: the check at the call, before anything is written. The one under
+        the lock decides, so a directory that cannot be read now is left to it (and
+        to the save's own error).
+        """
+        try:
+            newer = [i for i in self._verifier.list() if i.batch_idx > batch_idx]
+            newest = self._first_valid(newer[::-1])
+        except CheckpointError:
+            if early:
+                return
+            raise
+        if newest is None:
+            return
+        names = [i.path.name for i in newer]
+        shown = ", ".join(names[-5:]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise CheckpointConflictError(
+            f"refusing to save batch {batch_idx} in {self.checkpoint_dir}: it holds "
+            f"checkpoints of higher batches ({shown}; the newest valid is "
+            f"{newest.path.name}), which a resume would pick instead of this run and "
+            "whose presence would make retention delete the new saves. If this run "
+            'restarts or rolls back on purpose, pass on_older_batch="set_aside" to '
+            f"CheckpointManager, or call set_aside_newer_than({batch_idx}) first: "
+            "either moves them into a subdirectory.",
+            {
+                "batch_idx": batch_idx,
+                "newest_valid": str(newest.path),
+                "newer": [str(i.path) for i in newer],
+            },
+        )
+
+    def set_aside_newer_than(self, batch_idx: int) -> Path | None:
+        """Move every checkpoint of a batch above ``batch_idx`` into a subdirectory.
+
+        For a deliberate rollback (resume from ``batch_idx``) or, with ``-1``, a
+        fresh start in a used directory. The files are moved unchanged, newest
+        first, into a new ``abandoned-<UTC time>-<token>/`` of the checkpoint
+        directory, which no manager lists, loads or deletes; both directories are
+        fsynced. Asynchronous saves queued before this call commit first.
+
+        Parameters
+        ----------
+        batch_idx : int
+            The batch the run goes on from; ``-1`` sets every checkpoint aside.
+
+        Returns
+        -------
+        Path or None
+            The subdirectory, or None when no checkpoint was above ``batch_idx``.
+        """
+        self._refuse_if_read_only("set checkpoints aside")
+        batch = -1 if isinstance(batch_idx, int) and batch_idx == -1 else _batch_index(batch_idx)
+        self._wait_for_queued()
+        with self._lock.held():
+            return self._set_aside_locked(batch)
+
+    def _set_aside_locked(self, batch_idx: int) -> Path | None:
+        newer = [i for i in self._verifier.list() if i.batch_idx > batch_idx]
+        if not newer:
+            return None
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        while True:
+            aside = self.checkpoint_dir / f"{ABANDONED}-{stamp}-{secrets.token_hex(4)}"
+            try:
+                os.mkdir(aside)
+                break
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise oserror_to_checkpoint(exc, "create a directory in", aside.parent) from exc
+        moved: list[str] = []
+        try:
+            # Newest first: a crash part-way leaves an earlier state of the abandoned
+            # run (as if it had stopped sooner), never one with a gap.
+            for info in reversed(newer):
+                try:
+                    os.rename(info.path, aside / info.path.name)
+                except FileNotFoundError:
+                    continue
+                self._verifier.forget(info.path)
+                moved.append(info.path.name)
+            # Set aside for good before anything is committed over them.
+            _native.fsync_directory(aside)
+            _native.fsync_directory(self.checkpoint_dir)
+        except OSError as exc:
+            if not moved:
+                with contextlib.suppress(OSError):
+                    os.rmdir(aside)
+            raise oserror_to_checkpoint(exc, "set aside newer checkpoints into", aside) from exc
+        finally:
+            if moved:
+                logger.warning(
+                    "set aside %d checkpoint(s) of batches above %d into %s: %s",
+                    len(moved),
+                    batch_idx,
+                    aside,
+                    ", ".join(sorted(moved)),
+                )
+        if not moved:
+            os.rmdir(aside)
+            return None
+        return aside
 
     def save_checkpoint_async(
         self,
@@ -499,6 +693,8 @@ class CheckpointManager:
         batch_idx, params, loss_value, metadata = self._checked_arguments(
             batch_idx, parameters, optimizer_state, loss, metadata
         )
+        if self.on_older_batch == "raise":
+            self._refuse_older(batch_idx, early=True)
         # Copy only once the previous save is done: one snapshot in memory at a time.
         self._slots.acquire()
         try:
@@ -506,18 +702,35 @@ class CheckpointManager:
             state, meta = _snapshot(optimizer_state), _snapshot(metadata)
             with self._async_lock:
                 if self._executor is None:
-                    self._executor = ThreadPoolExecutor(1, thread_name_prefix="h5ckpt-save")
+                    self._executor = ThreadPoolExecutor(
+                        1, thread_name_prefix="h5ckpt-save", initializer=self._mark_save_thread
+                    )
                 future = self._executor.submit(
                     self._write, batch_idx, params, state, loss_value, meta
                 )
                 # Finished saves that succeeded have nothing left to report.
                 self._pending = [f for f in self._pending if not _succeeded(f)]
                 self._pending.append(future)
+                self._last_async = future
         except BaseException:
             self._slots.release()
             raise
         future.add_done_callback(lambda _: self._slots.release())
         return future
+
+    def _mark_save_thread(self) -> None:
+        self._save_thread = threading.get_ident()
+
+    def _wait_for_queued(self) -> None:
+        """Until the asynchronous saves submitted so far have finished; their
+        errors stay for :meth:`wait_until_finished`."""
+        with self._async_lock:
+            last = self._last_async
+        # From the background thread itself (a done callback that saves), the saves
+        # before are done, and the later ones wait for this one.
+        if last is not None and threading.get_ident() != self._save_thread:
+            # One background thread takes them in order: the last done, all done.
+            wait_for_futures([last])
 
     def wait_until_finished(self) -> None:
         """Wait for every asynchronous save; raise the first error among them."""
@@ -700,20 +913,26 @@ class CheckpointManager:
             descriptors ran out, a read failed): skipping it could resume from an
             older state than the newest good one. Nothing is marked invalid.
         """
-        infos = self._verifier.list()[::-1]
+        info = self._first_valid(self._verifier.list()[::-1])
+        if info is None:
+            logger.debug("no valid checkpoint in %s", self.checkpoint_dir)
+            return None
+        logger.info("latest valid checkpoint: %s", info.path.name)
+        return info.path
+
+    def _first_valid(self, newest_first: list[CheckpointInfo]) -> CheckpointInfo | None:
+        """The first of ``newest_first`` that verifies, hashing as few as it can."""
         # The newest alone first (it is valid on almost every resume), then growing
         # windows hashed in parallel, so that many corrupt files cost few rounds.
         window = 1
         start = 0
-        while start < len(infos):
-            batch = infos[start : start + window]
+        while start < len(newest_first):
+            batch = newest_first[start : start + window]
             for info in self._verifier.verify(batch, strict=True):
                 if info.is_valid:
-                    logger.info("latest valid checkpoint: %s", info.path.name)
-                    return info.path
+                    return info
             start += window
             window = 2 if window == 1 else window * 4
-        logger.debug("no valid checkpoint in %s", self.checkpoint_dir)
         return None
 
     def load_latest(self) -> dict[str, Any] | None:
@@ -759,10 +978,29 @@ class CheckpointManager:
         -------
         list of Path
             The files deleted.
+
+        Raises
+        ------
+        CheckpointError
+            Retention failed: a file it must delete could not be deleted (after
+            every other one was), or the plan could not be made. Also, once, when
+            the automatic retention after an earlier save had failed: this call
+            still applies retention first, then raises that failure, with the
+            paths it deleted in ``error_context["deleted_now"]``.
         """
         self._refuse_if_read_only("delete checkpoints")
+        earlier, self._retention_failure = self._retention_failure, None
         with self._lock.held():
-            return self._cleanup_locked()
+            deleted = self._cleanup_locked()
+        if earlier is not None:
+            error = type(earlier)(
+                f"the automatic retention after saving "
+                f"{Path(earlier.error_context.get('saved', '?')).name} failed: "
+                f"{earlier.message} (this cleanup has now run without error)",
+                {**earlier.error_context, "deleted_now": [str(p) for p in deleted]},
+            )
+            raise error from earlier
+        return deleted
 
     def plan_cleanup(self) -> list[Path]:
         """The paths ``cleanup_old_checkpoints`` would delete now; deletes nothing.
@@ -797,8 +1035,12 @@ class CheckpointManager:
         return infos, [known[d] for d in doomed]
 
     def _cleanup_locked(self) -> list[Path]:
-        infos, doomed = self._plan_locked()
+        try:
+            infos, doomed = self._plan_locked()
+        except Exception as exc:
+            raise _as_retention_error(exc) from exc
         deleted: list[Path] = []
+        failed: list[tuple[Path, OSError]] = []
         held: list[int] = []
         try:
             for index in doomed:
@@ -809,6 +1051,7 @@ class CheckpointManager:
                     continue
                 except OSError as exc:
                     logger.warning("cannot delete old checkpoint %s: %s", path, exc)
+                    failed.append((path, exc))
                     continue
                 self._verifier.forget(path)
                 deleted.append(path)
@@ -820,6 +1063,15 @@ class CheckpointManager:
             logger.warning("keeping invalid checkpoint file(s): %s", ", ".join(invalid))
         if deleted:
             logger.debug("retention deleted %d checkpoint(s)", len(deleted))
+        if failed:
+            path, exc = failed[0]
+            error = oserror_to_checkpoint(exc, "delete old checkpoint", path)
+            if len(failed) > 1:
+                error.message += f" (and {len(failed) - 1} more old checkpoint(s))"
+                error.args = (error.message,)
+            error.error_context["not_deleted"] = [str(p) for p, _ in failed]
+            error.error_context["deleted"] = [str(p) for p in deleted]
+            raise error from exc
         return deleted
 
     def __repr__(self) -> str:
@@ -1069,6 +1321,16 @@ def _sniff(path: Path) -> str:
         f"{path} is not a checkpoint file (neither an h5ckpt header nor an HDF5 signature)",
         {"path": str(path), "reason": "foreign"},
     )
+
+
+def _as_retention_error(exc: Exception) -> CheckpointError:
+    if isinstance(exc, CheckpointError):
+        return exc
+    if isinstance(exc, OSError):
+        return oserror_to_checkpoint(exc, "apply retention in", exc.filename or "the directory")
+    error = CheckpointError(f"retention failed: {exc}", {"reason": repr(exc)})
+    error.__cause__ = exc
+    return error
 
 
 def _succeeded(future: Future[Path]) -> bool:

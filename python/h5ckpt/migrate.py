@@ -144,7 +144,7 @@ def migrate_directory(
             )
             continue
         try:
-            written = destination.save_checkpoint(
+            written = destination._save_copy(
                 state["batch_idx"],
                 state["parameters"],
                 state["optimizer_state"],

@@ -40,7 +40,7 @@ from .errors import (
     CheckpointValueError,
 )
 from .limits import LoadLimits
-from .staging import oserror_to_checkpoint
+from .staging import oserror_to_checkpoint, sigint_deferred
 from .tree import ByteBudget, file_budget, read_value, write_value
 
 __all__ = [
@@ -190,8 +190,16 @@ def as_parameters(parameters: object) -> np.ndarray:
     return arr
 
 
-def write_payload(
-    fileobj: io.RawIOBase,
+def write_payload(fileobj: io.RawIOBase, **fields: Any) -> list[tuple[int, np.ndarray]]:
+    """Write the HDF5 part of a checkpoint into ``fileobj`` (fields as for
+    :func:`_write_payload`); an interrupt that lands inside HDF5 is raised once HDF5
+    has let go of the file."""
+    with sigint_deferred(), _ErrorKeepingFile(fileobj) as sink:
+        return _write_payload(sink, **fields)
+
+
+def _write_payload(
+    sink: _ErrorKeepingFile,
     *,
     batch_idx: int,
     loss: float,
@@ -203,13 +211,12 @@ def write_payload(
     allow_pickle: bool,
     version: str,
 ) -> list[tuple[int, np.ndarray]]:
-    """Write the HDF5 part of a checkpoint into ``fileobj``.
+    """Write the HDF5 part of a checkpoint into ``sink``.
 
     Returns the segments the caller still has to write (see :class:`ArrayWriter`).
     The first ``HEADER_SIZE`` bytes are left to the header.
     """
     writer = ArrayWriter(compression)
-    sink = _ErrorKeepingFile(fileobj)
     with h5py.File(
         sink,
         "w",
@@ -247,33 +254,84 @@ class _ErrorKeepingFile:
     no-op, so that HDF5 never sees a driver error.
 
     An exception raised inside h5py's file-object driver callbacks can leave libhdf5
-    with a half-closed file that crashes the process later (seen on a full disk).
-    The file is discarded anyway; :func:`write_payload` raises the kept error once
-    HDF5 has closed it.
+    with a half-closed file that crashes the process later (seen on a full disk), and
+    h5py calls the next callback with the exception still pending, where any Python
+    call may fail (a Ctrl-C in a write became an ``AttributeError`` in the truncate
+    that followed). So an interrupt (``KeyboardInterrupt``, any ``BaseException``
+    that is not an ``Exception``) landing in a callback is kept too: writes become
+    no-ops, positioning and reads are redone. The file is discarded anyway;
+    :func:`write_payload` raises the kept interrupt (whatever else HDF5 then
+    raised), else the kept error, once HDF5 has closed it.
     """
 
     def __init__(self, raw: io.RawIOBase) -> None:
         self.raw = raw
         self.error: OSError | None = None
+        self.interrupt: BaseException | None = None
+
+    def __enter__(self) -> _ErrorKeepingFile:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is not None:
+            try:
+                self._close_left_open()
+            except BaseException:  # an interrupt landed in this close: finish it
+                self._close_left_open()
+                raise
+        if self.interrupt is not None and exc is not self.interrupt:
+            raise self.interrupt
+
+    def _close_left_open(self) -> None:
+        """Close the HDF5 file on this object if it is still open: an interrupt that
+        lands in ``h5py.File()`` or its ``__exit__`` leaves it open, and libhdf5
+        closing it later, after the descriptor is gone, crashes the process."""
+        name = repr(self).encode("ascii", "replace")  # the name h5py gives HDF5
+        for fid in h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE):
+            if h5py.h5f.get_name(fid) == name:
+                h5py.File(fid).close()
+
+    def _failed(self) -> bool:
+        return self.error is not None or self.interrupt is not None
+
+    def _keep(self, exc: BaseException) -> None:
+        if isinstance(exc, OSError):
+            self.error = self.error or exc
+        elif isinstance(exc, Exception):
+            raise exc
+        else:
+            self.interrupt = self.interrupt or exc
+
+    def _redone(self, call: Any) -> Any:
+        """``call()``, redone until no interrupt lands in it (each one is kept)."""
+        while True:
+            try:
+                return call()
+            except Exception:
+                raise
+            except BaseException as exc:
+                self._keep(exc)
 
     def seek(self, pos: int, whence: int = 0) -> int:
-        return self.raw.seek(pos, whence)
+        return self._redone(lambda: self.raw.seek(pos, whence))
 
     def tell(self) -> int:
-        return self.raw.tell()
+        return self._redone(self.raw.tell)
 
     def read(self, size: int = -1) -> bytes | None:
-        return self.raw.read(size)
+        start = self.tell()
+        return self._redone(lambda: (self.raw.seek(start), self.raw.read(size))[1])
 
     def readinto(self, buffer: Any) -> int | None:
-        return self.raw.readinto(buffer)
+        start = self.tell()
+        return self._redone(lambda: (self.raw.seek(start), self.raw.readinto(buffer))[1])
 
     def write(self, data: Any) -> int:
-        if self.error is None:
+        if not self._failed():
             try:
                 return self._write_all(data)
-            except OSError as exc:
-                self.error = exc
+            except BaseException as exc:
+                self._keep(exc)
         return len(memoryview(data))
 
     def _write_all(self, data: Any) -> int:
@@ -287,19 +345,19 @@ class _ErrorKeepingFile:
         return done
 
     def truncate(self, size: int | None = None) -> int:
-        if self.error is None:
+        if not self._failed():
             try:
                 return self.raw.truncate(size)
-            except OSError as exc:
-                self.error = exc
+            except BaseException as exc:
+                self._keep(exc)
         return 0 if size is None else size
 
     def flush(self) -> None:
-        if self.error is None:
+        if not self._failed():
             try:
                 self.raw.flush()
-            except OSError as exc:
-                self.error = exc
+            except BaseException as exc:
+                self._keep(exc)
 
 
 class BufferFile(io.RawIOBase):

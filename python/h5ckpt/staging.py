@@ -20,11 +20,13 @@ import logging
 import os
 import re
 import secrets
+import signal
 import stat
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from .errors import (
     CheckpointError,
@@ -42,6 +44,7 @@ __all__ = [
     "new_file_mode",
     "oserror_to_checkpoint",
     "process_umask",
+    "sigint_deferred",
     "sweep_temp_files",
 ]
 
@@ -129,7 +132,11 @@ class DirectoryLock:
             finally:
                 self._depth -= 1
                 if self._depth == 0:
-                    self._release()
+                    try:
+                        self._release()
+                    except BaseException:  # an interrupt landed in it: finish it
+                        self._release()
+                        raise
 
     def _acquire(self) -> None:
         global _descriptors_opened
@@ -147,6 +154,22 @@ class DirectoryLock:
             raise oserror_to_checkpoint(
                 OSError(code, os.strerror(code)), "change the checkpoint directory", directory
             )
+        fd = -1
+        try:
+            with sigint_deferred():  # a Ctrl-C right after open() would lose the descriptor
+                fd = self._checked_open()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException as exc:  # an interrupt while waiting too
+            if fd >= 0:
+                os.close(fd)
+            if isinstance(exc, OSError):
+                action = "lock" if fd >= 0 else "open the lock file"
+                raise oserror_to_checkpoint(exc, action, self.path) from exc
+            raise
+        self._fd = fd
+
+    def _checked_open(self) -> int:
+        """A descriptor of the lock file, which must be a regular file."""
         try:
             fd = self._open()
         except PermissionError as exc:
@@ -170,12 +193,7 @@ class DirectoryLock:
                 f"the lock file {self.path} is not a regular file: remove it",
                 {"path": str(self.path)},
             )
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as exc:
-            os.close(fd)
-            raise oserror_to_checkpoint(exc, "lock", self.path) from exc
-        self._fd = fd
+        return fd
 
     def _open(self) -> int:
         """A descriptor of the lock file, made if missing.
@@ -220,6 +238,28 @@ class StagedFile:
         self.final = final
         global _descriptors_opened
         _descriptors_opened = True
+        self.mode = mode
+        self.fd = -1
+        self.committed = True  # nothing at a temp name yet
+        try:
+            # A Ctrl-C between open() and storing its descriptor would lose both the
+            # descriptor and the file: it is held until they are this object's.
+            with sigint_deferred():
+                self._create(final)
+        except BaseException:
+            self.discard()
+            raise
+        try:
+            # Blocking: a sweeper in another process may hold the lock for a moment
+            # while it checks whether this file's writer is alive.
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except BaseException as exc:  # an interrupt while waiting too
+            self.discard()
+            if isinstance(exc, OSError):
+                raise oserror_to_checkpoint(exc, "lock the temp file", self.path) from exc
+            raise
+
+    def _create(self, final: Path) -> None:
         for _ in range(16):
             token = secrets.token_hex(6)
             path = final.with_name(f".{final.name}.{os.getpid()}.{token}.tmp")
@@ -233,16 +273,7 @@ class StagedFile:
             break
         else:  # pragma: no cover - 16 collisions of 48 random bits
             raise CheckpointStorageError(f"cannot create a unique temp file for {final}", {})
-        self.path = path
-        self.fd = fd
-        self.mode = mode
-        try:
-            # Blocking: a sweeper in another process may hold the lock for a moment
-            # while it checks whether this file's writer is alive.
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as exc:
-            self.discard()
-            raise oserror_to_checkpoint(exc, "lock the temp file", path) from exc
+        self.path, self.fd, self.committed = path, fd, False
 
     def commit(self, durable: bool, fsync_directory) -> None:
         """Rename into place (replacing any file or symlink there, never following it)."""
@@ -256,6 +287,7 @@ class StagedFile:
             os.replace(self.path, self.final)
         except OSError as exc:
             raise oserror_to_checkpoint(exc, "rename the temp file to", self.final) from exc
+        self.committed = True
         if durable:
             fsync_directory(self.final.parent)
 
@@ -265,10 +297,50 @@ class StagedFile:
             self.fd = -1
 
     def discard(self) -> None:
-        """Remove the temp file after a failed save; never raises."""
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
-        self.close()
+        """Remove the temp file unless it was committed, and close it.
+
+        Raises nothing of its own, and may be called again after an interrupt landed
+        in it (each step is done once: the descriptor is never closed twice).
+        """
+        # No `with` here: entering a context manager is one more place where an
+        # interrupt could land before the system call.
+        if not self.committed:
+            try:  # noqa: SIM105
+                os.unlink(self.path)
+            except OSError:
+                pass
+            self.committed = True  # nothing left at the temp name either way
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            try:  # noqa: SIM105
+                os.close(fd)
+            except OSError:
+                pass
+
+
+@contextlib.contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) until the block is done, then hand it to the previous
+    handler; in the main thread only (no other thread gets KeyboardInterrupt).
+
+    Python runs signal handlers between bytecodes, so a ``KeyboardInterrupt`` can
+    land where no ``try`` catches it: right after ``os.open`` returned, before its
+    result is stored, or at the entry of HDF5's file-object callbacks, inside libhdf5.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[Any] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            if callable(previous):
+                previous(signal.SIGINT, caught[0])
+            elif previous == signal.SIG_DFL:
+                signal.raise_signal(signal.SIGINT)
 
 
 #: Whether this process ever opened a lock or temp file (forks need no scan otherwise).
