@@ -159,13 +159,13 @@ def test_the_check_hashes_only_the_newest_of_many_valid_newer_files(ckpt_dir: Pa
     for b in range(10, 20):
         save(m, b, "old")
     hashed: list[str] = []
-    real = h5ckpt.verification._native.verify_files
+    real = h5ckpt.verification._native.verify_fds
 
-    def counting(paths, key):
+    def counting(fds, paths, key):
         hashed.extend(Path(p).name for p in paths)
-        return real(paths, key)
+        return real(fds, paths, key)
 
-    monkeypatch.setattr(h5ckpt.verification._native, "verify_files", counting)
+    monkeypatch.setattr(h5ckpt.verification._native, "verify_fds", counting)
     fresh = CheckpointManager(ckpt_dir, keep_last_n=None)
     with pytest.raises(h5ckpt.CheckpointConflictError):
         save(fresh, 5, "new")
