@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import h5ckpt.manager as manager_module
+import h5ckpt.payload as payload_module
 from h5ckpt import CheckpointError, CheckpointManager
 from h5ckpt.staging import StagedFile
 from h5ckpt.tree import values_equal
@@ -32,14 +32,14 @@ class _Gate:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.entered = threading.Event()
         self.opened = threading.Event()
-        real = manager_module.write_payload
+        real = payload_module.write_payload
 
         def gated(*args, **kwargs):
             self.entered.set()
             assert self.opened.wait(30), "the test never opened the gate"
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(manager_module, "write_payload", gated)
+        monkeypatch.setattr(payload_module, "write_payload", gated)
 
 
 def test_returns_a_future_of_the_path(ckpt_dir: Path):

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 import h5ckpt
-import h5ckpt.manager as manager_module
+import h5ckpt.payload as payload_module
 from h5ckpt import CheckpointManager
 from h5ckpt.payload import WritebackFile
 from h5ckpt.reclaim import Reclaimer
@@ -92,7 +92,7 @@ def _after(real):
 #: point -> (object, attribute, wrap, whether the new file is committed)
 POINTS = {
     "hdf5 driver write": (WritebackFile, "write", _before, False),
-    "after the payload": (manager_module, "write_payload", _after, False),
+    "after the payload": (payload_module, "write_payload", _after, False),
     "after finalize": (h5ckpt._native, "finalize", _after, False),
     "before the rename": (StagedFile, "commit", _before, False),
     "after the rename": (StagedFile, "commit", _after, True),

@@ -72,3 +72,30 @@ def test_a_step_is_unreachable_before_its_files_are_removed():
         assert sorted(os.listdir(d / left[0])) == ["manifest.h5", "shard_00000_of_00001.h5"]
     finally:
         shutil.rmtree(top)
+
+
+def test_shard_files_get_the_umask_mode_as_single_files_do(tmp_path):
+    import numpy as np
+
+    from h5ckpt.mpi.manifest import write_file
+
+    old = os.umask(0o027)
+    try:
+        path = tmp_path / "shard_00000_of_00001.h5"
+        write_file(
+            path,
+            batch_idx=3,
+            loss=0.5,
+            timestamp=1.0,
+            parameters=np.arange(4.0),
+            optimizer_state={},
+            metadata={},
+            compression=None,
+            allow_pickle=False,
+            hmac_key=None,
+            durable=False,
+        )
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left

@@ -34,7 +34,7 @@ from .forking import reset_in_child
 from .legacy import load_legacy
 from .limits import LoadLimits
 from .opening import open_regular, read_head
-from .payload import WritebackFile, as_parameters, read_payload, write_payload
+from .payload import as_parameters, read_payload, write_sealed
 from .reclaim import Reclaimer
 from .staging import (
     DirectoryLock,
@@ -456,27 +456,19 @@ class CheckpointManager:
         staged = StagedFile(final, mode)
         timestamp = time.time()
         try:
-            with WritebackFile(staged.fd, writeback=self.durable) as raw:
-                segments = write_payload(
-                    raw,
-                    batch_idx=batch_idx,
-                    loss=loss,
-                    timestamp=timestamp,
-                    parameters=params,
-                    optimizer_state=optimizer_state,
-                    metadata=metadata,
-                    compression=self.compression,
-                    allow_pickle=self.allow_pickle,
-                    version=_native.__version__,
-                )
-            _native.finalize(
+            write_sealed(
                 staged.fd,
-                segments,
-                batch_idx,
-                loss,
-                timestamp,
-                self._hmac_key,
-                self.durable,
+                batch_idx=batch_idx,
+                loss=loss,
+                timestamp=timestamp,
+                parameters=params,
+                optimizer_state=optimizer_state,
+                metadata=metadata,
+                compression=self.compression,
+                allow_pickle=self.allow_pickle,
+                version=_native.__version__,
+                hmac_key=self._hmac_key,
+                durable=self.durable,
             )
             self._check_loadable(final, staged.fd, batch_idx)
             size = os.fstat(staged.fd).st_size

@@ -24,7 +24,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from . import codec
+from . import _native, codec
 from ._native import (
     HEADER_SIZE,
     Header,
@@ -51,6 +51,7 @@ __all__ = [
     "check_payload",
     "read_payload",
     "write_payload",
+    "write_sealed",
 ]
 
 FORMAT_VERSION = "1.0"
@@ -188,6 +189,43 @@ def as_parameters(parameters: object) -> np.ndarray:
             {"key": "parameters", "dtype": str(arr.dtype)},
         )
     return arr
+
+
+def write_sealed(
+    fd: int,
+    *,
+    batch_idx: int,
+    loss: float,
+    timestamp: float,
+    parameters: np.ndarray,
+    optimizer_state: Any,
+    metadata: Any,
+    compression: str | None,
+    allow_pickle: bool,
+    version: str,
+    hmac_key: bytes | None,
+    durable: bool,
+) -> Header:
+    """Write one whole checkpoint into the empty file open at ``fd`` and seal it.
+
+    h5py writes the HDF5 layout; the Rust core then writes the large raw arrays
+    (through a private buffer it hashes, so the digest covers exactly what was
+    written), the header with the digests and, when ``durable``, fsyncs.
+    """
+    with WritebackFile(fd, writeback=durable) as raw:
+        segments = write_payload(
+            raw,
+            batch_idx=batch_idx,
+            loss=loss,
+            timestamp=timestamp,
+            parameters=parameters,
+            optimizer_state=optimizer_state,
+            metadata=metadata,
+            compression=compression,
+            allow_pickle=allow_pickle,
+            version=version,
+        )
+    return _native.finalize(fd, segments, batch_idx, loss, timestamp, hmac_key, durable)
 
 
 def write_payload(fileobj: io.RawIOBase, **fields: Any) -> list[tuple[int, np.ndarray]]:

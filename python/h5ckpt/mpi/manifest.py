@@ -20,8 +20,8 @@ from .. import _native
 from ..errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError
 from ..limits import LoadLimits
 from ..manager import _read_verified
-from ..payload import WritebackFile, read_payload, write_payload
-from ..staging import StagedFile, oserror_to_checkpoint
+from ..payload import read_payload, write_sealed
+from ..staging import StagedFile, new_file_mode, oserror_to_checkpoint
 from .layout import MANIFEST_NAME, is_step_dir, list_steps, parse_shard_name, shard_name
 
 __all__ = [
@@ -53,37 +53,42 @@ def write_file(
     hmac_key: bytes | None,
     durable: bool,
 ) -> tuple[_native.Header, int]:
-    """Write one h5ckpt file at ``final`` (temp file, seal, fsync, rename, fsync dir)."""
-    staged = StagedFile(final)
+    """Write one h5ckpt file at ``final`` (temp file, seal, fsync, rename, fsync dir).
+
+    It gets the mode any new file gets under the process umask, as single files do.
+    """
+    staged = StagedFile(final, new_file_mode())
     try:
-        with WritebackFile(staged.fd, writeback=durable) as raw:
-            segments = write_payload(
-                raw,
-                batch_idx=batch_idx,
-                loss=loss,
-                timestamp=timestamp,
-                parameters=parameters,
-                optimizer_state=optimizer_state,
-                metadata=metadata,
-                compression=compression,
-                allow_pickle=allow_pickle,
-                version=_native.__version__,
-            )
-        header = _native.finalize(
-            staged.fd, segments, batch_idx, loss, timestamp, hmac_key, durable
+        header = write_sealed(
+            staged.fd,
+            batch_idx=batch_idx,
+            loss=loss,
+            timestamp=timestamp,
+            parameters=parameters,
+            optimizer_state=optimizer_state,
+            metadata=metadata,
+            compression=compression,
+            allow_pickle=allow_pickle,
+            version=_native.__version__,
+            hmac_key=hmac_key,
+            durable=durable,
         )
         size = os.fstat(staged.fd).st_size
         staged.commit(durable, _native.fsync_directory)
-        staged.close()
     except CheckpointError:
-        staged.discard()
         raise
     except OSError as exc:
-        staged.discard()
         raise oserror_to_checkpoint(exc, "write", final) from exc
     except Exception as exc:
-        staged.discard()
         raise CheckpointError(f"cannot write {final}: {exc}", {"path": str(final)}) from exc
+    finally:
+        # Whatever ended it, an interrupt included: the temp file goes (unless it
+        # was committed) and its descriptor is closed.
+        try:
+            staged.discard()
+        except BaseException:  # the interrupt landed in the cleanup: finish it
+            staged.discard()
+            raise
     return header, size
 
 
