@@ -86,3 +86,8 @@ def test_retention_counts_complete_steps_only(tmp_path, n):
 @pytest.mark.parametrize("n", [2, 4])
 def test_async_saves(tmp_path, n):
     scenario(n, "async_saves", tmp_path)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_a_restart_in_a_used_directory_keeps_the_new_steps(tmp_path, n):
+    scenario(n, "restart", tmp_path)

@@ -11,6 +11,7 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for_futures
 from decimal import Decimal
@@ -611,51 +612,8 @@ class CheckpointManager:
             return self._set_aside_locked(batch)
 
     def _set_aside_locked(self, batch_idx: int) -> Path | None:
-        newer = [i for i in self._verifier.list() if i.batch_idx > batch_idx]
-        if not newer:
-            return None
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        while True:
-            aside = self.checkpoint_dir / f"{ABANDONED}-{stamp}-{secrets.token_hex(4)}"
-            try:
-                os.mkdir(aside)
-                break
-            except FileExistsError:
-                continue
-            except OSError as exc:
-                raise oserror_to_checkpoint(exc, "create a directory in", aside.parent) from exc
-        moved: list[str] = []
-        try:
-            # Newest first: a crash part-way leaves an earlier state of the abandoned
-            # run (as if it had stopped sooner), never one with a gap.
-            for info in reversed(newer):
-                try:
-                    os.rename(info.path, aside / info.path.name)
-                except FileNotFoundError:
-                    continue
-                self._verifier.forget(info.path)
-                moved.append(info.path.name)
-            # Set aside for good before anything is committed over them.
-            _native.fsync_directory(aside)
-            _native.fsync_directory(self.checkpoint_dir)
-        except OSError as exc:
-            if not moved:
-                with contextlib.suppress(OSError):
-                    os.rmdir(aside)
-            raise oserror_to_checkpoint(exc, "set aside newer checkpoints into", aside) from exc
-        finally:
-            if moved:
-                logger.warning(
-                    "set aside %d checkpoint(s) of batches above %d into %s: %s",
-                    len(moved),
-                    batch_idx,
-                    aside,
-                    ", ".join(sorted(moved)),
-                )
-        if not moved:
-            os.rmdir(aside)
-            return None
-        return aside
+        newer = [i.path for i in self._verifier.list() if i.batch_idx > batch_idx]
+        return set_aside(self.checkpoint_dir, newer, batch_idx, self._verifier.forget)
 
     def save_checkpoint_async(
         self,
@@ -1072,6 +1030,60 @@ class CheckpointManager:
             f"checkpoint_frequency={self.checkpoint_frequency}, keep_last_n={self.keep_last_n}, "
             f"prefix={self.prefix!r})"
         )
+
+
+def set_aside(
+    directory: Path, newer: list[Path], batch_idx: int, moved_one: Callable[[Path], None]
+) -> Path | None:
+    """Move the checkpoints ``newer`` (files or step directories, by batch index)
+    into a new ``abandoned-<UTC time>-<token>/`` of ``directory``; fsync both.
+
+    Newest first: a crash part-way leaves an earlier state of the abandoned run (as
+    if it had stopped sooner), never one with a gap. ``moved_one`` is called with
+    each path moved. Returns the subdirectory, or None when nothing was moved.
+    """
+    if not newer:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    while True:
+        aside = directory / f"{ABANDONED}-{stamp}-{secrets.token_hex(4)}"
+        try:
+            os.mkdir(aside)
+            break
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise oserror_to_checkpoint(exc, "create a directory in", directory) from exc
+    moved: list[str] = []
+    try:
+        for path in reversed(newer):
+            try:
+                os.rename(path, aside / path.name)
+            except FileNotFoundError:
+                continue
+            moved_one(path)
+            moved.append(path.name)
+        # Set aside for good before anything is committed over them.
+        _native.fsync_directory(aside)
+        _native.fsync_directory(directory)
+    except OSError as exc:
+        if not moved:
+            with contextlib.suppress(OSError):
+                os.rmdir(aside)
+        raise oserror_to_checkpoint(exc, "set aside newer checkpoints into", aside) from exc
+    finally:
+        if moved:
+            logger.warning(
+                "set aside %d checkpoint(s) of batches above %d into %s: %s",
+                len(moved),
+                batch_idx,
+                aside,
+                ", ".join(sorted(moved)),
+            )
+    if not moved:
+        os.rmdir(aside)
+        return None
+    return aside
 
 
 def _resolve_key(hmac_key: object) -> bytes | None:

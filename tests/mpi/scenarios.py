@@ -413,6 +413,32 @@ def async_saves(d: str) -> None:
     assert steps_in(d) == ["checkpoint_batch_0004", "checkpoint_batch_0006"]
 
 
+def restart(d: str) -> None:
+    """A new run in a used directory: its saves are refused, or the old steps are set
+    aside; never does retention delete the new steps or a resume pick the old run."""
+    from h5ckpt import CheckpointConflictError
+
+    old = manager(d, keep_last_n=3)
+    for b in (70, 80, 90):
+        save_state(old, b)
+    fresh = manager(d, keep_last_n=3)
+    err = expect_error(CheckpointConflictError, save_state, fresh, 0)
+    assert "checkpoint_batch_0090" in str(err), err
+    assert steps_in(d) == [f"checkpoint_batch_{b:04d}" for b in (70, 80, 90)]
+    new = manager(d, keep_last_n=3, on_older_batch="set_aside")
+    for b in (0, 10, 20, 30):
+        path = save_state(new, b)
+        assert path.is_dir(), path  # never deleted by its own retention
+    assert steps_in(d) == [f"checkpoint_batch_{b:04d}" for b in (10, 20, 30)]
+    assert new.find_latest_checkpoint() == Path(d) / "checkpoint_batch_0030"
+    if RANK == 0:
+        (aside,) = [n for n in os.listdir(d) if n.startswith("abandoned-")]
+        assert steps_in(str(Path(d) / aside)) == [
+            f"checkpoint_batch_{b:04d}" for b in (70, 80, 90)
+        ]
+    COMM.Barrier()
+
+
 def main() -> int:
     logging.basicConfig(level=os.environ.get("H5CKPT_LOG", "WARNING"), stream=sys.stderr)
     name, d, *args = sys.argv[1:]

@@ -17,13 +17,21 @@ import numpy as np
 
 from .. import _native
 from ..errors import (
+    CheckpointConflictError,
     CheckpointCorruptError,
     CheckpointError,
     CheckpointNotFoundError,
     CheckpointValueError,
 )
 from ..limits import LoadLimits
-from ..manager import CheckpointManager, _batch_index, _loss, _resolve_key, _snapshot
+from ..manager import (
+    CheckpointManager,
+    _batch_index,
+    _loss,
+    _resolve_key,
+    _snapshot,
+    set_aside,
+)
 from ..payload import as_parameters
 from ..staging import DirectoryLock
 from ..tree import check_value
@@ -102,8 +110,10 @@ class ShardedCheckpointManager:
         on a duplicate of it, never matching the caller's own messages.
     checkpoint_frequency, keep_last_n, enable_compression, prefix, allow_pickle, \
 hmac_key, durable, keep_every, keep_best_n, best_mode, delete_invalid, auto_cleanup, \
-compression, load_limits
-        As for :class:`h5ckpt.CheckpointManager`; retention counts complete steps.
+compression, load_limits, on_older_batch
+        As for :class:`h5ckpt.CheckpointManager`; retention counts complete steps, and
+        a save below the newest complete step is refused (``"raise"``) or first moves
+        the newer steps into ``abandoned-<UTC time>-<token>/`` (``"set_aside"``).
     timeout : float, default 1800
         Seconds a rank waits for the others at any step of a save or restore before
         raising :class:`~h5ckpt.mpi.CheckpointTimeoutError`.
@@ -128,6 +138,7 @@ compression, load_limits
         auto_cleanup: bool = True,
         compression: str | None = "default",
         load_limits: LoadLimits | None = None,
+        on_older_batch: str = "raise",
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         from mpi4py import MPI
@@ -163,6 +174,7 @@ compression, load_limits
                 auto_cleanup=False,
                 compression=compression,
                 load_limits=load_limits,
+                on_older_batch=on_older_batch,
             )
 
         def settle(reports: list[Any]) -> None:
@@ -187,6 +199,7 @@ compression, load_limits
         self.durable = s.durable
         self.delete_invalid = s.delete_invalid
         self.load_limits = s.load_limits
+        self.on_older_batch = s.on_older_batch
         self._hmac_key = s._hmac_key
         self._known: dict[str, tuple[Any, StepInfo]] = {}
         self._async_lock = threading.Lock()
@@ -353,6 +366,8 @@ compression, load_limits
                     "loss differs between ranks; pass the same (reduced) loss on every rank",
                     {"batch_idx": batches[0]},
                 )
+            if self.on_older_batch == "raise":
+                self._refuse_older(batches[0])
             values = classify([r[2] for r in reports])
             staging = layout.StagingDir(
                 self.checkpoint_dir, layout.step_name(self.prefix, batches[0])
@@ -413,6 +428,17 @@ compression, load_limits
                     staging.path, manifest, hmac_key=self._hmac_key, durable=self.durable
                 )
                 with self._lock.held():
+                    # Again under the lock: another job may have saved meanwhile.
+                    if self.on_older_batch == "raise":
+                        self._refuse_older(prepared.batch_idx)
+                    else:
+                        newer = self._newer_steps(prepared.batch_idx)
+                        set_aside(
+                            self.checkpoint_dir,
+                            newer,
+                            prepared.batch_idx,
+                            lambda path: self._known.pop(path.name, None),
+                        )
                     staging.commit(self.durable)
                     committed = True
                 final = staging.final
@@ -449,6 +475,26 @@ compression, load_limits
                 except CheckpointError as exc:
                     logger.warning("retention after saving %s failed: %s", final.name, exc)
         return final
+
+    def _newer_steps(self, batch_idx: int) -> list[Path]:
+        return [p for b, p in layout.list_steps(self.checkpoint_dir, self.prefix) if b > batch_idx]
+
+    def _refuse_older(self, batch_idx: int) -> None:
+        """As :class:`~h5ckpt.CheckpointManager` does: a save below the newest complete
+        step is a restart or rollback in a used directory (rank 0 decides)."""
+        newer = self._newer_steps(batch_idx)
+        newest = next((p for p in reversed(newer) if self._step_status(p).is_valid), None)
+        if newest is None:
+            return
+        names = [p.name for p in newer]
+        raise CheckpointConflictError(
+            f"refusing to save batch {batch_idx} in {self.checkpoint_dir}: it holds steps of "
+            f"higher batches ({', '.join(names[-5:])}; the newest complete is {newest.name}), "
+            "which a resume would pick instead of this run and whose presence would make "
+            'retention delete the new saves. Pass on_older_batch="set_aside" to '
+            "ShardedCheckpointManager to move them into a subdirectory first.",
+            {"batch_idx": batch_idx, "newest_valid": str(newest), "newer": names},
+        )
 
     # -- restoring --------------------------------------------------------------------
 
