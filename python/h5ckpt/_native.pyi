@@ -12,6 +12,8 @@ from typing import Any, Literal, final
 import numpy as np
 from typing_extensions import Buffer, Self
 
+from .errors import CheckpointError
+
 _Path = str | os.PathLike[str]
 # numpy declares ndarray.__buffer__ only for Python 3.12+; the module takes any buffer.
 _Buffer = Buffer | np.ndarray[Any, Any]
@@ -194,12 +196,14 @@ def read_header(path: _Path) -> Header:
 def verify_file(path: _Path, hmac_key: bytes | None = None) -> Header:
     """Check header, length, payload digest and (keyed) HMAC tag of one file."""
 
-def verify_files(paths: Sequence[_Path], hmac_key: bytes | None = None) -> list[Header | Exception]:
+def verify_files(
+    paths: Sequence[_Path], hmac_key: bytes | None = None
+) -> list[Header | CheckpointError]:
     """``verify_file`` over many files in parallel; failures are returned, not raised."""
 
 def verify_fds(
     fds: Sequence[int], paths: Sequence[_Path], hmac_key: bytes | None = None
-) -> list[Header | Exception]:
+) -> list[Header | CheckpointError]:
     """``verify_file`` of open descriptors (kept open, offsets unchanged), in parallel:
     the open files are verified, whatever their names point to by now. ``paths``
     name them in messages. Failures are returned, not raised."""
