@@ -31,9 +31,11 @@ test:  ## Rust and Python tests
 	$(PYTHON) -m pytest
 
 .PHONY: lint
-lint:  ## ruff, rustfmt and clippy, as CI would want them
+lint:  ## ruff, mypy, stubtest, rustfmt and clippy, as CI would want them
 	ruff check python tests benches
 	ruff format --check python tests benches
+	$(PYTHON) -m mypy python/h5ckpt
+	$(PYTHON) -m mypy.stubtest h5ckpt._native
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --all-targets --features python -- -D warnings

@@ -7,11 +7,46 @@ releases the GIL. Errors are raised as the classes of :mod:`h5ckpt.errors`.
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, final
 
-from typing_extensions import Buffer
+import numpy as np
+from typing_extensions import Buffer, Self
+
+from .errors import CheckpointError
 
 _Path = str | os.PathLike[str]
+# numpy declares ndarray.__buffer__ only for Python 3.12+; the module takes any buffer.
+_Buffer = Buffer | np.ndarray[Any, Any]
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "FORMAT_MAJOR",
+    "FORMAT_MINOR",
+    "HDF5_SIGNATURE",
+    "HEADER_SIZE",
+    "MAGIC",
+    "Catalog",
+    "CheckpointInfo",
+    "Entry",
+    "Header",
+    "__version__",
+    "blosc_compress_chunks",
+    "blosc_max_frame_len",
+    "blosc_ratio",
+    "finalize",
+    "fsync_directory",
+    "parse_header",
+    "plan_retention",
+    "read_header",
+    "read_verified",
+    "read_verified_fd",
+    "scan",
+    "start_writeback",
+    "tree_digest",
+    "verify_fds",
+    "verify_file",
+    "verify_files",
+]
 
 __version__: str
 MAGIC: bytes
@@ -21,6 +56,7 @@ FORMAT_MINOR: int
 DEFAULT_CHUNK_SIZE: int
 HDF5_SIGNATURE: bytes
 
+@final
 class Header:
     """A parsed, self-consistent h5ckpt header (its header digest checked)."""
 
@@ -40,6 +76,7 @@ class Header:
     header_digest: bytes
     def to_dict(self) -> dict[str, object]: ...
 
+@final
 class Entry:
     """One file of a directory scan whose name matches ``{prefix}_batch_<digits>.h5``.
 
@@ -62,6 +99,7 @@ class Entry:
 
 _Status = Literal["valid", "invalid", "legacy", "unverified"]
 
+@final
 class CheckpointInfo:
     """One checkpoint file of a directory, as ``CheckpointManager.list_checkpoints``
     reports it. Immutable; equal when every public field is (NaN equal to NaN).
@@ -72,8 +110,8 @@ class CheckpointInfo:
     (corrupt, truncated, tampered, foreign content; ``error`` says why).
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         path: _Path,
         batch_idx: int,
         loss: float,
@@ -82,7 +120,7 @@ class CheckpointInfo:
         status: _Status,
         verified: bool = False,
         error: str | None = None,
-    ) -> None: ...
+    ) -> Self: ...
     @property
     def path(self) -> Path:
         """The file (a ``pathlib.Path``)."""
@@ -110,14 +148,15 @@ class CheckpointInfo:
     @property
     def is_valid(self) -> bool:
         """True when the file was verified intact (h5ckpt or legacy)."""
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, value: object, /) -> bool: ...
     def __hash__(self) -> int: ...
 
+@final
 class Catalog:
     """The checkpoint files of one directory and prefix, with what verifying them
     showed, by file identity (device, inode, size, mtime, ctime). Thread-safe."""
 
-    def __init__(self, directory: _Path, prefix: str, keyed: bool) -> None: ...
+    def __new__(cls, directory: _Path, prefix: str, keyed: bool) -> Self: ...
     def list(self) -> tuple[list[CheckpointInfo], list[int]]:
         """Scan the directory again, reading only files whose identity changed:
         ``(infos by batch index, indices of the legacy files whose loss and timestamp
@@ -138,13 +177,14 @@ class Catalog:
     def forget(self, name: str) -> None:
         """Forget the file ``name``."""
     def __len__(self) -> int: ...
-    def __contains__(self, name: str) -> bool: ...
+    def __contains__(self, key: str, /) -> bool: ...
 
-def tree_digest(data: Buffer, chunk_size: int = ...) -> bytes:
+def tree_digest(data: _Buffer, chunk_size: int | None = None) -> bytes:
     """Payload digest (docs/format.md) of an in-memory byte string.
 
     ``data``: any C-contiguous buffer (bytes, bytearray, memoryview, numpy array of any
-    dtype), read as raw bytes. ``chunk_size``: a power of two from 4096 to 2**30.
+    dtype), read as raw bytes. ``chunk_size``: a power of two from 4096 to 2**30 (None:
+    ``DEFAULT_CHUNK_SIZE``).
     """
 
 def parse_header(data: bytes) -> Header:
@@ -156,12 +196,14 @@ def read_header(path: _Path) -> Header:
 def verify_file(path: _Path, hmac_key: bytes | None = None) -> Header:
     """Check header, length, payload digest and (keyed) HMAC tag of one file."""
 
-def verify_files(paths: Sequence[_Path], hmac_key: bytes | None = None) -> list[Header | Exception]:
+def verify_files(
+    paths: Sequence[_Path], hmac_key: bytes | None = None
+) -> list[Header | CheckpointError]:
     """``verify_file`` over many files in parallel; failures are returned, not raised."""
 
 def verify_fds(
     fds: Sequence[int], paths: Sequence[_Path], hmac_key: bytes | None = None
-) -> list[Header | Exception]:
+) -> list[Header | CheckpointError]:
     """``verify_file`` of open descriptors (kept open, offsets unchanged), in parallel:
     the open files are verified, whatever their names point to by now. ``paths``
     name them in messages. Failures are returned, not raised."""
@@ -170,7 +212,7 @@ def read_verified(path: _Path, hmac_key: bytes | None = None) -> tuple[Header, b
     """Read a whole file once, verify it from memory, return its header and bytes."""
 
 def read_verified_fd(
-    fd: int, out: Buffer, hmac_key: bytes | None = None, path: _Path | None = None
+    fd: int, out: _Buffer, hmac_key: bytes | None = None, path: _Path | None = None
 ) -> Header:
     """Read the open file ``fd`` into the writable buffer ``out`` and verify it.
 
@@ -181,13 +223,13 @@ def read_verified_fd(
 
 def finalize(
     fd: int,
-    segments: Sequence[tuple[int, Buffer]],
+    segments: Sequence[tuple[int, _Buffer]],
     batch_idx: int,
     loss: float,
     timestamp: float,
     hmac_key: bytes | None = None,
     durable: bool = True,
-    chunk_size: int = ...,
+    chunk_size: int | None = None,
 ) -> Header:
     """Complete a payload written by HDF5 and seal it with a header.
 
@@ -208,13 +250,17 @@ def plan_retention(
     candidates: Sequence[tuple[int, bool, float]],
     keep_last_n: int | None,
     keep_every: int | None = None,
-    keep_best_n: int = 0,
+    keep_best_n: int | None = None,
     maximize: bool = False,
     delete_invalid: bool = False,
 ) -> list[int]:
-    """Indices of ``(batch_idx, valid, loss)`` candidates that the policy deletes."""
+    """Indices of ``(batch_idx, valid, loss)`` candidates that the policy deletes.
 
-def blosc_compress_chunks(data: Buffer, chunk_bytes: int, typesize: int, out: Buffer) -> list[int]:
+    None means no such rule (``keep_best_n`` None keeps no best-by-loss files)."""
+
+def blosc_compress_chunks(
+    data: _Buffer, chunk_bytes: int, typesize: int, out: _Buffer
+) -> list[int]:
     """Blosc frames (byte shuffle + LZ4) of consecutive ``chunk_bytes`` pieces of ``data``.
 
     The last piece is padded with zeros to ``chunk_bytes``, as HDF5 stores edge
@@ -227,13 +273,13 @@ def blosc_compress_chunks(data: Buffer, chunk_bytes: int, typesize: int, out: Bu
 def blosc_max_frame_len(chunk_bytes: int) -> int:
     """Bytes of ``out`` one frame of a ``chunk_bytes`` chunk may need."""
 
-def blosc_ratio(data: Buffer, typesize: int) -> float:
+def blosc_ratio(data: _Buffer, typesize: int) -> float:
     """Compressed over raw size of ``data`` as ``blosc_compress_chunks`` stores it."""
 
-def start_writeback(fd: int, offset: int = 0, length: int = 0) -> None:
+def start_writeback(fd: int, offset: int | None = None, length: int | None = None) -> None:
     """Start writing the dirty pages of a file range to the disk, without waiting.
 
-    ``length`` 0 means to the end of the file. Only a hint (Linux
+    ``offset`` defaults to 0; ``length`` 0 or None means to the end of the file. Only a hint (Linux
     ``sync_file_range``; nothing elsewhere): errors surface at the next fsync.
     """
 

@@ -195,8 +195,8 @@ def _table(
     for texts, styled, style in zip(plain, rows, styles, strict=True):
         add(texts, styled, style)
     block = Text("\n".join(lines))
-    for begin, end, style in spans:
-        block.stylize(style, begin, end)
+    for begin, end, span_style in spans:
+        block.stylize(span_style, begin, end)
     return block
 
 

@@ -46,7 +46,7 @@ def resolve(enable_compression: bool, compression: object) -> str | None:
             f"compression must be one of {COMPRESSIONS!r}, got {compression!r}",
             {"compression": repr(compression)},
         )
-    return compression  # type: ignore[return-value]
+    return compression
 
 
 def filter_options(codec: str) -> Mapping[str, Any]:

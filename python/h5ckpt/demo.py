@@ -243,7 +243,11 @@ def _demo(directory: str | None, cfg: FitConfig, kill_after: int) -> int:
         gone = [p for p in leftovers if (killed_dir / p).exists()]
         latest = manager.find_latest_checkpoint()
         resume = manager.load_checkpoint(latest) if latest is not None else None
-        point = "scratch" if resume is None else f"{latest.name} (batch {resume['batch_idx']})"
+        point = (
+            "scratch"
+            if latest is None or resume is None
+            else f"{latest.name} (batch {resume['batch_idx']})"
+        )
         print(
             f"resuming from {point}"
             + (

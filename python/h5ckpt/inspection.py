@@ -260,8 +260,9 @@ def verify_paths(
         except (OSError, CheckpointError) as exc:
             if not isinstance(exc, CheckpointError):
                 exc = oserror_to_checkpoint(exc, "read", path)
-            batch = _batch_from_name(path)
-            reports[i] = FileReport(path, "unreadable", INVALID, batch, error=str(exc))
+            reports[i] = FileReport(
+                path, "unreadable", INVALID, _batch_from_name(path), error=str(exc)
+            )
             continue
         if kind == "h5ckpt":
             hashed.append(i)

@@ -88,7 +88,7 @@ def _positive_int(name: str, value: object, *, minimum: int, allow_none: bool = 
     if (
         isinstance(value, (bool, np.bool_))
         or not isinstance(value, numbers.Integral)
-        or not minimum <= value < _INT_LIMIT
+        or not minimum <= int(value) < _INT_LIMIT
     ):
         raise CheckpointValueError(
             f"{name} must be an integer from {minimum} to 2**63-1"
@@ -1014,14 +1014,14 @@ class CheckpointManager:
         if deleted:
             logger.debug("retention deleted %d checkpoint(s)", len(deleted))
         if failed:
-            path, exc = failed[0]
-            error = oserror_to_checkpoint(exc, "delete old checkpoint", path)
+            path, cause = failed[0]
+            error = oserror_to_checkpoint(cause, "delete old checkpoint", path)
             if len(failed) > 1:
                 error.message += f" (and {len(failed) - 1} more old checkpoint(s))"
                 error.args = (error.message,)
             error.error_context["not_deleted"] = [str(p) for p, _ in failed]
             error.error_context["deleted"] = [str(p) for p in deleted]
-            raise error from exc
+            raise error from cause
         return deleted
 
     def __repr__(self) -> str:
@@ -1164,7 +1164,11 @@ def _prefix(prefix: object) -> str:
 def _file_mode(mode: object) -> int | None:
     if mode is None:
         return None
-    if isinstance(mode, bool) or not isinstance(mode, numbers.Integral) or not 0 <= mode <= 0o777:
+    if (
+        isinstance(mode, bool)
+        or not isinstance(mode, numbers.Integral)
+        or not 0 <= int(mode) <= 0o777
+    ):
         raise CheckpointValueError(
             f"file_mode must be None or permission bits from 0 to 0o777, got {mode!r}",
             {"file_mode": repr(mode)},
@@ -1214,7 +1218,7 @@ def _loss(loss: object) -> float:
         with np.errstate(over="ignore"):
             result = float(value)
     except OverflowError:
-        result = math.inf if value > 0 else -math.inf
+        result = -math.inf if value < 0 else math.inf
         finite = True
     except (TypeError, ValueError) as exc:
         raise CheckpointValueError(

@@ -171,7 +171,7 @@ class WritebackFile(io.FileIO):
         if self._writeback and self._unkicked >= self.KICK_BYTES:
             self._unkicked = 0
             start_writeback(self.fileno())
-        return n  # type: ignore[return-value]
+        return n
 
 
 def as_parameters(parameters: object) -> np.ndarray:
@@ -518,8 +518,13 @@ def read_payload(
     ``data`` is ``bytes``, or a writable ``uint8`` array whose large raw arrays are
     returned as views of it (see :class:`ArrayViews`).
     """
-    views = ArrayViews(data) if isinstance(data, np.ndarray) else None
-    source = BufferFile(data) if views is not None else io.BytesIO(data)
+    views: ArrayViews | None = None
+    source: BufferFile | io.BytesIO
+    if isinstance(data, np.ndarray):
+        views = ArrayViews(data)
+        source = BufferFile(data)
+    else:
+        source = io.BytesIO(data)
     params, optimizer_state, metadata, version = _parse(
         source, header, allow_pickle=allow_pickle, limits=limits, views=views
     )
@@ -565,7 +570,7 @@ def _parse(
         with h5py.File(source, "r", locking=False) as f:
             _check_root(f, header, limits)
             budget = ByteBudget(file_budget(limits, f))
-            options = {
+            options: dict[str, Any] = {
                 "limits": limits,
                 "get_array": views,
                 "budget": budget,

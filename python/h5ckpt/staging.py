@@ -83,7 +83,9 @@ def new_file_mode() -> int:
 _RESOURCE_ERRNOS = (errno.ENOMEM, errno.EMFILE, errno.ENFILE)
 
 
-def oserror_to_checkpoint(exc: OSError, action: str, path: Path | str) -> CheckpointError:
+def oserror_to_checkpoint(
+    exc: OSError, action: str, path: str | os.PathLike[str]
+) -> CheckpointError:
     """The ``CheckpointError`` subclass that matches an ``OSError``."""
     context = {"path": str(path), "errno": exc.errno, "action": action}
     message = f"cannot {action} {path}: {exc.strerror or exc}"

@@ -583,7 +583,7 @@ class _Writer:
         self.tag(dset, _NONE)
 
     def array(self, gid: h5g.GroupID, name: str, arr: np.ndarray, tag: str) -> None:
-        arr = np.require(arr, requirements="CA")
+        arr = np.require(arr, requirements=("C", "A"))
         dset = self.put_array(h5py.Group(gid), name, arr)
         if not isinstance(dset, h5py.Dataset):
             raise CheckpointValueError(
@@ -682,8 +682,8 @@ def write_value(
         elif tag is _BIGINT:
             w.text(gid, nm, hex(v), tag)
         elif tag is _NP_SCALAR:
-            data = np.array(v)
-            w.scalar(gid, nm, hdf5_type(data.dtype), data, tag)
+            scalar = np.array(v)
+            w.scalar(gid, nm, hdf5_type(scalar.dtype), scalar, tag)
         elif tag is _NDARRAY:
             w.array(gid, nm, v, tag)
         elif tag is _STR_BYTES:
@@ -848,7 +848,7 @@ class _Reader:
                 gid.links.iterate(collect, idx_type=h5.INDEX_NAME, info=True)
             if len(links) != n:
                 raise _Corrupt("lists a different number of links than it holds")
-            tasks = []
+            tasks: list[tuple[Any, ...]] = []
             for link_name, link_type in links:
                 try:
                     k = unescape_key(link_name.decode("utf-8"))
@@ -907,7 +907,7 @@ class _Reader:
                 return None
             buf = np.empty((), dtype=f"S{size}")
             dset.read(h5s.ALL, h5s.ALL, buf, mtype=tid)
-            text = buf[()].decode("utf-8")  # numpy drops the NUL padding
+            text = buf.item().decode("utf-8")  # numpy drops the NUL padding
             if tag == _STR:
                 return text
             if _BIGINT_RE.fullmatch(text) is None:

@@ -21,11 +21,13 @@ files checked again.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Final, Literal
 
 from . import _native
 from ._native import CheckpointInfo, Header
@@ -57,10 +59,11 @@ __all__ = [
 
 logger = logging.getLogger("h5ckpt")
 
-VALID = "valid"
-INVALID = "invalid"
-LEGACY = "legacy"
-UNVERIFIED = "unverified"
+VALID: Final = "valid"
+INVALID: Final = "invalid"
+LEGACY: Final = "legacy"
+UNVERIFIED: Final = "unverified"
+Status = Literal["valid", "invalid", "legacy", "unverified"]
 
 #: Names of checkpoint files, whatever their prefix: ``{prefix}_batch_<digits>.h5``.
 CHECKPOINT_NAME = re.compile(r"^(?P<prefix>.+)_batch_(?P<batch>\d+)\.h5$")
@@ -242,7 +245,7 @@ class Verifier:
 
     def verify(
         self, infos: Sequence[CheckpointInfo], strict: bool = False, recheck: bool = False
-    ) -> list[CheckpointInfo]:
+    ) -> builtins.list[CheckpointInfo]:
         """``infos`` with every file not yet checked checked: h5ckpt files hashed
         together on all cores, legacy files opened through h5py.
 
@@ -275,17 +278,17 @@ class Verifier:
                 out[i] = self._outcome(out[i], outcome, VALID, strict)
         for i, info in enumerate(out):
             if info.status == LEGACY and (recheck or not info.verified):
-                outcome: object = None
+                failure: CheckpointError | None = None
                 try:
                     batch, _, _ = validate_legacy(info.path, limits=self.limits)
                     check_name(info.path, batch)
                 except CheckpointError as exc:
-                    outcome = exc
-                out[i] = self._outcome(info, outcome, LEGACY, strict)
+                    failure = exc
+                out[i] = self._outcome(info, failure, LEGACY, strict)
         return out
 
     def _outcome(
-        self, info: CheckpointInfo, outcome: object, good: str, strict: bool
+        self, info: CheckpointInfo, outcome: object, good: Status, strict: bool
     ) -> CheckpointInfo:
         if not isinstance(outcome, Exception):
             return self.catalog.note(info, good)
@@ -316,7 +319,7 @@ class Verifier:
             return info
         return self.catalog.note(info, loss=loss, timestamp=timestamp)
 
-    def remember(self, path: Path, status: str, error: str | None = None) -> None:
+    def remember(self, path: Path, status: Status, error: str | None = None) -> None:
         """Record ``status`` for ``path`` as the file is now.
 
         A save records "valid" for the file it has just committed without reading it

@@ -19,6 +19,7 @@ import re
 import secrets
 import shutil
 import time
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 from .._native import fsync_directory
@@ -202,7 +203,7 @@ def retire_step(step: Path, durable: bool) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def sweep_hidden(directory: Path, prefix: str, keep: set[Path] = frozenset()) -> list[Path]:
+def sweep_hidden(directory: Path, prefix: str, keep: AbstractSet[Path] = frozenset()) -> list[Path]:
     """Remove staging and half-deleted directories of ``prefix`` left by dead jobs.
 
     A staging directory is stale when nobody holds its ``flock`` (its committing rank

@@ -537,6 +537,9 @@ compression, load_limits, on_older_batch
             except CheckpointError as exc:
                 return str(exc)
 
+        def manifest_decision(step: Path, batch: int) -> Callable[[list[Any]], Manifest | str]:
+            return lambda _: manifest_of(step, batch)
+
         def candidates(_: list[Any]) -> tuple[list[tuple[int, str]], Manifest | str | None]:
             steps = layout.list_steps(self.checkpoint_dir, self.prefix)[::-1]
             # The newest manifest comes with the listing: one exchange fewer on a resume.
@@ -552,7 +555,7 @@ compression, load_limits, on_older_batch
             else:
                 manifest = self._ch.decide(
                     lambda: None,
-                    lambda _, step=step, batch=batch: manifest_of(step, batch),
+                    manifest_decision(step, batch),
                     "restoring (reading a manifest)",
                 )
             if isinstance(manifest, str):
@@ -906,7 +909,7 @@ def load_global(
         if why is not None:
             raise CheckpointCorruptError(f"{step}: {why}", {"path": str(step)})
         trees.append({k: result[k] for k in ("parameters", "optimizer_state", "metadata")})
-    leaves = []
+    leaves: list[tuple[KeyPath, Any]] = []
     for v in manifest.values:
         p = v["path"]
         if v["kind"] == SHARDED:

@@ -280,14 +280,15 @@ def step_info(step_dir: Path, hmac_key: bytes | None, verify: bool) -> StepInfo:
         return StepInfo(step_dir, batch, m.loss, m.timestamp, m.world_size, size, "incomplete", why)
     if not verify:
         for r in range(m.world_size):
+            header: _native.Header | Exception
             try:
                 header = _native.read_header(step_dir / m.shards[r]["name"])
             except Exception as exc:
                 header = exc
-            why = shard_mismatch(step_dir, m, r, header)
-            if why is not None:
+            mismatch = shard_mismatch(step_dir, m, r, header)
+            if mismatch is not None:
                 return StepInfo(
-                    step_dir, batch, m.loss, m.timestamp, m.world_size, size, "invalid", why
+                    step_dir, batch, m.loss, m.timestamp, m.world_size, size, "invalid", mismatch
                 )
         return StepInfo(step_dir, batch, m.loss, m.timestamp, m.world_size, size, "unverified")
     reasons = check_shards(step_dir, m, list(range(m.world_size)), hmac_key)

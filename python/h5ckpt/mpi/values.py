@@ -49,6 +49,8 @@ class Sharded:
     """
 
     __slots__ = ("axis", "block")
+    block: np.ndarray
+    axis: int
 
     def __init__(self, block: Any, axis: int = 0) -> None:
         arr = np.asarray(block)
@@ -254,7 +256,10 @@ def classify(per_rank: list[list[LocalValue]]) -> list[dict[str, Any]]:
         sharded = [lv for lv in row if lv is not None and lv.digest is None]
         if sharded:
             out.append(_sharded_entry(p, row))
-        elif all(lv is not None for lv in row) and len({lv.digest for lv in row}) == 1:
+        elif (
+            all(lv is not None for lv in row)
+            and len({lv.digest for lv in row if lv is not None}) == 1
+        ):
             out.append({"path": list(p), "kind": REPLICATED})
         else:
             ranks = [r for r, lv in enumerate(row) if lv is not None]
