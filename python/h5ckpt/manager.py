@@ -1033,7 +1033,7 @@ class CheckpointManager:
 
 
 def set_aside(
-    directory: Path, newer: list[Path], batch_idx: int, moved_one: Callable[[Path], None]
+    directory: Path, newer: list[Path], batch_idx: int, moved_one: Callable[[Path], object]
 ) -> Path | None:
     """Move the checkpoints ``newer`` (files or step directories, by batch index)
     into a new ``abandoned-<UTC time>-<token>/`` of ``directory``; fsync both.
