@@ -464,6 +464,7 @@ def test_saves_obey_the_managers_own_byte_limit(tmp_path: Path):
     assert m.load_latest()["batch_idx"] == 1
 
 
+@pytest.mark.slow
 def test_default_budget_is_checked_before_the_commit(tmp_path: Path):
     """8.25 GiB of zeros compress to a few tens of MB, beyond the default budget
     max(8 GiB, 64 x file size): the save fails and commits nothing. np.zeros

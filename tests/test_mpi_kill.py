@@ -9,6 +9,8 @@ import pytest
 
 from test_mpi import HERE, mpirun
 
+pytestmark = pytest.mark.slow  # 12 kill-and-restart trials per rank count
+
 KILLJOB = HERE / "mpi" / "killjob.py"
 TRIALS = 12
 
