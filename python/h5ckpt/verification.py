@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -44,7 +43,6 @@ from .payload import check_payload
 from .staging import oserror_to_checkpoint
 
 __all__ = [
-    "CHECKPOINT_NAME",
     "VERDICT_ERRORS",
     "CheckpointInfo",
     "Verifier",
@@ -57,13 +55,11 @@ __all__ = [
 
 logger = logging.getLogger("h5ckpt")
 
-VALID = "valid"
-INVALID = "invalid"
-LEGACY = "legacy"
-UNVERIFIED = "unverified"
-
-#: Names of checkpoint files, whatever their prefix: ``{prefix}_batch_<digits>.h5``.
-CHECKPOINT_NAME = re.compile(r"^(?P<prefix>.+)_batch_(?P<batch>\d+)\.h5$")
+# The statuses and the file-name rule are the Rust core's (one spelling each).
+VALID = _native.STATUS_VALID
+INVALID = _native.STATUS_INVALID
+LEGACY = _native.STATUS_LEGACY
+UNVERIFIED = _native.STATUS_UNVERIFIED
 
 #: The errors that are a verdict on a file: it cannot load with this reader's key
 #: and limits. Any other error of a check (out of memory or descriptors, a failed
@@ -84,11 +80,10 @@ def stat_identity(path: Path) -> _Identity | None:
 def check_name(path: Path, batch_idx: int) -> None:
     """A file named like a checkpoint must hold the batch its name says: a renamed
     file would otherwise resume, and be retained, as another batch."""
-    match = CHECKPOINT_NAME.match(path.name)
-    if match is not None and int(match["batch"]) != batch_idx:
+    parts = _native.checkpoint_name_parts(path.name)
+    if parts is not None and parts[1] != batch_idx:
         raise CheckpointCorruptError(
-            f"checkpoint {path}: file name says batch {int(match['batch'])}, "
-            f"header says {batch_idx}",
+            f"checkpoint {path}: file name says batch {parts[1]}, header says {batch_idx}",
             {"path": str(path), "reason": "name"},
         )
 
