@@ -272,3 +272,19 @@ def test_without_the_python_classes_the_message_survives(tmp_path: Path):
     assert proc.returncode == 0, proc.stderr
     assert f"cannot open {missing}" in proc.stdout
     assert f"FileNotFoundError {errno.ENOENT}" in proc.stdout
+
+
+def test_mpi_step_names_follow_the_same_rule(tmp_path: Path):
+    from h5ckpt.mpi import layout
+
+    for name in [
+        "run_batch_0001",
+        "run_batch_\u0661\u0661\u0661\u0661",
+        "run_batch_+001",
+        "run_batch_99999999999999999999",
+        "run_batch_01",
+    ]:
+        (tmp_path / name).mkdir()
+    assert layout.list_steps(tmp_path, "run") == [(1, tmp_path / "run_batch_0001")]
+    assert layout.step_name("run", 1) == _native.checkpoint_name("run", 1).removesuffix(".h5")
+    assert layout.is_step_dir(tmp_path / "run_batch_\u0661\u0661\u0661\u0661") is None
