@@ -285,3 +285,23 @@ def start_writeback(fd: int, offset: int | None = None, length: int | None = Non
 
 def fsync_directory(path: _Path) -> None:
     """fsync a directory, so that a rename in it is durable."""
+
+# One definition of each rule, owned by the Rust core.
+STATUS_VALID: Literal["valid"]
+STATUS_INVALID: Literal["invalid"]
+STATUS_LEGACY: Literal["legacy"]
+STATUS_UNVERIFIED: Literal["unverified"]
+ERRNO_CLASSES: dict[int, str]
+DEFAULT_OS_ERROR_CLASS: str
+
+def checkpoint_batch(name: str, prefix: str) -> int | None:
+    """The batch index of a checkpoint file name of ``prefix``, or ``None``."""
+
+def checkpoint_name_parts(name: str) -> tuple[str, int] | None:
+    """``(prefix, batch_idx)`` of a checkpoint file name of any prefix, or ``None``."""
+
+def checkpoint_name(prefix: str, batch_idx: int) -> str:
+    """The file name of the checkpoint of ``batch_idx`` under ``prefix``."""
+
+def file_kind(head: bytes) -> str:
+    """``"h5ckpt"``, ``"legacy"`` or ``"foreign"`` from a file's first bytes."""

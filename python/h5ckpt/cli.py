@@ -74,7 +74,6 @@ from .errors import (
     CheckpointValueError,
 )
 from .inspection import (
-    CHECKPOINT_NAME,
     FileReport,
     checkpoint_files,
     describe_file,
@@ -85,16 +84,16 @@ from .manager import HMAC_KEY_ENV, CheckpointManager, _prefix, _resolve_key
 from .migrate import migrate_directory
 from .mpi.cli import Steps, show_step, step_dirs, verify_steps
 from .payload import FORMAT_VERSION
-from .verification import CheckpointInfo
+from .verification import INVALID, LEGACY, UNVERIFIED, VALID, CheckpointInfo
 
 __all__ = ["build_parser", "main"]
 
 PROG = "h5ckpt"
 STATUS_STYLE = {
-    "valid": "green",
-    "legacy": "yellow",
-    "unverified": "cyan",
-    "invalid": "bold red",
+    VALID: "green",
+    LEGACY: "yellow",
+    UNVERIFIED: "cyan",
+    INVALID: "bold red",
     "complete": "green",
     "incomplete": "yellow",
     "converted": "green",
@@ -205,8 +204,9 @@ def _is(info: CheckpointInfo, path: Path | None) -> bool:
     return path is not None and info.batch_idx == _batch_of(path) and info.path == path
 
 
-def _batch_of(path: Path) -> int:
-    return int(path.name.rsplit("_batch_", 1)[1][:-3])
+def _batch_of(path: Path) -> int | None:
+    parts = _native.checkpoint_name_parts(path.name)
+    return parts[1] if parts is not None else None
 
 
 def _directory(path: str) -> Path:
@@ -277,7 +277,7 @@ def _json_number(value: float, status: str, path: Path) -> float | str | None:
     Listings use NaN for "unknown", but a header may hold a real NaN loss: only an
     invalid file's NaN can be unknown, and its header tells which.
     """
-    if not math.isnan(value) or status != "invalid" or _header_readable(path):
+    if not math.isnan(value) or status != INVALID or _header_readable(path):
         return json_safe(value)
     return None
 
@@ -308,9 +308,9 @@ def _other_prefixes(directory: Path, prefix: str) -> list[str]:
     found = set()
     with contextlib.suppress(OSError):
         for entry in os.scandir(directory):
-            match = CHECKPOINT_NAME.match(entry.name)
-            if match and match["prefix"] != prefix:
-                found.add(match["prefix"])
+            parts = _native.checkpoint_name_parts(entry.name)
+            if parts is not None and parts[0] != prefix:
+                found.add(parts[0])
     return sorted(found)
 
 
@@ -344,7 +344,7 @@ def cmd_ls(args: argparse.Namespace, out: Console) -> int:
     )
     latest = manager.find_latest_checkpoint()  # verifies the newest files only
     infos = manager.list_checkpoints(verify=args.verify)
-    status = 1 if any(i.status == "invalid" for i in infos) else 0
+    status = 1 if any(i.status == INVALID for i in infos) else 0
     steps = Steps(directory, args.prefix, args.verify)  # sharded checkpoints of MPI jobs
     status = max(status, steps.exit_status)
     if args.json:
@@ -390,7 +390,7 @@ def cmd_ls(args: argparse.Namespace, out: Console) -> int:
         row: list[_Cell] = [
             Text("*", style="bold green") if newest else "",
             str(i.batch_idx),
-            "-" if i.status == "invalid" and math.isnan(i.loss) else _loss(i.loss),
+            "-" if i.status == INVALID and math.isnan(i.loss) else _loss(i.loss),
             _when(i.timestamp),
             human_size(i.size_bytes),
             _status(i.status),
@@ -403,7 +403,7 @@ def cmd_ls(args: argparse.Namespace, out: Console) -> int:
     caption = "(* marks the newest valid checkpoint: load_latest() resumes from it)"
     if latest is None:
         caption = "(no valid checkpoint: load_latest() would start from scratch)"
-    if not args.verify and any(i.status == "unverified" or not i.verified for i in infos):
+    if not args.verify and any(i.status == UNVERIFIED or not i.verified for i in infos):
         caption += "\n(without --verify only headers were read for 'unverified' and 'legacy')"
     out.print(caption, style="dim")
     return max(status, steps.render(out))
@@ -474,11 +474,11 @@ def cmd_verify(args: argparse.Namespace, out: Console) -> int:
             row.append(Text(note or ""))
         rows.append(row)
     _emit(out, _table(columns, rows))
-    counts = {s: sum(r.status == s for r in reports) for s in ("valid", "legacy", "invalid")}
-    summary = f"{len(reports)} file(s): {counts['valid']} valid"
-    if counts["legacy"]:
-        summary += f", {counts['legacy']} legacy (seed format, own checksum only)"
-    summary += f", {counts['invalid']} invalid"
+    counts = {s: sum(r.status == s for r in reports) for s in (VALID, LEGACY, INVALID)}
+    summary = f"{len(reports)} file(s): {counts[VALID]} valid"
+    if counts[LEGACY]:
+        summary += f", {counts[LEGACY]} legacy (seed format, own checksum only)"
+    summary += f", {counts[INVALID]} invalid"
     unchecked = sum(_tag_note(r, key) is not None for r in reports)
     if unchecked:
         summary += (
@@ -544,9 +544,9 @@ def cmd_show(args: argparse.Namespace, out: Console) -> int:
         return show_step(Path(args.file), args, out)  # a sharded step directory
     key = _resolve_key(None)
     info = describe_file(args.file, key)
-    valid = info["status"] in ("valid", "legacy")
+    valid = info["status"] in (VALID, LEGACY)
     keyed = bool((info["header"] or {}).get("keyed")) and info["format"] == "h5ckpt"
-    info["tag_checked"] = key is not None and keyed and info["status"] == "valid"
+    info["tag_checked"] = key is not None and keyed and info["status"] == VALID
     info["note"] = _TAG_NOT_CHECKED if key is None and keyed and valid else None
     if args.json:
         _print_json(info)
@@ -556,14 +556,14 @@ def cmd_show(args: argparse.Namespace, out: Console) -> int:
     out.print(f"format: {fmt}, {human_size(info['size_bytes'])}")
     status = Text("status: ")
     status.append_text(_status(info["status"]))
-    if info["status"] == "valid":
+    if info["status"] == VALID:
         status.append(
             " — every byte verified (header digest, SHA-256 tree digest of the payload"
             + (", HMAC tag)" if info["tag_checked"] else ")")
         )
         if info["note"]:
             status.append(f"; {info['note']}", style="yellow")
-    elif info["status"] == "legacy":
+    elif info["status"] == LEGACY:
         status.append(" — the seed's checksum matches; it covers only the pickled optimizer state")
     else:
         status.append(f" — {info['error']}")
@@ -618,7 +618,7 @@ def cmd_prune(args: argparse.Namespace, out: Console) -> int:
     invalid = [
         i.path
         for i in manager.list_checkpoints(verify=True)
-        if i.status == "invalid" and i.path not in gone
+        if i.status == INVALID and i.path not in gone
     ]
     status = 1 if invalid else 0
     if args.json:
@@ -655,7 +655,7 @@ def cmd_prune(args: argparse.Namespace, out: Console) -> int:
 def _refuse_pickle(source: CheckpointManager) -> None:
     """Stop before writing anything when a source file needs unpickling."""
     for info in source.list_checkpoints():
-        if info.status == "legacy":
+        if info.status == LEGACY:
             try:
                 source.load_checkpoint(info.path)
             except CheckpointPickleError:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _native
 from .manager import CheckpointManager
 
 __all__ = ["FitConfig", "main", "run_fit"]
@@ -142,6 +143,16 @@ def _worker(directory: Path, cfg: FitConfig) -> None:
     run_fit(cfg, manager, manager.load_latest())
 
 
+def _batches(directory: Path) -> dict[Path, int]:
+    """The demo's checkpoint files in ``directory`` and their batch indices."""
+    found = {}
+    for path in directory.glob(f"{PREFIX}_batch_*.h5"):
+        batch = _native.checkpoint_batch(path.name, PREFIX)
+        if batch is not None:
+            found[path] = batch
+    return found
+
+
 def _spawn_and_kill(directory: Path, cfg: FitConfig, kill_after: int) -> tuple[int, float]:
     """Run the fit in a child process and SIGKILL it once ``kill_after`` saves exist."""
     cmd = [
@@ -162,10 +173,7 @@ def _spawn_and_kill(directory: Path, cfg: FitConfig, kill_after: int) -> tuple[i
     wanted = kill_after * cfg.checkpoint_frequency
     try:
         while time.monotonic() < deadline and child.poll() is None:
-            newest = max(
-                (int(p.stem.rsplit("_", 1)[1]) for p in directory.glob(f"{PREFIX}_batch_*.h5")),
-                default=-1,
-            )
+            newest = max(_batches(directory).values(), default=-1)
             if newest >= wanted - cfg.checkpoint_frequency:
                 # Land the kill at a random point within the next few batches.
                 time.sleep(np.random.default_rng().uniform(0, 4 * max(cfg.batch_delay, 0.005)))
@@ -206,7 +214,7 @@ def _demo(directory: str | None, cfg: FitConfig, kill_after: int) -> int:
         reference_dir = root / "uninterrupted"
         for d in (killed_dir, reference_dir):
             d.mkdir(parents=True, exist_ok=True)
-            for old in d.glob(f"{PREFIX}_batch_*.h5"):
+            for old in _batches(d):
                 old.unlink()
         state_mb = (cfg.n_q * 3 * 8 + cfg.n_q * 9 * 8) / 1e6
         print(
@@ -229,7 +237,7 @@ def _demo(directory: str | None, cfg: FitConfig, kill_after: int) -> int:
         )
 
         code, _ = _spawn_and_kill(killed_dir, cfg, kill_after)
-        survivors = sorted(p.name for p in killed_dir.glob(f"{PREFIX}_batch_*.h5"))
+        survivors = sorted(p.name for p in _batches(killed_dir))
         leftovers = [p.name for p in killed_dir.iterdir() if p.name.endswith(".tmp")]
         how = "SIGKILL" if code == -signal.SIGKILL else f"exit code {code}"
         print(

@@ -21,13 +21,20 @@ from . import _native
 from .errors import CheckpointError, CheckpointNotFoundError
 from .legacy import validate_legacy
 from .limits import LoadLimits
-from .opening import open_hdf5, open_regular, read_head
+from .opening import checkpoint_kind, file_kind, open_hdf5
 from .staging import oserror_to_checkpoint
 from .tree import TYPE_ATTR, unescape_key
-from .verification import CHECKPOINT_NAME, VERDICT_ERRORS, check_h5ckpt_files, check_name
+from .verification import (
+    INVALID,
+    LEGACY,
+    UNVERIFIED,
+    VALID,
+    VERDICT_ERRORS,
+    check_h5ckpt_files,
+    check_name,
+)
 
 __all__ = [
-    "CHECKPOINT_NAME",
     "FileReport",
     "checkpoint_files",
     "describe_file",
@@ -35,8 +42,6 @@ __all__ = [
     "json_safe",
     "verify_paths",
 ]
-
-VALID, LEGACY, INVALID, UNVERIFIED = "valid", "legacy", "invalid", "unverified"
 
 #: A batch of files handed to the Rust core at once holds at most this many bytes...
 _BATCH_BYTES = 256 * 1024 * 1024
@@ -50,8 +55,8 @@ _TEXT_CHARS = 80
 
 
 def _batch_from_name(path: Path) -> int | None:
-    match = CHECKPOINT_NAME.match(path.name)
-    return int(match["batch"]) if match else None
+    parts = _native.checkpoint_name_parts(path.name)
+    return parts[1] if parts is not None else None
 
 
 def checkpoint_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
@@ -62,7 +67,7 @@ def checkpoint_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     paths : iterable of str or Path
         Files (taken as they are, whatever their name) and directories (searched
         recursively, hidden subdirectories skipped, for regular files whose name
-        matches :data:`CHECKPOINT_NAME`, any prefix).
+        is a checkpoint name of any prefix, by ``_native.checkpoint_name_parts``).
 
     Returns
     -------
@@ -84,10 +89,10 @@ def checkpoint_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
             for root, dirs, files in os.walk(path):
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 for name in files:
-                    match = CHECKPOINT_NAME.match(name)
+                    parts = _native.checkpoint_name_parts(name)
                     full = Path(root) / name
-                    if match and full.is_file():
-                        found.append((root, match["prefix"], int(match["batch"]), full))
+                    if parts is not None and full.is_file():
+                        found.append((root, *parts, full))
             group = [entry[3] for entry in sorted(found)]
         elif path.exists():
             group = [path]
@@ -111,16 +116,8 @@ def file_format(path: str | os.PathLike[str]) -> str:
     CheckpointError
         When the file cannot be opened or read.
     """
-    fd = open_regular(path, "read")
-    try:
-        head = read_head(fd, path)
-    finally:
-        os.close(fd)
-    if head == _native.MAGIC:
-        return "h5ckpt"
-    if head == _native.HDF5_SIGNATURE:
-        return "legacy"
-    return "unknown"
+    kind = file_kind(path, "read")
+    return "unknown" if kind == "foreign" else kind
 
 
 @dataclass(frozen=True)
@@ -528,14 +525,7 @@ def describe_file(
     path = Path(path)
     if not path.exists():
         raise CheckpointNotFoundError(f"no such file: {path}", {"path": str(path)})
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a directory, not a checkpoint file", {"path": str(path)})
-    kind = file_format(path)
-    if kind == "unknown":
-        raise CheckpointError(
-            f"{path} is not a checkpoint file (neither an h5ckpt header nor an HDF5 signature)",
-            {"path": str(path)},
-        )
+    kind = checkpoint_kind(path, "read")
     report = verify_paths([path], hmac_key)[0]
     info: dict[str, Any] = {
         "path": str(path),

@@ -25,7 +25,6 @@ from .codec import resolve as resolve_compression
 from .errors import (
     CheckpointAuthenticationError,
     CheckpointConflictError,
-    CheckpointCorruptError,
     CheckpointError,
     CheckpointLimitError,
     CheckpointResourceError,
@@ -34,7 +33,7 @@ from .errors import (
 from .forking import reset_in_child
 from .legacy import load_legacy
 from .limits import LoadLimits
-from .opening import open_regular, read_head
+from .opening import checkpoint_kind, open_regular, read_head
 from .payload import as_parameters, read_payload, write_sealed
 from .reclaim import Reclaimer
 from .staging import (
@@ -314,7 +313,7 @@ class CheckpointManager:
         CheckpointValueError
             If ``batch_idx`` is not an integer from 0 to 2**63-1.
         """
-        return self.checkpoint_dir / f"{self.prefix}_batch_{_batch_index(batch_idx):04d}.h5"
+        return self.checkpoint_dir / _native.checkpoint_name(self.prefix, _batch_index(batch_idx))
 
     def should_save(self, batch_idx: int) -> bool:
         """Whether ``batch_idx`` is a batch to checkpoint (every ``checkpoint_frequency``).
@@ -538,7 +537,7 @@ class CheckpointManager:
         """Remember the new file and apply retention; the save has succeeded, so a
         failure here is logged and kept for the next explicit cleanup."""
         try:
-            self._verifier.remember(final, "valid")
+            self._verifier.remember(final, VALID)
             if self.auto_cleanup:
                 self._cleanup_locked()
         except Exception as exc:
@@ -771,7 +770,7 @@ class CheckpointManager:
             memory or file descriptors) says nothing about the file.
         """
         path = _as_path(checkpoint_path)
-        kind = _sniff(path)
+        kind = checkpoint_kind(path)
         if kind == "legacy":
             if self._hmac_key is not None:
                 raise CheckpointAuthenticationError(
@@ -824,7 +823,7 @@ class CheckpointManager:
         """
         try:
             path = _as_path(checkpoint_path)
-            check_file(path, _sniff(path), self._hmac_key, self.load_limits)
+            check_file(path, checkpoint_kind(path), self._hmac_key, self.load_limits)
         except Exception as exc:  # the contract: False for any reason
             logger.debug("validation failed for %s: %s", checkpoint_path, exc)
             return False
@@ -1312,23 +1311,6 @@ def _check_memory(path: Path, size: int) -> None:
             f"{memory} bytes of memory",
             {"path": str(path), "size_bytes": size, "memory_bytes": memory, "resource": "memory"},
         )
-
-
-def _sniff(path: Path) -> str:
-    """``"h5ckpt"`` or ``"legacy"`` from a file's first bytes, or a ``CheckpointError``."""
-    fd = open_regular(path)
-    try:
-        head = read_head(fd, path)
-    finally:
-        os.close(fd)
-    if head == _native.MAGIC:
-        return "h5ckpt"
-    if head == _native.HDF5_SIGNATURE:
-        return "legacy"
-    raise CheckpointCorruptError(
-        f"{path} is not a checkpoint file (neither an h5ckpt header nor an HDF5 signature)",
-        {"path": str(path), "reason": "foreign"},
-    )
 
 
 def _as_retention_error(exc: Exception) -> CheckpointError:

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import h5py
 
-from .errors import CheckpointValueError
+from . import _native
+from .errors import CheckpointCorruptError, CheckpointValueError
 from .staging import oserror_to_checkpoint
 
-__all__ = ["open_hdf5", "open_regular", "read_head"]
+__all__ = ["checkpoint_kind", "file_kind", "open_hdf5", "open_regular", "read_head"]
 
 _FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0)
 _PROC_FD = Path("/proc/self/fd")
@@ -74,6 +75,34 @@ def read_head(fd: int, path: str | os.PathLike[str], size: int = 8) -> bytes:
         return os.pread(fd, size, 0)
     except OSError as exc:
         raise oserror_to_checkpoint(exc, "read", path) from exc
+
+
+def file_kind(path: str | os.PathLike[str], action: str = "open checkpoint") -> str:
+    """``"h5ckpt"``, ``"legacy"`` or ``"foreign"``, from the first bytes of the regular
+    file ``path`` by the Rust core's check (the one the directory scan uses)."""
+    fd = open_regular(path, action)
+    try:
+        head = read_head(fd, path)
+    finally:
+        os.close(fd)
+    return _native.file_kind(head)
+
+
+def checkpoint_kind(path: str | os.PathLike[str], action: str = "open checkpoint") -> str:
+    """``"h5ckpt"`` or ``"legacy"``, as :func:`file_kind`.
+
+    Raises
+    ------
+    CheckpointCorruptError
+        When the file is neither (``reason`` ``"foreign"``).
+    """
+    kind = file_kind(path, action)
+    if kind == "foreign":
+        raise CheckpointCorruptError(
+            f"{path} is not a checkpoint file (neither an h5ckpt header nor an HDF5 signature)",
+            {"path": str(path), "reason": "foreign"},
+        )
+    return kind
 
 
 @contextlib.contextmanager

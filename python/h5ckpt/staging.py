@@ -28,11 +28,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from . import _native, errors
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CheckpointPermissionError,
-    CheckpointResourceError,
     CheckpointStorageError,
 )
 from .forking import reset_in_child
@@ -53,7 +53,17 @@ logger = logging.getLogger("h5ckpt")
 LOCK_NAME = ".h5ckpt.lock"
 #: A temp file whose writer still runs but whose lock is free is taken as stale after this.
 STALE_AFTER_SECONDS = 600.0
-_TEMP_RE = re.compile(r"^\.(?P<stem>.+_batch_\d+\.h5)\.(?P<pid>\d+)\.[0-9a-f]{12}\.tmp$", re.A)
+#: ``.{checkpoint name}.{pid}.{12 hex digits}.tmp``; the stem is checked by the
+#: native name rule (``_native.checkpoint_name_parts``).
+_TEMP_RE = re.compile(r"\.(?P<stem>.+)\.(?P<pid>[0-9]+)\.[0-9a-f]{12}\.tmp", re.A)
+
+
+def _temp_stem(name: str) -> str | None:
+    """The checkpoint name a temp file ``name`` stands for, or ``None``."""
+    match = _TEMP_RE.fullmatch(name)
+    if match is None or _native.checkpoint_name_parts(match["stem"]) is None:
+        return None
+    return match["stem"]
 
 
 def process_umask() -> int:
@@ -80,25 +90,28 @@ def new_file_mode() -> int:
     return 0o666 & ~process_umask()
 
 
-_RESOURCE_ERRNOS = (errno.ENOMEM, errno.EMFILE, errno.ENFILE)
-
-
 def oserror_to_checkpoint(
     exc: OSError, action: str, path: str | os.PathLike[str]
 ) -> CheckpointError:
-    """The ``CheckpointError`` subclass that matches an ``OSError``."""
+    """The ``CheckpointError`` subclass that matches an ``OSError``.
+
+    The errno decides, by the native module's table (the one the Rust core raises
+    by); an ``OSError`` without an errno is classed by its type.
+    """
     context = {"path": str(path), "errno": exc.errno, "action": action}
     message = f"cannot {action} {path}: {exc.strerror or exc}"
-    if isinstance(exc, FileNotFoundError):
-        return CheckpointNotFoundError(message, context)
-    if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return CheckpointPermissionError(message, context)
-    if exc.errno in _RESOURCE_ERRNOS:
-        # The process ran out of something: nothing is wrong with the file.
-        return CheckpointResourceError(message, context)
+    if exc.errno is not None:
+        name = _native.ERRNO_CLASSES.get(exc.errno, _native.DEFAULT_OS_ERROR_CLASS)
+        cls = getattr(errors, name)
+    elif isinstance(exc, FileNotFoundError):
+        cls = CheckpointNotFoundError
+    elif isinstance(exc, PermissionError):
+        cls = CheckpointPermissionError
+    else:
+        cls = CheckpointStorageError
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         message += " (the file system is full or the file size limit was reached)"
-    return CheckpointStorageError(message, context)
+    return cls(message, context)
 
 
 class DirectoryLock:
@@ -371,7 +384,7 @@ def _close_inherited_descriptors() -> None:
         except OSError:
             continue
         base = target.rpartition("/")[2].removesuffix(" (deleted)")
-        if base == LOCK_NAME or _TEMP_RE.match(base):
+        if base == LOCK_NAME or _temp_stem(base) is not None:
             with contextlib.suppress(OSError):
                 os.close(int(name))
 
@@ -402,15 +415,11 @@ def sweep_temp_files(directory: Path, prefix: str) -> list[Path]:
         names = os.listdir(directory)
     except OSError:
         return removed
-    stem_prefix = f"{prefix}_batch_"
     for name in names:
         if name[:1] != ".":
             continue  # every temp name starts with a dot; checkpoints do not
-        match = _TEMP_RE.match(name)
-        if not match or not match["stem"].startswith(stem_prefix):
-            continue
-        digits = match["stem"][len(stem_prefix) : -3]
-        if not (digits.isascii() and digits.isdigit()):
+        match = _TEMP_RE.fullmatch(name)
+        if not match or _native.checkpoint_batch(match["stem"], prefix) is None:
             continue
         path = directory / name
         try:

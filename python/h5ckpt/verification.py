@@ -24,7 +24,6 @@ from __future__ import annotations
 import builtins
 import logging
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final, Literal
@@ -46,7 +45,6 @@ from .payload import check_payload
 from .staging import oserror_to_checkpoint
 
 __all__ = [
-    "CHECKPOINT_NAME",
     "VERDICT_ERRORS",
     "CheckpointInfo",
     "Verifier",
@@ -59,14 +57,12 @@ __all__ = [
 
 logger = logging.getLogger("h5ckpt")
 
-VALID: Final = "valid"
-INVALID: Final = "invalid"
-LEGACY: Final = "legacy"
-UNVERIFIED: Final = "unverified"
+# The statuses and the file-name rule are the Rust core's (one spelling each).
+VALID: Final = _native.STATUS_VALID
+INVALID: Final = _native.STATUS_INVALID
+LEGACY: Final = _native.STATUS_LEGACY
+UNVERIFIED: Final = _native.STATUS_UNVERIFIED
 Status = Literal["valid", "invalid", "legacy", "unverified"]
-
-#: Names of checkpoint files, whatever their prefix: ``{prefix}_batch_<digits>.h5``.
-CHECKPOINT_NAME = re.compile(r"^(?P<prefix>.+)_batch_(?P<batch>\d+)\.h5$")
 
 #: The errors that are a verdict on a file: it cannot load with this reader's key
 #: and limits. Any other error of a check (out of memory or descriptors, a failed
@@ -87,11 +83,10 @@ def stat_identity(path: Path) -> _Identity | None:
 def check_name(path: Path, batch_idx: int) -> None:
     """A file named like a checkpoint must hold the batch its name says: a renamed
     file would otherwise resume, and be retained, as another batch."""
-    match = CHECKPOINT_NAME.match(path.name)
-    if match is not None and int(match["batch"]) != batch_idx:
+    parts = _native.checkpoint_name_parts(path.name)
+    if parts is not None and parts[1] != batch_idx:
         raise CheckpointCorruptError(
-            f"checkpoint {path}: file name says batch {int(match['batch'])}, "
-            f"header says {batch_idx}",
+            f"checkpoint {path}: file name says batch {parts[1]}, header says {batch_idx}",
             {"path": str(path), "reason": "name"},
         )
 

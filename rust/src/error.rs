@@ -129,6 +129,60 @@ impl Error {
     }
 }
 
+/// The class of `h5ckpt.errors` an operating-system error becomes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OsClass {
+    NotFound,
+    /// Not allowed here, a read-only file system included: retrying as another
+    /// user or elsewhere can help, a new disk cannot.
+    Permission,
+    /// The process ran out of something: nothing is wrong with the file.
+    Resource,
+    /// Everything else: the storage failed (full, I/O error, ...).
+    Storage,
+}
+
+impl OsClass {
+    /// The name of the class in `h5ckpt.errors`.
+    pub fn class_name(self) -> &'static str {
+        match self {
+            OsClass::NotFound => "CheckpointNotFoundError",
+            OsClass::Permission => "CheckpointPermissionError",
+            OsClass::Resource => "CheckpointResourceError",
+            OsClass::Storage => "CheckpointStorageError",
+        }
+    }
+}
+
+/// The one errno table of the package: the binding raises by it and the Python
+/// layer (`staging.oserror_to_checkpoint`) reads it from the native module. An
+/// errno not listed is a storage error.
+pub const ERRNO_CLASSES: &[(i32, OsClass)] = &[
+    (libc::ENOENT, OsClass::NotFound),
+    (libc::EACCES, OsClass::Permission),
+    (libc::EPERM, OsClass::Permission),
+    (libc::EROFS, OsClass::Permission),
+    (libc::ENOMEM, OsClass::Resource),
+    (libc::EMFILE, OsClass::Resource),
+    (libc::ENFILE, OsClass::Resource),
+];
+
+/// The class of an OS error: by its errno when it has one, else by its kind.
+pub fn os_class(errno: Option<i32>, kind: io::ErrorKind) -> OsClass {
+    if let Some(errno) = errno {
+        return ERRNO_CLASSES
+            .iter()
+            .find(|(e, _)| *e == errno)
+            .map_or(OsClass::Storage, |(_, class)| *class);
+    }
+    match kind {
+        io::ErrorKind::NotFound => OsClass::NotFound,
+        io::ErrorKind::PermissionDenied => OsClass::Permission,
+        io::ErrorKind::OutOfMemory => OsClass::Resource,
+        _ => OsClass::Storage,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,5 +217,27 @@ mod tests {
         let e = Error::corrupt("", "bad magic");
         assert_eq!(e.to_string(), "checkpoint header: bad magic");
         assert_eq!(e.path(), None);
+    }
+
+    #[test]
+    fn errno_table_decides_and_kind_is_the_fallback() {
+        let class = |errno: i32| {
+            let e = io::Error::from_raw_os_error(errno);
+            os_class(e.raw_os_error(), e.kind())
+        };
+        assert_eq!(class(libc::EROFS), OsClass::Permission);
+        assert_eq!(class(libc::EACCES), OsClass::Permission);
+        assert_eq!(class(libc::EMFILE), OsClass::Resource);
+        assert_eq!(class(libc::ENOMEM), OsClass::Resource);
+        assert_eq!(class(libc::ENOSPC), OsClass::Storage);
+        assert_eq!(class(libc::EIO), OsClass::Storage);
+        assert_eq!(
+            os_class(None, io::ErrorKind::PermissionDenied),
+            OsClass::Permission
+        );
+        assert_eq!(
+            os_class(None, io::ErrorKind::InvalidInput),
+            OsClass::Storage
+        );
     }
 }

@@ -88,16 +88,54 @@ pub struct Entry {
     pub unread: bool,
 }
 
-/// The batch index of a name `{prefix}_batch_<one or more ASCII digits>.h5`.
-pub fn parse_name(name: &str, prefix: &str) -> Option<u64> {
-    let digits = name
-        .strip_prefix(prefix)?
-        .strip_prefix("_batch_")?
-        .strip_suffix(".h5")?;
+impl Kind {
+    /// What a file holds, from its first bytes (the whole file if it is shorter
+    /// than the signatures): the one format check of the package.
+    pub fn of_head(head: &[u8]) -> Kind {
+        if head.starts_with(&MAGIC) {
+            Kind::H5ckpt
+        } else if head.starts_with(&HDF5_SIGNATURE) {
+            Kind::Legacy
+        } else {
+            Kind::Foreign
+        }
+    }
+}
+
+/// The batch index written as `<one or more ASCII digits>` that fits a `u64`.
+fn batch_digits(digits: &str) -> Option<u64> {
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     digits.parse().ok()
+}
+
+/// The batch index of a name `{prefix}_batch_<one or more ASCII digits>.h5`; the
+/// one definition of a checkpoint's file name (the Python layer calls it too).
+pub fn parse_name(name: &str, prefix: &str) -> Option<u64> {
+    batch_digits(
+        name.strip_prefix(prefix)?
+            .strip_prefix("_batch_")?
+            .strip_suffix(".h5")?,
+    )
+}
+
+/// `(prefix, batch index)` of a checkpoint name of any non-empty prefix: the
+/// prefix runs to the last `_batch_`, as only that one can be followed by digits
+/// alone.
+pub fn parse_any_name(name: &str) -> Option<(&str, u64)> {
+    let stem = name.strip_suffix(".h5")?;
+    let at = stem.rfind("_batch_")?;
+    let prefix = &stem[..at];
+    if prefix.is_empty() {
+        return None;
+    }
+    Some((prefix, batch_digits(&stem[at + "_batch_".len()..])?))
+}
+
+/// The file name of the checkpoint of `batch_idx`: at least four digits.
+pub fn checkpoint_name(prefix: &str, batch_idx: u64) -> String {
+    format!("{prefix}_batch_{batch_idx:04}.h5")
 }
 
 /// Lists `directory`: the matching regular files (symlinks and directories are
@@ -298,8 +336,8 @@ fn classify(file: &File, entry: &mut Entry) {
         }
     };
     let bytes = &bytes[..got];
-    if bytes.starts_with(&MAGIC) {
-        entry.kind = Kind::H5ckpt;
+    entry.kind = Kind::of_head(bytes);
+    if entry.kind == Kind::H5ckpt {
         let parsed = header::parse(bytes)
             .map_err(|e| e.with_path(&entry.path))
             .and_then(|h| check_length(&h, entry.identity.size, &entry.path).map(|()| h));
@@ -307,8 +345,6 @@ fn classify(file: &File, entry: &mut Entry) {
             Ok(h) => entry.header = Some(h),
             Err(e) => entry.error = Some(e.to_string()),
         }
-    } else if bytes.starts_with(&HDF5_SIGNATURE) {
-        entry.kind = Kind::Legacy;
     }
 }
 
@@ -344,7 +380,38 @@ mod tests {
             "other_batch_1.h5",
         ] {
             assert_eq!(parse_name(bad, "run"), None, "{bad}");
+            assert_ne!(parse_any_name(bad).map(|(p, _)| p), Some("run"), "{bad}");
         }
+    }
+
+    #[test]
+    fn names_of_any_prefix() {
+        assert_eq!(parse_any_name("run_batch_0012.h5"), Some(("run", 12)));
+        assert_eq!(
+            parse_any_name("a_batch_1_batch_2.h5"),
+            Some(("a_batch_1", 2))
+        );
+        assert_eq!(parse_any_name("my run_batch_3.h5"), Some(("my run", 3)));
+        for bad in [
+            "_batch_5.h5",
+            "run_batch_1.h5\n",
+            "run_batch_1_batch_x.h5",
+            "run_batch_١.h5",
+            "run_batch_99999999999999999999.h5",
+        ] {
+            assert_eq!(parse_any_name(bad), None, "{bad:?}");
+        }
+        assert_eq!(checkpoint_name("run", 7), "run_batch_0007.h5");
+        assert_eq!(checkpoint_name("run", 123_456), "run_batch_123456.h5");
+    }
+
+    #[test]
+    fn kinds_from_first_bytes() {
+        assert_eq!(Kind::of_head(&MAGIC), Kind::H5ckpt);
+        assert_eq!(Kind::of_head(&HDF5_SIGNATURE), Kind::Legacy);
+        assert_eq!(Kind::of_head(&MAGIC[..7]), Kind::Foreign);
+        assert_eq!(Kind::of_head(b""), Kind::Foreign);
+        assert_eq!(Kind::of_head(b"PK\x03\x04zipzip"), Kind::Foreign);
     }
 
     #[test]
@@ -517,6 +584,13 @@ mod tests {
         #[test]
         fn names_roundtrip(prefix in "[a-zA-Z0-9_.-]{0,12}", n in any::<u64>()) {
             prop_assert_eq!(parse_name(&format!("{prefix}_batch_{n}.h5"), &prefix), Some(n));
+            prop_assert_eq!(parse_name(&checkpoint_name(&prefix, n), &prefix), Some(n));
+        }
+
+        #[test]
+        fn any_prefix_agrees_with_prefix(prefix in "[a-z_]{1,8}", n in any::<u64>()) {
+            let name = checkpoint_name(&prefix, n);
+            prop_assert_eq!(parse_any_name(&name), Some((prefix.as_str(), n)));
         }
 
         #[test]

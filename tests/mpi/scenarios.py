@@ -433,9 +433,7 @@ def restart(d: str) -> None:
     assert new.find_latest_checkpoint() == Path(d) / "checkpoint_batch_0030"
     if RANK == 0:
         (aside,) = [n for n in os.listdir(d) if n.startswith("abandoned-")]
-        assert steps_in(str(Path(d) / aside)) == [
-            f"checkpoint_batch_{b:04d}" for b in (70, 80, 90)
-        ]
+        assert steps_in(str(Path(d) / aside)) == [f"checkpoint_batch_{b:04d}" for b in (70, 80, 90)]
     COMM.Barrier()
 
 

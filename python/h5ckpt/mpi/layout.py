@@ -22,6 +22,7 @@ import time
 from collections.abc import Set as AbstractSet
 from pathlib import Path
 
+from .. import _native
 from .._native import fsync_directory
 from ..staging import STALE_AFTER_SECONDS, _pid_alive, oserror_to_checkpoint
 
@@ -45,7 +46,9 @@ _HIDDEN_RE = re.compile(
 
 
 def step_name(prefix: str, batch_idx: int) -> str:
-    return f"{prefix}_batch_{batch_idx:04d}"
+    # A step is named as the single-file checkpoint of its batch, without ".h5":
+    # one name rule (the native one) for both.
+    return _native.checkpoint_name(prefix, batch_idx).removesuffix(".h5")
 
 
 def shard_name(rank: int, world: int) -> str:
@@ -60,13 +63,9 @@ def parse_shard_name(name: str) -> tuple[int, int] | None:
 
 
 def _batch_of(name: str, prefix: str) -> int | None:
-    head = f"{prefix}_batch_"
-    if not name.startswith(head):
+    batch = _native.checkpoint_batch(name + ".h5", prefix)
+    if batch is None:
         return None
-    digits = name[len(head) :]
-    if not (digits.isascii() and digits.isdigit()):
-        return None
-    batch = int(digits)
     # Only the canonical spelling: "x_batch_07" and "x_batch_0007" are not both steps.
     return batch if step_name(prefix, batch) == name else None
 
@@ -96,11 +95,11 @@ def list_steps(directory: Path, prefix: str) -> list[tuple[int, Path]]:
 
 def is_step_dir(path: Path) -> tuple[str, int] | None:
     """``(prefix, batch_idx)`` when ``path``'s name is a step name, else None."""
-    m = re.match(r"^(?P<prefix>.+)_batch_(?P<digits>\d+)$", path.name, re.A)
-    if not m:
+    parts = _native.checkpoint_name_parts(path.name + ".h5")
+    if parts is None:
         return None
-    batch = _batch_of(path.name, m["prefix"])
-    return None if batch is None else (m["prefix"], batch)
+    batch = _batch_of(path.name, parts[0])
+    return None if batch is None else (parts[0], batch)
 
 
 def _hidden(step: str, kind: str) -> str:

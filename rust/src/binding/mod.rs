@@ -10,7 +10,8 @@ use std::ffi::OsStr;
 use std::path::PathBuf;
 
 use pyo3::exceptions::{
-    PyBufferError, PyMemoryError, PyOSError, PyOverflowError, PyTypeError, PyValueError,
+    PyBufferError, PyMemoryError, PyOSError, PyOverflowError, PyRuntimeError, PyTypeError,
+    PyValueError,
 };
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -19,8 +20,9 @@ use pyo3::types::{PyBool, PyBytes, PyDict, PyString, PyType};
 
 mod catalog;
 
+use crate::catalog::Status;
 use crate::digest::{self, Segment};
-use crate::error::Error;
+use crate::error::{os_class, Error, OsClass, ERRNO_CLASSES};
 use crate::finalize::Seal;
 use crate::header::{self, Header};
 use crate::retention::{self, Policy};
@@ -75,13 +77,11 @@ fn error_instance<'py>(py: Python<'py>, err: &Error) -> PyResult<Bound<'py, PyAn
             ctx.set_item("op", *op)?;
             ctx.set_item("errno", source.raw_os_error())?;
             ctx.set_item("reason", source.to_string())?;
-            match (source.kind(), source.raw_os_error()) {
-                (std::io::ErrorKind::NotFound, _) => &classes.not_found,
-                (std::io::ErrorKind::PermissionDenied, _) => &classes.permission,
-                // The process ran out of something: nothing is wrong with the file.
-                (_, Some(libc::ENOMEM | libc::EMFILE | libc::ENFILE)) => &classes.resource,
-                (std::io::ErrorKind::OutOfMemory, _) => &classes.resource,
-                _ => &classes.storage,
+            match os_class(source.raw_os_error(), source.kind()) {
+                OsClass::NotFound => &classes.not_found,
+                OsClass::Permission => &classes.permission,
+                OsClass::Resource => &classes.resource,
+                OsClass::Storage => &classes.storage,
             }
         }
         Error::Corrupt { reason, .. } => {
@@ -125,7 +125,16 @@ pub(crate) fn to_pyerr(py: Python<'_>, err: Error) -> PyErr {
             }
             pyerr
         }
-        Err(lookup_failed) => lookup_failed,
+        Err(lookup_failed) => {
+            // Without `h5ckpt.errors` (a broken install, an interpreter shutting
+            // down) the error still says what went wrong.
+            let fallback = match err.errno() {
+                Some(errno) => PyOSError::new_err((errno, err.to_string())),
+                None => PyRuntimeError::new_err(err.to_string()),
+            };
+            fallback.set_cause(py, Some(lookup_failed));
+            fallback
+        }
     }
 }
 
@@ -882,6 +891,35 @@ fn start_writeback(
     Ok(())
 }
 
+/// The batch index of a checkpoint file name of `prefix`, or `None`: the one name
+/// rule (a name that is not valid UTF-8 is no checkpoint, as for the scan).
+#[pyfunction]
+fn checkpoint_batch(name: &Bound<'_, PyString>, prefix: &Bound<'_, PyString>) -> Option<u64> {
+    crate::scan::parse_name(name.to_str().ok()?, prefix.to_str().ok()?)
+}
+
+/// `(prefix, batch_idx)` of a checkpoint file name of any prefix, or `None`.
+#[pyfunction]
+fn checkpoint_name_parts(name: &Bound<'_, PyString>) -> Option<(String, u64)> {
+    let (prefix, batch) = crate::scan::parse_any_name(name.to_str().ok()?)?;
+    Some((prefix.to_owned(), batch))
+}
+
+/// The file name of the checkpoint of `batch_idx` under `prefix`.
+#[pyfunction]
+fn checkpoint_name(prefix: &str, batch_idx: &Bound<'_, PyAny>) -> PyResult<String> {
+    Ok(crate::scan::checkpoint_name(
+        prefix,
+        u64_arg(batch_idx, "batch_idx")?,
+    ))
+}
+
+/// `"h5ckpt"`, `"legacy"` or `"foreign"` from a file's first bytes.
+#[pyfunction]
+fn file_kind(head: &[u8]) -> &'static str {
+    crate::scan::Kind::of_head(head).as_str()
+}
+
 /// Regular files named `{prefix}_batch_<digits>.h5`, headers read in parallel,
 /// sorted by `(batch_idx, name)`.
 #[pyfunction]
@@ -971,6 +1009,16 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("FORMAT_MAJOR", header::FORMAT_MAJOR)?;
     m.add("FORMAT_MINOR", header::FORMAT_MINOR)?;
     m.add("DEFAULT_CHUNK_SIZE", header::DEFAULT_CHUNK_SIZE)?;
+    m.add("STATUS_VALID", Status::Valid.as_str())?;
+    m.add("STATUS_INVALID", Status::Invalid.as_str())?;
+    m.add("STATUS_LEGACY", Status::Legacy.as_str())?;
+    m.add("STATUS_UNVERIFIED", Status::Unverified.as_str())?;
+    let errno_classes = PyDict::new(py);
+    for (errno, class) in ERRNO_CLASSES {
+        errno_classes.set_item(errno, class.class_name())?;
+    }
+    m.add("ERRNO_CLASSES", errno_classes)?;
+    m.add("DEFAULT_OS_ERROR_CLASS", OsClass::Storage.class_name())?;
     m.add_class::<PyHeader>()?;
     m.add_class::<PyEntry>()?;
     m.add_class::<catalog::PyCheckpointInfo>()?;
@@ -989,6 +1037,10 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(blosc_ratio, m)?)?;
     m.add_function(wrap_pyfunction!(blosc_max_frame_len, m)?)?;
     m.add_function(wrap_pyfunction!(scan, m)?)?;
+    m.add_function(wrap_pyfunction!(checkpoint_batch, m)?)?;
+    m.add_function(wrap_pyfunction!(checkpoint_name_parts, m)?)?;
+    m.add_function(wrap_pyfunction!(checkpoint_name, m)?)?;
+    m.add_function(wrap_pyfunction!(file_kind, m)?)?;
     m.add_function(wrap_pyfunction!(plan_retention, m)?)?;
     m.add_function(wrap_pyfunction!(fsync_directory, m)?)?;
     Ok(())
