@@ -522,3 +522,23 @@ def test_a_renamed_legacy_file_is_invalid_everywhere(
     assert status == 1 and reports[0]["status"] == "invalid", reports
     _, listed = _cli_json(capsys, "ls", str(d), "--prefix", "homodyne_state", "--verify")
     assert {r["name"]: r["status"] for r in listed}[renamed.name] == "invalid", listed
+
+
+def test_no_object_of_a_saved_file_has_more_attributes_than_the_writer_declares(tmp_path: Path):
+    """Saves skip the check of the written file against max_attributes when the limit
+    is at least MAX_ATTRIBUTES_WRITTEN: the writer must keep that promise."""
+    import h5py
+
+    from h5ckpt.payload import MAX_ATTRIBUTES_WRITTEN
+
+    state = {
+        "a": [1, 2.5, "x", b"y", None, (True, np.float32(3))],
+        "b": {"c": np.arange(10), "d": {"e": np.zeros((3, 3))}},
+    }
+    path = CheckpointManager(tmp_path).save_checkpoint(1, np.arange(3.0), state, 0.5, {"m": [1]})
+    counts = []
+    with h5py.File(path, "r") as f:
+        counts.append(len(f.attrs))
+        f.visititems(lambda _, obj: counts.append(len(obj.attrs)))
+    assert max(counts) == MAX_ATTRIBUTES_WRITTEN == counts[0]
+    assert len(counts) > 10

@@ -32,9 +32,9 @@ from .errors import (
 )
 from .forking import reset_in_child
 from .legacy import load_legacy
-from .limits import LoadLimits
+from .limits import DEFAULT_MIN_ARRAY_BYTES, LoadLimits
 from .opening import checkpoint_kind, open_regular, read_head
-from .payload import as_parameters, read_payload, write_sealed
+from .payload import MAX_ATTRIBUTES_WRITTEN, as_parameters, read_payload, write_sealed
 from .reclaim import Reclaimer
 from .staging import (
     DirectoryLock,
@@ -382,13 +382,15 @@ class CheckpointManager:
         propagates unchanged.
         """
         self._refuse_if_read_only("save a checkpoint")
-        batch_idx, params, loss_value, metadata = self._checked_arguments(
+        batch_idx, params, loss_value, metadata, check_after = self._checked_arguments(
             batch_idx, parameters, optimizer_state, loss, metadata
         )
         self._wait_for_queued()
         if self.on_older_batch == "raise":
             self._refuse_older(batch_idx, early=True)
-        return self._write(batch_idx, params, optimizer_state, loss_value, metadata)
+        return self._write(
+            batch_idx, params, optimizer_state, loss_value, metadata, check_after=check_after
+        )
 
     def _refuse_if_read_only(self, action: str) -> None:
         if self.read_only:
@@ -403,16 +405,26 @@ class CheckpointManager:
     ) -> Path:
         """``save_checkpoint`` whatever batches the directory holds, for a migration:
         it copies a run file by file, and no run resumes from the copy meanwhile."""
-        batch_idx, params, loss_value, metadata = self._checked_arguments(
+        batch_idx, params, loss_value, metadata, check_after = self._checked_arguments(
             batch_idx, parameters, optimizer_state, loss, metadata
         )
         self._wait_for_queued()
-        return self._write(batch_idx, params, optimizer_state, loss_value, metadata, older="allow")
+        return self._write(
+            batch_idx,
+            params,
+            optimizer_state,
+            loss_value,
+            metadata,
+            older="allow",
+            check_after=check_after,
+        )
 
     def _checked_arguments(
         self, batch_idx: object, parameters: Any, optimizer_state: Any, loss: object, metadata: Any
-    ) -> tuple[int, np.ndarray, float, Any]:
-        """The arguments of a save, converted; refused before anything is written."""
+    ) -> tuple[int, np.ndarray, float, Any, bool]:
+        """The arguments of a save, converted, and whether the written file must be
+        checked against the limits before it is committed; refused before anything is
+        written."""
         if metadata is None:
             metadata = {}
         checked = (_batch_index(batch_idx), as_parameters(parameters), _loss(loss), metadata)
@@ -436,7 +448,15 @@ class CheckpointManager:
                     "declared_bytes": nbytes,
                 },
             )
-        return checked
+        # Only the written file can tell the default budget (it grows with the file's
+        # size), what pickles take, and whether the root's attributes fit a lower
+        # max_attributes; otherwise the checks above are all the file's.
+        check_after = (
+            self.allow_pickle
+            or limits.max_attributes < MAX_ATTRIBUTES_WRITTEN
+            or (limits.max_array_bytes is None and nbytes > DEFAULT_MIN_ARRAY_BYTES)
+        )
+        return (*checked, check_after)
 
     def _write(
         self,
@@ -447,6 +467,7 @@ class CheckpointManager:
         metadata: Any,
         *,
         older: str | None = None,
+        check_after: bool = True,
     ) -> Path:
         started = time.perf_counter()
         # Space freed by the last retention is back before new space is taken.
@@ -470,7 +491,8 @@ class CheckpointManager:
                 hmac_key=self._hmac_key,
                 durable=self.durable,
             )
-            self._check_loadable(final, staged.fd, batch_idx)
+            if check_after:
+                self._check_loadable(final, staged.fd, batch_idx)
             size = os.fstat(staged.fd).st_size
             with self._lock.held():
                 # Again under the lock: another process may have saved meanwhile.
@@ -639,7 +661,7 @@ class CheckpointManager:
             Resolves to the checkpoint path, or raises its ``CheckpointError``.
         """
         self._refuse_if_read_only("save a checkpoint")
-        batch_idx, params, loss_value, metadata = self._checked_arguments(
+        batch_idx, params, loss_value, metadata, check_after = self._checked_arguments(
             batch_idx, parameters, optimizer_state, loss, metadata
         )
         if self.on_older_batch == "raise":
@@ -655,7 +677,7 @@ class CheckpointManager:
                         1, thread_name_prefix="h5ckpt-save", initializer=self._mark_save_thread
                     )
                 future = self._executor.submit(
-                    self._write, batch_idx, params, state, loss_value, meta
+                    self._write, batch_idx, params, state, loss_value, meta, check_after=check_after
                 )
                 # Finished saves that succeeded have nothing left to report.
                 self._pending = [f for f in self._pending if not _succeeded(f)]

@@ -45,6 +45,7 @@ from .tree import ByteBudget, file_budget, read_value, write_value
 
 __all__ = [
     "FORMAT_VERSION",
+    "MAX_ATTRIBUTES_WRITTEN",
     "ArrayWriter",
     "DescriptorFile",
     "WritebackFile",
@@ -55,6 +56,9 @@ __all__ = [
 ]
 
 FORMAT_VERSION = "1.0"
+#: The most attributes the writer puts on one object: the root's five (format,
+#: version, batch index, loss, timestamp); every other object carries one tag.
+MAX_ATTRIBUTES_WRITTEN = 5
 _TYPE_ATTR = "h5ckpt_type"
 #: Chunks compressed per call into the Rust core: enough to keep every core busy,
 #: few enough that their compressed copies stay small next to the array.
