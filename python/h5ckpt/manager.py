@@ -38,9 +38,9 @@ from .payload import MAX_ATTRIBUTES_WRITTEN, as_parameters, read_payload, write_
 from .reclaim import Reclaimer
 from .staging import (
     DirectoryLock,
-    StagedFile,
     new_file_mode,
     oserror_to_checkpoint,
+    staged_file,
     sweep_temp_files,
 )
 from .tree import check_value
@@ -474,9 +474,10 @@ class CheckpointManager:
         self._reclaimer.wait()
         final = self.checkpoint_path(batch_idx)
         mode = self.file_mode if self.file_mode is not None else new_file_mode()
-        staged = StagedFile(final, mode)
         timestamp = time.time()
-        try:
+        failure = f"failed to save checkpoint of batch {batch_idx}"
+        context = {"batch_idx": batch_idx, "checkpoint_path": str(final)}
+        with staged_file(final, mode, failure=failure, context=context) as staged:
             write_sealed(
                 staged.fd,
                 batch_idx=batch_idx,
@@ -503,23 +504,6 @@ class CheckpointManager:
                     self._set_aside_locked(batch_idx)
                 staged.commit(self.durable, _native.fsync_directory)
                 self._after_commit_locked(final)
-        except CheckpointError:
-            raise
-        except OSError as exc:
-            raise oserror_to_checkpoint(exc, "write checkpoint", final) from exc
-        except Exception as exc:
-            raise CheckpointError(
-                f"failed to save checkpoint of batch {batch_idx}: {exc}",
-                {"batch_idx": batch_idx, "checkpoint_path": str(final)},
-            ) from exc
-        finally:
-            # Whatever ended the save, an interrupt included: the temp file goes
-            # (unless it is the committed file) and its descriptor is closed.
-            try:
-                staged.discard()
-            except BaseException:  # the interrupt landed in the cleanup: finish it
-                staged.discard()
-                raise
         elapsed = time.perf_counter() - started
         logger.info(
             "checkpoint saved: batch=%d loss=%.6g file=%s (%.1f KiB) in %.3fs",

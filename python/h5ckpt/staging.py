@@ -45,6 +45,7 @@ __all__ = [
     "oserror_to_checkpoint",
     "process_umask",
     "sigint_deferred",
+    "staged_file",
     "sweep_temp_files",
 ]
 
@@ -356,6 +357,34 @@ def sigint_deferred() -> Iterator[None]:
                 previous(signal.SIGINT, caught[0])
             elif previous == signal.SIG_DFL:
                 signal.raise_signal(signal.SIGINT)
+
+
+@contextlib.contextmanager
+def staged_file(
+    final: Path, mode: int, *, failure: str, context: dict[str, Any]
+) -> Iterator[StagedFile]:
+    """A :class:`StagedFile` for a block that writes it and commits it.
+
+    Whatever ends the block, an interrupt included, the temp file goes (unless it
+    was committed) and its descriptor is closed. An ``OSError`` becomes the matching
+    ``CheckpointError``; any other ``Exception`` a ``CheckpointError`` whose message
+    starts with ``failure``.
+    """
+    staged = StagedFile(final, mode)
+    try:
+        yield staged
+    except CheckpointError:
+        raise
+    except OSError as exc:
+        raise oserror_to_checkpoint(exc, "write checkpoint", final) from exc
+    except Exception as exc:
+        raise CheckpointError(f"{failure}: {exc}", context) from exc
+    finally:
+        try:
+            staged.discard()
+        except BaseException:  # the interrupt landed in the cleanup: finish it
+            staged.discard()
+            raise
 
 
 #: Whether this process ever opened a lock or temp file (forks need no scan otherwise).

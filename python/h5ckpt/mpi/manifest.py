@@ -21,7 +21,7 @@ from ..errors import CheckpointCorruptError, CheckpointError, CheckpointNotFound
 from ..limits import LoadLimits
 from ..manager import _read_verified
 from ..payload import read_payload, write_sealed
-from ..staging import StagedFile, new_file_mode, oserror_to_checkpoint
+from ..staging import new_file_mode, staged_file
 from .layout import MANIFEST_NAME, is_step_dir, list_steps, parse_shard_name, shard_name
 
 __all__ = [
@@ -57,8 +57,8 @@ def write_file(
 
     It gets the mode any new file gets under the process umask, as single files do.
     """
-    staged = StagedFile(final, new_file_mode())
-    try:
+    failure, context = f"cannot write {final}", {"path": str(final)}
+    with staged_file(final, new_file_mode(), failure=failure, context=context) as staged:
         header = write_sealed(
             staged.fd,
             batch_idx=batch_idx,
@@ -75,20 +75,6 @@ def write_file(
         )
         size = os.fstat(staged.fd).st_size
         staged.commit(durable, _native.fsync_directory)
-    except CheckpointError:
-        raise
-    except OSError as exc:
-        raise oserror_to_checkpoint(exc, "write", final) from exc
-    except Exception as exc:
-        raise CheckpointError(f"cannot write {final}: {exc}", {"path": str(final)}) from exc
-    finally:
-        # Whatever ended it, an interrupt included: the temp file goes (unless it
-        # was committed) and its descriptor is closed.
-        try:
-            staged.discard()
-        except BaseException:  # the interrupt landed in the cleanup: finish it
-            staged.discard()
-            raise
     return header, size
 
 
