@@ -47,6 +47,7 @@ from .tree import check_value
 from .verification import (
     INVALID,
     LEGACY,
+    UNVERIFIED,
     VALID,
     VERDICT_ERRORS,
     CheckpointInfo,
@@ -898,6 +899,9 @@ class CheckpointManager:
         dict or None
             What :meth:`load_checkpoint` returns, or None on a fresh start.
         """
+        loaded = self._load_newest_unchecked()
+        if loaded is not None:
+            return loaded
         changed = 0
         while changed < 3:
             path = self.find_latest_checkpoint()
@@ -920,6 +924,29 @@ class CheckpointManager:
                 changed += 1
                 logger.warning("latest checkpoint %s changed while loading: %s", path, exc)
         return None
+
+    def _load_newest_unchecked(self) -> dict[str, Any] | None:
+        """The newest file loaded straight away when nothing is known of it yet (the
+        usual resume): loading makes every check validation makes, so checking it
+        first would parse it twice. None when that file is not loaded here; a verdict
+        against it is remembered for the search that follows."""
+        infos = self._verifier.list()
+        if not infos or infos[-1].status != UNVERIFIED:
+            return None
+        path = infos[-1].path
+        before = stat_identity(path)
+        try:
+            result = self.load_checkpoint(path)
+        except VERDICT_ERRORS as exc:
+            if stat_identity(path) == before:
+                self._verifier.remember(path, INVALID, str(exc))
+                logger.warning("latest checkpoint %s does not load: %s", path, exc)
+            return None
+        except FileNotFoundError:
+            return None
+        if stat_identity(path) == before:
+            self._verifier.remember(path, VALID)
+        return result
 
     # -- retention ------------------------------------------------------------------
 
