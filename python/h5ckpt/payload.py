@@ -402,13 +402,13 @@ class _ErrorKeepingFile:
                 self._keep(exc)
 
 
-class BufferFile(io.RawIOBase):
-    """A read-only file over bytes in memory, for h5py, that never copies them whole."""
+class _ReadOnlyFile(io.RawIOBase):
+    """A seekable, read-only raw file of ``_size`` bytes; subclasses read."""
 
-    def __init__(self, buf: Any) -> None:
+    def __init__(self, size: int) -> None:
         super().__init__()
-        self._view = memoryview(buf).cast("B")
         self._pos = 0
+        self._size = size
 
     def readable(self) -> bool:
         return True
@@ -420,11 +420,20 @@ class BufferFile(io.RawIOBase):
         return self._pos
 
     def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
         if base + pos < 0:
-            raise OSError(f"negative seek position {base + pos}")
+            raise OSError(errno.EINVAL, f"negative seek position {base + pos}")
         self._pos = base + pos
         return self._pos
+
+
+class BufferFile(_ReadOnlyFile):
+    """A read-only file over bytes in memory, for h5py, that never copies them whole."""
+
+    def __init__(self, buf: Any) -> None:
+        view = memoryview(buf).cast("B")
+        super().__init__(len(view))
+        self._view = view
 
     def readinto(self, b: Any) -> int:
         dst = memoryview(b).cast("B")
@@ -473,34 +482,16 @@ class ArrayViews:
         return self.buf[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
-class DescriptorFile(io.RawIOBase):
+class DescriptorFile(_ReadOnlyFile):
     """A read-only file over a descriptor the caller owns, for h5py (positional
     reads: the descriptor's offset is not used). Keeps the first ``OSError`` of a
     read, so that a failing disk or an exhausted resource is not taken for a
     malformed file once HDF5 has turned it into an HDF5 error."""
 
     def __init__(self, fd: int) -> None:
-        super().__init__()
+        super().__init__(os.fstat(fd).st_size)
         self._fd = fd
-        self._pos = 0
-        self._size = os.fstat(fd).st_size
         self.error: OSError | None = None
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        if base + pos < 0:
-            raise OSError(errno.EINVAL, f"negative seek position {base + pos}")
-        self._pos = base + pos
-        return self._pos
 
     def readinto(self, b: Any) -> int:
         dst = memoryview(b).cast("B")
