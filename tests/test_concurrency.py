@@ -281,7 +281,7 @@ def start_stager(final: Path, mode: str = "locked") -> tuple[subprocess.Popen, P
 
 def kill(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGKILL)
-    proc.wait()  # reaped: the process is gone
+    proc.communicate()  # reaped (the process is gone) and its pipes closed
 
 
 @pytest.mark.parametrize("mode", ["locked", "unlocked"])

@@ -61,10 +61,21 @@ def seed_files(directory: Path, seed_writer) -> None:
 # ------------------------------------------------------------------------ README
 
 
-def test_quickstart_commands_are_the_documented_ones():
-    quick = blocks(section(README, "## Quickstart"), "bash")
-    assert quick[0].strip() == "pip install . && python -m h5ckpt demo"
-    assert quick[1].strip() == 'pip install -e ".[test]" && cargo test && python -m pytest'
+def test_ci_runs_the_readme_test_command_and_the_demo_command_is_the_cli():
+    """CI runs exactly the README's test command, and its demo line runs the demo."""
+    install, test = (b.strip() for b in blocks(section(README, "## Quickstart"), "bash")[:2])
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert test in (line.strip() for line in ci), ".ci/run does not run the README's test command"
+    assert test.endswith("python -m pytest") and "cargo test" in test
+    demo = install.split("&&")[-1].strip()
+    proc = subprocess.run(
+        [sys.executable, *shlex.split(demo)[1:], "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert demo == "python -m h5ckpt demo"
 
 
 def test_readme_python_examples_run_and_the_loop_resumes(tmp_path: Path, seed_writer):

@@ -242,6 +242,8 @@ def test_sigint_at_random_moments_of_a_save_loop(ckpt_dir: Path):
         if child.poll() is None:
             child.kill()
             child.wait()
+        child.stdout.close()
+        child.stderr.close()
     assert child.returncode == 0, err  # no crash of libhdf5 at exit either
     rest = []
     while not lines.empty():

@@ -210,7 +210,7 @@ def test_the_second_user_of_a_shared_directory_saves_and_locks(base: Path):
             os.close(probe)
     finally:
         proc.kill()
-        proc.wait()
+        proc.communicate()
     saved = d / "checkpoint_batch_0030.h5"
     assert saved.stat().st_uid == 65534
     assert stat.S_IMODE(saved.stat().st_mode) == 0o644
