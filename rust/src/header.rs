@@ -231,6 +231,7 @@ pub fn parse(data: &[u8]) -> Result<Header> {
                 path: Default::default(),
                 major,
                 minor,
+                supported: FORMAT_MAJOR,
             });
         }
     }
@@ -465,10 +466,24 @@ mod tests {
         h[..8].copy_from_slice(&MAGIC);
         h[8..10].copy_from_slice(&2u16.to_le_bytes());
         h[10..12].copy_from_slice(&3u16.to_le_bytes());
-        match parse(&h) {
-            Err(Error::Version { major, minor, .. }) => assert_eq!((major, minor), (2, 3)),
-            other => panic!("{other:?}"),
-        }
+        let e = parse(&h).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Version {
+                    major: 2,
+                    minor: 3,
+                    supported: FORMAT_MAJOR,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let message = e.to_string();
+        assert!(
+            message.ends_with("this reader knows only major version 1"),
+            "{message}"
+        );
         // Also when truncated right after the version.
         assert!(matches!(parse(&h[..12]), Err(Error::Version { .. })));
     }

@@ -92,10 +92,15 @@ fn error_instance<'py>(py: Python<'py>, err: &Error) -> PyResult<Bound<'py, PyAn
             ctx.set_item("reason", reason)?;
             &classes.authentication
         }
-        Error::Version { major, minor, .. } => {
+        Error::Version {
+            major,
+            minor,
+            supported,
+            ..
+        } => {
             ctx.set_item("format_major", *major)?;
             ctx.set_item("format_minor", *minor)?;
-            ctx.set_item("supported_major", header::FORMAT_MAJOR)?;
+            ctx.set_item("supported_major", *supported)?;
             &classes.version
         }
         Error::InvalidArgument(reason) => {
