@@ -10,16 +10,16 @@
 //! a private buffer, and that buffer is both hashed and written.
 
 use std::fs::File;
-use std::mem::ManuallyDrop;
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use crate::digest::{check_segments, chunk_range, read_error, root, Hash, Segment};
 use crate::error::{Error, Result};
+use crate::fd;
 use crate::header::{self, Header, HeaderFields, MAX_CHUNK_LOG2, MIN_CHUNK_LOG2, PAYLOAD_OFFSET};
 
 /// What goes into the header besides the payload digest.
@@ -250,7 +250,6 @@ impl ChunkSealer<'_> {
 /// `len == 0` means up to the end of the file.
 #[cfg(target_os = "linux")]
 pub fn start_writeback(file: &File, offset: u64, len: u64) {
-    use std::os::fd::AsRawFd;
     let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
         return;
     };
@@ -264,28 +263,31 @@ pub fn start_writeback(file: &File, offset: u64, len: u64) {
 #[cfg(not(target_os = "linux"))]
 pub fn start_writeback(_file: &File, _offset: u64, _len: u64) {}
 
-/// [`start_writeback`] on a raw descriptor the caller keeps owning; an invalid
-/// descriptor is ignored (it is only a hint).
+/// [`start_writeback`] on a raw descriptor the caller keeps owning; a descriptor
+/// that is not open is ignored (it is only a hint).
 pub fn start_writeback_fd(fd: RawFd, offset: u64, len: u64) {
-    if fd < 0 {
-        return;
-    }
-    // SAFETY: the caller keeps the descriptor open for the call; ManuallyDrop keeps
-    // this `File` from closing it. A descriptor that is not open makes the hint fail.
-    let file = ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
-    start_writeback(&file, offset, len);
+    let _ = fd::with_borrowed_file(fd, Path::new(""), |file| {
+        start_writeback(file, offset, len);
+        Ok(())
+    });
 }
 
 /// [`finalize`] on a raw file descriptor that the caller keeps owning: it is neither
 /// closed nor otherwise changed, except for the bytes written. The descriptor must be
 /// open for reading and writing and not in append mode.
 pub fn finalize_fd(fd: RawFd, segments: &[Segment<'_>], seal: &Seal<'_>) -> Result<Header> {
-    let path = fd_path(fd);
-    if fd < 0 {
-        return Err(Error::invalid(format!("invalid file descriptor {fd}")));
-    }
-    // SAFETY: fcntl only inspects the descriptor table.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    let path = fd::path_of(fd);
+    fd::with_borrowed_file(fd, &path, |file| {
+        check_read_write(file, &path)?;
+        finalize(file, &path, segments, seal)
+    })
+}
+
+/// Checks that `file` is open for reading and writing (the payload is read back and
+/// written) and not in append mode (which would put every write at the end).
+fn check_read_write(file: &File, path: &Path) -> Result<()> {
+    // SAFETY: fcntl(F_GETFL) only reads the descriptor's status flags.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
     if flags == -1 {
         return Err(Error::io("use", path, std::io::Error::last_os_error()));
     }
@@ -301,16 +303,7 @@ pub fn finalize_fd(fd: RawFd, segments: &[Segment<'_>], seal: &Seal<'_>) -> Resu
             path.display()
         )));
     }
-    // SAFETY: the descriptor is open (checked above) and stays open for the whole call:
-    // the caller owns it. ManuallyDrop keeps this `File` from closing it.
-    let file = ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
-    finalize(&file, &path, segments, seal)
-}
-
-/// A name for `fd` in messages: the path it was opened with, when the OS tells.
-pub(crate) fn fd_path(fd: RawFd) -> PathBuf {
-    std::fs::read_link(format!("/proc/self/fd/{fd}"))
-        .unwrap_or_else(|_| PathBuf::from(format!("<file descriptor {fd}>")))
+    Ok(())
 }
 
 /// fsyncs a directory, so that a rename or unlink in it is durable. File systems
@@ -335,7 +328,7 @@ mod tests {
     use crate::digest::tree_digest;
     use crate::verify::{read_verified, verify_file};
     use std::fs::OpenOptions;
-    use std::os::fd::AsRawFd;
+    use std::path::PathBuf;
 
     fn seal(key: Option<&[u8]>) -> Seal<'_> {
         Seal {
@@ -537,8 +530,12 @@ mod tests {
             finalize_fd(-1, &[], &seal(None)),
             Err(Error::InvalidArgument(_))
         ));
-        let e = finalize_fd(1 << 20, &[], &seal(None)).unwrap_err();
+        let e = finalize_fd(RawFd::MAX, &[], &seal(None)).unwrap_err();
         assert_eq!(e.errno(), Some(libc::EBADF));
+        // The hint ignores descriptors that are not open.
+        start_writeback_fd(-1, 0, 0);
+        start_writeback_fd(RawFd::MAX, 0, 0);
+        start_writeback_fd(f.as_raw_fd(), 0, 0);
     }
 
     proptest::proptest! {

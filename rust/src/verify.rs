@@ -3,8 +3,8 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::mem::{ManuallyDrop, MaybeUninit};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
@@ -12,6 +12,7 @@ use rayon::prelude::*;
 
 use crate::digest::{read_error, root, sha256, tree_digest_file, Hash};
 use crate::error::{Error, Result};
+use crate::fd;
 use crate::header::{self, Header, HEADER_SIZE};
 
 /// Opens `path` for reading and returns the file and its length.
@@ -25,11 +26,18 @@ pub fn open(path: &Path) -> Result<(File, u64)> {
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)
         .map_err(|e| Error::io("open", path, e))?;
+    let len = regular_file_len(&file, path)?;
+    Ok((file, len))
+}
+
+/// The length of `file`, which must be a regular file: a checkpoint is no FIFO,
+/// device or directory.
+fn regular_file_len(file: &File, path: &Path) -> Result<u64> {
     let meta = file.metadata().map_err(|e| Error::io("stat", path, e))?;
     if !meta.is_file() {
         return Err(Error::corrupt(path, "not a regular file"));
     }
-    Ok((file, meta.len()))
+    Ok(meta.len())
 }
 
 /// Reads up to `buf.len()` bytes at offset 0; returns how many were read (fewer
@@ -124,17 +132,10 @@ pub fn verify_file(path: &Path, key: Option<&[u8]>) -> Result<Header> {
 /// `path` names it in messages.
 pub fn verify_fd(fd: RawFd, path: &Path, key: Option<&[u8]>) -> Result<Header> {
     header::check_key(key)?;
-    if fd < 0 {
-        return Err(Error::invalid(format!("invalid file descriptor {fd}")));
-    }
-    // SAFETY: the caller keeps the descriptor open for the whole call; ManuallyDrop
-    // keeps this `File` from closing it.
-    let file = ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
-    let meta = file.metadata().map_err(|e| Error::io("stat", path, e))?;
-    if !meta.is_file() {
-        return Err(Error::corrupt(path, "not a regular file"));
-    }
-    verify_opened(&file, meta.len(), path, key)
+    fd::with_borrowed_file(fd, path, |file| {
+        let len = regular_file_len(file, path)?;
+        verify_opened(file, len, path, key)
+    })
 }
 
 /// [`verify_fd`] over many descriptors in parallel; one result per descriptor.
@@ -259,32 +260,24 @@ pub fn read_verified_fd(
     key: Option<&[u8]>,
     buf: &mut [u8],
 ) -> Result<Header> {
-    let path = path.map_or_else(|| crate::finalize::fd_path(fd), Path::to_path_buf);
-    if fd < 0 {
-        return Err(Error::invalid(format!("invalid file descriptor {fd}")));
-    }
-    // SAFETY: the caller keeps the descriptor open for the whole call; ManuallyDrop
-    // keeps this `File` from closing it.
-    let file = ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
-    let meta = file.metadata().map_err(|e| Error::io("stat", &path, e))?;
-    if !meta.is_file() {
-        return Err(Error::corrupt(&path, "not a regular file"));
-    }
-    if meta.len() != buf.len() as u64 {
-        return Err(Error::corrupt(
-            &path,
-            format!(
-                "the file is {} bytes long, the buffer for it {} (did it change?)",
-                meta.len(),
-                buf.len()
-            ),
-        ));
-    }
-    // SAFETY: viewing initialised bytes as possibly uninitialised ones is sound as
-    // long as nothing uninitialised is written back; read_verified_into only writes
-    // bytes read from the file.
-    let uninit = unsafe { &mut *(buf as *mut [u8] as *mut [MaybeUninit<u8>]) };
-    read_verified_into(&file, &path, key, uninit)
+    let path = path.map_or_else(|| fd::path_of(fd), Path::to_path_buf);
+    fd::with_borrowed_file(fd, &path, |file| {
+        let len = regular_file_len(file, &path)?;
+        if len != buf.len() as u64 {
+            return Err(Error::corrupt(
+                &path,
+                format!(
+                    "the file is {len} bytes long, the buffer for it {} (did it change?)",
+                    buf.len()
+                ),
+            ));
+        }
+        // SAFETY: viewing initialised bytes as possibly uninitialised ones is sound
+        // as long as nothing uninitialised is written back; read_verified_into only
+        // writes bytes read from the file.
+        let uninit = unsafe { &mut *(buf as *mut [u8] as *mut [MaybeUninit<u8>]) };
+        read_verified_into(file, &path, key, uninit)
+    })
 }
 
 /// Reads and verifies a whole file; returns its header and bytes.
@@ -438,7 +431,12 @@ pub(crate) mod tests {
             read_verified_fd(f.as_raw_fd(), None, None, &mut buf),
             Err(Error::Corrupt { .. })
         ));
-        assert!(read_verified_fd(-1, None, None, &mut buf).is_err());
+        assert!(matches!(
+            read_verified_fd(-1, None, None, &mut buf),
+            Err(Error::InvalidArgument(_))
+        ));
+        let e = read_verified_fd(RawFd::MAX, None, None, &mut buf).unwrap_err();
+        assert_eq!(e.errno(), Some(libc::EBADF), "{e}");
     }
 
     #[test]
@@ -460,7 +458,12 @@ pub(crate) mod tests {
             verify_fd(g.as_raw_fd(), &other, Some(b"k")),
             Err(Error::Authentication { .. })
         ));
-        assert!(verify_fd(-1, &p, None).is_err());
+        assert!(matches!(
+            verify_fd(-1, &p, None),
+            Err(Error::InvalidArgument(_))
+        ));
+        let e = verify_fd(RawFd::MAX, &p, None).unwrap_err();
+        assert_eq!(e.errno(), Some(libc::EBADF), "{e}");
     }
 
     #[test]
