@@ -17,10 +17,10 @@ use std::path::Path;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
-use crate::digest::{check_segments, chunk_range, read_error, root, Hash, Segment};
+use crate::digest::{check_segments, chunk_range, read_error, region_end, root, Hash, Segment};
 use crate::error::{Error, Result};
 use crate::fd;
-use crate::header::{self, Header, HeaderFields, MAX_CHUNK_LOG2, MIN_CHUNK_LOG2, PAYLOAD_OFFSET};
+use crate::header::{self, Header, HeaderFields, PAYLOAD_OFFSET};
 
 /// What goes into the header besides the payload digest.
 #[derive(Clone, Debug)]
@@ -47,12 +47,7 @@ pub fn finalize(
     seal: &Seal<'_>,
 ) -> Result<Header> {
     header::check_key(seal.key)?;
-    if !(MIN_CHUNK_LOG2..=MAX_CHUNK_LOG2).contains(&seal.chunk_log2) {
-        return Err(Error::invalid(format!(
-            "chunk_log2 must be in {MIN_CHUNK_LOG2}..={MAX_CHUNK_LOG2}, got {}",
-            seal.chunk_log2
-        )));
-    }
+    header::check_chunk_log2(seal.chunk_log2)?;
     let len = file
         .metadata()
         .map_err(|e| Error::io("stat", path, e))?
@@ -135,6 +130,7 @@ fn write_and_digest_in(
     path: &Path,
     piece: usize,
 ) -> Result<Hash> {
+    region_end(offset, len)?;
     let n = crate::header::chunk_count(len, chunk_log2);
     let digests = (0..n)
         .into_par_iter()

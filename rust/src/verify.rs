@@ -65,7 +65,12 @@ fn parse_and_check_length(bytes: &[u8], len: u64, path: &Path) -> Result<Header>
 
 /// Checks that the file length is exactly `payload_offset + payload_length`.
 pub fn check_length(header: &Header, len: u64, path: &Path) -> Result<()> {
-    let want = header.file_length();
+    let Some(want) = header.file_length() else {
+        return Err(Error::corrupt(
+            path,
+            format!("payload_length {} is out of range", header.payload_length),
+        ));
+    };
     if len < want {
         Err(Error::corrupt(
             path,

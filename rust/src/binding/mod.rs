@@ -860,9 +860,9 @@ fn blosc_compress_chunks<'py>(
 
 /// Bytes of output space one frame of a `chunk_bytes` chunk may need.
 #[pyfunction]
-fn blosc_max_frame_len(chunk_bytes: &Bound<'_, PyAny>) -> PyResult<usize> {
+fn blosc_max_frame_len(py: Python<'_>, chunk_bytes: &Bound<'_, PyAny>) -> PyResult<usize> {
     let chunk_bytes: usize = int_in(chunk_bytes, "chunk_bytes", CHUNK_BYTES)?;
-    Ok(crate::blosc::max_frame_len(chunk_bytes))
+    crate::blosc::max_frame_len(chunk_bytes).map_err(|e| to_pyerr(py, e))
 }
 
 /// Compressed over raw size of `data` as [`blosc_compress_chunks`] stores it.
