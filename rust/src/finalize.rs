@@ -73,6 +73,7 @@ pub fn finalize(
         &segments,
         seal.durable,
         path,
+        PIECE,
     )?;
     let fields = HeaderFields {
         payload_length,
@@ -99,28 +100,15 @@ const PIECE: usize = 1 << 20;
 /// Writes each segment at its offset and returns the tree digest of the file region
 /// `[offset, offset + len)` as it then is: segment bytes as written, all other bytes
 /// read back from `file` (what HDF5 wrote, from the page cache). Digest chunks are
-/// done in parallel, each by one worker, which copies, hashes and writes. With
-/// `writeback`, each written piece is handed to the disk at once.
+/// done in parallel, each by one worker, which copies, hashes and writes `piece`
+/// bytes at a time ([`PIECE`]; tests vary it). With `writeback`, each written piece
+/// is handed to the disk at once.
 ///
 /// `segments` are sorted, non-overlapping and inside the region (see
 /// [`check_segments`]). Their memory may change while this runs: it is read once,
 /// and only that copy is hashed and written, so the digest always matches the file.
-pub fn write_and_digest(
-    file: &File,
-    offset: u64,
-    len: u64,
-    chunk_log2: u32,
-    segments: &[Segment<'_>],
-    writeback: bool,
-    path: &Path,
-) -> Result<Hash> {
-    write_and_digest_in(
-        file, offset, len, chunk_log2, segments, writeback, path, PIECE,
-    )
-}
-
 #[allow(clippy::too_many_arguments)]
-fn write_and_digest_in(
+fn write_and_digest(
     file: &File,
     offset: u64,
     len: u64,
@@ -322,7 +310,8 @@ pub fn fsync_directory(path: &Path) -> Result<()> {
 mod tests {
     use super::*;
     use crate::digest::tree_digest;
-    use crate::verify::{read_verified, verify_file};
+    use crate::verify::tests::read_verified;
+    use crate::verify::verify_file;
     use std::fs::OpenOptions;
     use std::path::PathBuf;
 
@@ -576,7 +565,7 @@ mod tests {
                 .map(|&(a, b)| Segment { offset: 512 + a as u64, data: &final_bytes[a..b] })
                 .collect();
             let segments = check_segments(&segments, 512, 512 + len as u64).unwrap();
-            let got = write_and_digest_in(
+            let got = write_and_digest(
                 &f, 512, len as u64, chunk_log2, &segments, false, &p, piece,
             )
             .unwrap();
@@ -593,7 +582,7 @@ mod tests {
         // truncation, not a panic.
         let (_d, p, want) = setup(512 + 100, &[]);
         let f = open_rw(&p);
-        let e = write_and_digest(&f, 512, 200, 12, &[], false, &p).unwrap_err();
+        let e = write_and_digest(&f, 512, 200, 12, &[], false, &p, PIECE).unwrap_err();
         assert!(matches!(e, Error::Corrupt { .. }), "{e}");
         // A descriptor open read-only cannot take the segment bytes.
         let ro = File::open(&p).unwrap();
@@ -601,7 +590,7 @@ mod tests {
             offset: 512,
             data: &want[512..612],
         }];
-        let e = write_and_digest(&ro, 512, 100, 12, &seg, false, &p).unwrap_err();
+        let e = write_and_digest(&ro, 512, 100, 12, &seg, false, &p, PIECE).unwrap_err();
         assert_eq!(e.errno(), Some(libc::EBADF), "{e}");
     }
 

@@ -2,9 +2,7 @@
 //! HMAC tag.
 
 use std::fs::{File, OpenOptions};
-use std::io;
-use std::mem::MaybeUninit;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
@@ -179,61 +177,21 @@ pub fn verify_files<P: AsRef<Path> + Sync>(paths: &[P], key: Option<&[u8]>) -> V
         .collect()
 }
 
-/// Fills `buf` from `file` at `offset` with positional reads straight into the
-/// (possibly uninitialised) memory; returns it as initialised bytes. A short file
-/// gives `UnexpectedEof`.
-fn read_exact_uninit<'a>(
-    file: &File,
-    buf: &'a mut [MaybeUninit<u8>],
-    offset: u64,
-) -> io::Result<&'a mut [u8]> {
-    let mut done = 0usize;
-    while done < buf.len() {
-        let at = i64::try_from(offset + done as u64)
-            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        let rest = &mut buf[done..];
-        // SAFETY: pread writes at most `rest.len()` bytes into `rest`, which is valid
-        // for writes; the kernel never reads the (uninitialised) destination.
-        let n = unsafe {
-            libc::pread(
-                file.as_raw_fd(),
-                rest.as_mut_ptr().cast::<libc::c_void>(),
-                rest.len(),
-                at as libc::off_t,
-            )
-        };
-        match n {
-            0 => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
-            n if n > 0 => done += n as usize,
-            _ => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
-        }
-    }
-    // SAFETY: the loop initialised all `buf.len()` bytes.
-    Ok(unsafe { &mut *(buf as *mut [MaybeUninit<u8>] as *mut [u8]) })
-}
-
 /// Reads a whole open file of length `buf.len()` into `buf` and verifies it from
 /// memory. The header is read first (it gives the chunk size); then every rayon task
 /// reads one chunk into its own slice of `buf` and hashes it while it is hot.
-///
-/// `buf` may be uninitialised: the file is read straight into it (one copy, no
-/// zero-fill). When this returns `Ok`, every byte of `buf` is initialised.
-pub fn read_verified_into(
+fn read_verified_into(
     file: &File,
     path: &Path,
     key: Option<&[u8]>,
-    buf: &mut [MaybeUninit<u8>],
+    buf: &mut [u8],
 ) -> Result<Header> {
     header::check_key(key)?;
     let len = buf.len() as u64;
     let head_len = buf.len().min(HEADER_SIZE);
     let (head, payload) = buf.split_at_mut(head_len);
-    let head = read_exact_uninit(file, head, 0).map_err(|e| read_error(path, e))?;
+    file.read_exact_at(head, 0)
+        .map_err(|e| read_error(path, e))?;
     let header = parse_and_check_length(head, len, path)?;
     let head: &[u8; HEADER_SIZE] = (&*head)
         .try_into()
@@ -245,18 +203,19 @@ pub fn read_verified_into(
         .par_chunks_mut(chunk)
         .enumerate()
         .map(|(i, dst)| {
-            let bytes = read_exact_uninit(file, dst, offset + (i as u64) * chunk as u64)
+            file.read_exact_at(dst, offset + (i as u64) * chunk as u64)
                 .map_err(|e| read_error(path, e))?;
-            Ok(sha256(bytes))
+            Ok(sha256(dst))
         })
         .collect::<Result<Vec<Hash>>>()?;
     check_payload(&header, &root(header.chunk_log2, &digests), path)?;
     Ok(header)
 }
 
-/// [`read_verified_into`] from a raw descriptor the caller keeps owning (not
-/// closed, its offset unchanged) into `buf`, which must be exactly as long as the
-/// file. Every byte of `buf` is overwritten when this returns `Ok`.
+/// Reads the whole file open as `fd`, which the caller keeps owning (not closed,
+/// its offset unchanged), into `buf`, which must be exactly as long as the file, and
+/// verifies it from memory. Every byte of `buf` is overwritten when this returns
+/// `Ok`.
 ///
 /// `path` names the file in messages (default: what the OS tells of `fd`).
 pub fn read_verified_fd(
@@ -277,23 +236,8 @@ pub fn read_verified_fd(
                 ),
             ));
         }
-        // SAFETY: viewing initialised bytes as possibly uninitialised ones is sound
-        // as long as nothing uninitialised is written back; read_verified_into only
-        // writes bytes read from the file.
-        let uninit = unsafe { &mut *(buf as *mut [u8] as *mut [MaybeUninit<u8>]) };
-        read_verified_into(file, &path, key, uninit)
+        read_verified_into(file, &path, key, buf)
     })
-}
-
-/// Reads and verifies a whole file; returns its header and bytes.
-pub fn read_verified(path: &Path, key: Option<&[u8]>) -> Result<(Header, Vec<u8>)> {
-    let (file, len) = open(path)?;
-    let len = usize::try_from(len).map_err(|_| Error::invalid("file too large for memory"))?;
-    let mut buf = Vec::with_capacity(len);
-    let header = read_verified_into(&file, path, key, &mut buf.spare_capacity_mut()[..len])?;
-    // SAFETY: read_verified_into returned Ok, so it initialised all `len` bytes.
-    unsafe { buf.set_len(len) };
-    Ok((header, buf))
 }
 
 #[cfg(test)]
@@ -301,6 +245,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::digest::tree_digest;
     use crate::header::{encode, HeaderFields};
+    use std::os::fd::AsRawFd;
 
     pub(crate) fn make_file(
         dir: &Path,
@@ -321,6 +266,14 @@ pub(crate) mod tests {
         let path = dir.join(name);
         std::fs::write(&path, bytes).unwrap();
         path
+    }
+
+    /// Reads and verifies a whole file through a descriptor, as a load does.
+    pub(crate) fn read_verified(p: &Path, key: Option<&[u8]>) -> Result<(Header, Vec<u8>)> {
+        let f = File::open(p).map_err(|e| Error::io("open", p, e))?;
+        let mut buf = vec![0u8; f.metadata().unwrap().len() as usize];
+        let header = read_verified_fd(f.as_raw_fd(), Some(p), key, &mut buf)?;
+        Ok((header, buf))
     }
 
     fn payload(n: usize) -> Vec<u8> {

@@ -10,8 +10,7 @@ use std::ffi::OsStr;
 use std::path::PathBuf;
 
 use pyo3::exceptions::{
-    PyBufferError, PyMemoryError, PyOSError, PyOverflowError, PyRuntimeError, PyTypeError,
-    PyValueError,
+    PyBufferError, PyOSError, PyOverflowError, PyRuntimeError, PyTypeError, PyValueError,
 };
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -620,45 +619,31 @@ fn read_header<'py>(py: Python<'py>, path: &Bound<'py, PyAny>) -> PyResult<Bound
     py_header(py, header)
 }
 
-/// Check header, length, payload digest and (keyed) HMAC tag of one file.
-#[pyfunction]
-#[pyo3(signature = (path, hmac_key = None))]
-fn verify_file<'py>(
-    py: Python<'py>,
-    path: &Bound<'py, PyAny>,
-    hmac_key: Option<&Bound<'py, PyAny>>,
-) -> PyResult<Bound<'py, PyHeader>> {
-    let path = path_arg(path, "path")?;
-    let key = key_bytes(hmac_key)?;
-    let header = detach(py, || verify::verify_file(&path, key.as_deref()))?;
-    py_header(py, header)
-}
-
-/// `verify_file` of open descriptors (kept open), in parallel; `paths` name them in
+/// [`verify_files`] of open descriptors (kept open), in parallel; `paths` name them in
 /// messages. Failures are returned, not raised.
 #[pyfunction]
 #[pyo3(signature = (fds, paths, hmac_key = None))]
 fn verify_fds<'py>(
     py: Python<'py>,
-    fds: Vec<i32>,
-    paths: Vec<PathBuf>,
+    fds: Vec<Bound<'py, PyAny>>,
+    paths: Vec<Bound<'py, PyAny>>,
     hmac_key: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Vec<Bound<'py, PyAny>>> {
     if fds.len() != paths.len() {
         return Err(value_error(py, "fds and paths must have the same length"));
     }
+    let fds = fds
+        .iter()
+        .map(|fd| int_in(fd, "fd", FD))
+        .collect::<PyResult<Vec<i32>>>()?;
+    let paths = path_args(&paths)?;
     let key = key_bytes(hmac_key)?;
     let results = detach(py, || Ok(verify::verify_fds(&fds, &paths, key.as_deref())))?;
-    results
-        .into_iter()
-        .map(|r| match r {
-            Ok(h) => py_header(py, h).map(Bound::into_any),
-            Err(e) => error_instance(py, &e),
-        })
-        .collect()
+    outcomes(py, results)
 }
 
-/// `verify_file` over many files in parallel; failures are returned, not raised.
+/// Checks header, length, payload digest and (keyed) HMAC tag of many files in
+/// parallel; failures are returned, not raised.
 #[pyfunction]
 #[pyo3(signature = (paths, hmac_key = None))]
 fn verify_files<'py>(
@@ -666,13 +651,22 @@ fn verify_files<'py>(
     paths: Vec<Bound<'py, PyAny>>,
     hmac_key: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Vec<Bound<'py, PyAny>>> {
-    let paths = paths
-        .iter()
-        .map(|p| path_arg(p, "path"))
-        .collect::<PyResult<Vec<_>>>()?;
+    let paths = path_args(&paths)?;
     let key = key_bytes(hmac_key)?;
-    // Per-file failures are values here, not errors of the call.
     let results = detach(py, || Ok(verify::verify_files(&paths, key.as_deref())))?;
+    outcomes(py, results)
+}
+
+fn path_args(paths: &[Bound<'_, PyAny>]) -> PyResult<Vec<PathBuf>> {
+    paths.iter().map(|p| path_arg(p, "path")).collect()
+}
+
+/// One header or exception per file: per-file failures are values here, not errors
+/// of the call.
+fn outcomes<'py>(
+    py: Python<'py>,
+    results: Vec<Result<Header, Error>>,
+) -> PyResult<Vec<Bound<'py, PyAny>>> {
     results
         .into_iter()
         .map(|r| match r {
@@ -680,74 +674,6 @@ fn verify_files<'py>(
             Err(e) => error_instance(py, &e),
         })
         .collect()
-}
-
-/// A raw pointer that may cross into the GIL-free closure; the memory it points to
-/// is owned by a `bytes` object that nothing else can see yet.
-struct Unshared(*mut u8);
-// SAFETY: the pointee is reachable only through this pointer until the closure ends.
-unsafe impl Send for Unshared {}
-
-/// Asks the kernel for transparent huge pages over the 2 MiB-aligned part of the
-/// fresh buffer at `ptr`, as numpy does for its large arrays: reading a file into it
-/// then takes one page fault per 2 MiB instead of one per 4 KiB. Only a hint.
-fn advise_huge_pages(ptr: *mut u8, len: usize) {
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        if len < 2 * HUGE {
-            return; // numpy's threshold too: small buffers stay on small pages
-        }
-        let start = (ptr as usize).div_ceil(HUGE) * HUGE;
-        let end = (ptr as usize).saturating_add(len) / HUGE * HUGE;
-        if end > start {
-            // SAFETY: the range lies inside the allocation at `ptr` (page aligned, as
-            // madvise needs), which stays alive; MADV_HUGEPAGE changes no contents.
-            unsafe {
-                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
-            }
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = (ptr, len);
-}
-
-/// Read a whole file once, verify it from memory, return its header and bytes.
-#[pyfunction]
-#[pyo3(signature = (path, hmac_key = None))]
-fn read_verified<'py>(
-    py: Python<'py>,
-    path: &Bound<'py, PyAny>,
-    hmac_key: Option<&Bound<'py, PyAny>>,
-) -> PyResult<(Bound<'py, PyHeader>, Bound<'py, PyBytes>)> {
-    let path = path_arg(path, "path")?;
-    let key = key_bytes(hmac_key)?;
-    let (file, len) = detach(py, || verify::open(&path))?;
-    let len = isize::try_from(len)
-        .map_err(|_| PyMemoryError::new_err("file too large to read into memory"))?;
-    // An uninitialised bytes object of the file's length: the file is read straight
-    // into it (one copy, from the page cache), with the GIL released.
-    // SAFETY: a NULL source asks CPython for an uninitialised object of `len` bytes.
-    let bytes = unsafe {
-        Bound::from_owned_ptr_or_err(py, ffi::PyBytes_FromStringAndSize(std::ptr::null(), len))?
-            .cast_into_unchecked::<PyBytes>()
-    };
-    // SAFETY: `bytes` is a bytes object.
-    let ptr = Unshared(unsafe { ffi::PyBytes_AsString(bytes.as_ptr()) }.cast::<u8>());
-    let len = len as usize;
-    advise_huge_pages(ptr.0, len);
-    let header = detach(py, move || {
-        let ptr = ptr;
-        // SAFETY: `ptr` addresses `len` writable bytes owned by `bytes`, which outlives
-        // this closure and is not visible to any other code yet. They are handed over
-        // as uninitialised memory, which read_verified_into fills completely before
-        // it returns Ok; on error `bytes` is dropped unseen.
-        let buf = unsafe {
-            std::slice::from_raw_parts_mut(ptr.0.cast::<std::mem::MaybeUninit<u8>>(), len)
-        };
-        verify::read_verified_into(&file, &path, key.as_deref(), buf)
-    })?;
-    Ok((py_header(py, header)?, bytes))
 }
 
 /// Read a whole open file into the writable buffer `out` (exactly the file's
@@ -912,11 +838,10 @@ fn checkpoint_name_parts(name: &Bound<'_, PyString>) -> Option<(String, u64)> {
 
 /// The file name of the checkpoint of `batch_idx` under `prefix`.
 #[pyfunction]
-fn checkpoint_name(prefix: &str, batch_idx: &Bound<'_, PyAny>) -> PyResult<String> {
-    Ok(crate::scan::checkpoint_name(
-        prefix,
-        u64_arg(batch_idx, "batch_idx")?,
-    ))
+fn checkpoint_name(prefix: &Bound<'_, PyAny>, batch_idx: &Bound<'_, PyAny>) -> PyResult<String> {
+    let prefix = str_arg(prefix, "prefix")?;
+    let batch_idx = u64_arg(batch_idx, "batch_idx")?;
+    Ok(crate::scan::checkpoint_name(&prefix, batch_idx))
 }
 
 /// `"h5ckpt"`, `"legacy"` or `"foreign"` from a file's first bytes.
@@ -1031,10 +956,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(tree_digest, m)?)?;
     m.add_function(wrap_pyfunction!(parse_header, m)?)?;
     m.add_function(wrap_pyfunction!(read_header, m)?)?;
-    m.add_function(wrap_pyfunction!(verify_file, m)?)?;
     m.add_function(wrap_pyfunction!(verify_files, m)?)?;
     m.add_function(wrap_pyfunction!(verify_fds, m)?)?;
-    m.add_function(wrap_pyfunction!(read_verified, m)?)?;
     m.add_function(wrap_pyfunction!(read_verified_fd, m)?)?;
     m.add_function(wrap_pyfunction!(finalize, m)?)?;
     m.add_function(wrap_pyfunction!(start_writeback, m)?)?;
