@@ -384,7 +384,7 @@ NATIVE_CALLS = {
     "prefix": lambda d: _native.scan(d, "a\udc80"),
     "catalog prefix": lambda d: _native.Catalog(d, "\ud800", False),
     "directory": lambda d: _native.scan(str(d) + "\x00", "checkpoint"),
-    "path": lambda d: _native.verify_file(str(d) + "\ud800"),
+    "path": lambda d: _native.verify_files([str(d) + "\ud800"]),
     "name": lambda d: _native.Catalog(d, "checkpoint", False).remember("\ud800", "valid"),
 }
 

@@ -222,7 +222,9 @@ def test_wrong_or_forged_tags_are_refused(ckpt_dir: Path):
         raw[72:104] = _native.tree_digest(bytes(raw[512:]), chunk)
 
     craft(forge)
-    assert _native.verify_file(path).batch_idx == 1  # the digests check out
+    [header] = _native.verify_files([path])  # the digests check out
+    assert isinstance(header, _native.Header), header
+    assert header.batch_idx == 1
     with pytest.raises(CheckpointAuthenticationError):
         keyed.load_checkpoint(path)
     assert keyed.validate_checkpoint(path) is False
@@ -427,7 +429,9 @@ def sealed_payload(path: Path, build: Callable[[h5py.File], None], key: bytes | 
         _native.finalize(fd, [], 3, 0.5, ts, key, True)
     finally:
         os.close(fd)
-    assert _native.verify_file(path, key).batch_idx == 3
+    [header] = _native.verify_files([path], key)
+    assert isinstance(header, _native.Header), header
+    assert header.batch_idx == 3
     return path
 
 

@@ -198,7 +198,9 @@ def _reseal(path: Path, **fields: float) -> None:
         )
     finally:
         os.close(fd)
-    assert _native.verify_file(path).loss == values["loss"]
+    [header] = _native.verify_files([path])
+    assert isinstance(header, _native.Header), header
+    assert header.loss == values["loss"]
 
 
 def _cli_json(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, object]:

@@ -6,6 +6,7 @@ spec, so that the spec and the code must agree.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import os
@@ -96,6 +97,34 @@ def write_spec_file(path: Path, payload: bytes, **kw) -> bytes:
     data = spec_header(payload, **kw) + payload
     path.write_bytes(data)
     return data
+
+
+# --- the two ways the package verifies a file -----------------------------------------
+
+
+def verify(path: Path | str, key: bytes | bytearray | None = None) -> native.Header:
+    """One file checked by ``verify_files`` (validation, ``h5ckpt verify``); its failure
+    raised."""
+    (outcome,) = native.verify_files([path], key)
+    if isinstance(outcome, CheckpointError):
+        raise outcome
+    return outcome
+
+
+def read_verified(path: Path, key: bytes | None = None) -> tuple[native.Header, bytes]:
+    """The whole file read through a descriptor into a numpy buffer and verified there,
+    as a load does it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        buf = np.empty(os.fstat(fd).st_size, dtype=np.uint8)
+        header = native.read_verified_fd(fd, buf, key, path)
+    finally:
+        os.close(fd)
+    return header, buf.tobytes()
+
+
+#: A descriptor number above any limit of open files: never open.
+UNOPENED_FD = 2**31 - 1
 
 
 # --- constants ------------------------------------------------------------------------
@@ -317,7 +346,7 @@ def test_finalize_then_verify(tmp_path, chunk_size):
         payload, batch_idx=12, loss=0.5, timestamp=99.0, chunk_log2=chunk_size.bit_length() - 1
     )
     assert h.payload_length == len(payload) and h.chunk_size == chunk_size
-    v = native.verify_file(p)
+    v = verify(p)
     assert v.to_dict() == h.to_dict()
     assert native.read_header(p).header_digest == h.header_digest
 
@@ -325,7 +354,7 @@ def test_finalize_then_verify(tmp_path, chunk_size):
 def test_finalize_accepts_numpy_segments(tmp_path):
     p, _, final = finalize_file(tmp_path, as_array=True)
     assert p.read_bytes()[512:] == final[512:]
-    native.verify_file(p)
+    verify(p)
 
 
 def test_every_flipped_byte_is_detected(tmp_path):
@@ -338,11 +367,11 @@ def test_every_flipped_byte_is_detected(tmp_path):
         damaged[off] ^= 0x10
         p.write_bytes(damaged)
         with pytest.raises((CheckpointCorruptError, CheckpointVersionError)):
-            native.verify_file(p)
+            verify(p)
         with pytest.raises((CheckpointCorruptError, CheckpointVersionError)):
-            native.read_verified(p)
+            read_verified(p)
     p.write_bytes(orig)
-    native.verify_file(p)
+    verify(p)
 
 
 def test_payload_mismatch_message(tmp_path):
@@ -351,7 +380,7 @@ def test_payload_mismatch_message(tmp_path):
     data[3000] ^= 1
     p.write_bytes(data)
     with pytest.raises(CheckpointCorruptError) as info:
-        native.verify_file(p)
+        verify(p)
     assert str(info.value) == f"checkpoint {p}: payload digest mismatch (file changed or corrupted)"
     assert info.value.error_context["path"] == str(p)
 
@@ -362,7 +391,7 @@ def test_extra_and_missing_bytes(tmp_path):
     for data in (orig + b"\0", orig[:-1], orig[:600], orig[:512], orig[:100], b""):
         p.write_bytes(data)
         with pytest.raises(CheckpointCorruptError):
-            native.verify_file(p)
+            verify(p)
 
 
 def test_finalize_rejects_bad_arguments(tmp_path):
@@ -410,7 +439,7 @@ def test_finalize_leaves_fd_open(tmp_path):
     native.finalize(fd, [(512, b"12345678")], 1, 0.0, 0.0, durable=False)
     os.fstat(fd)  # still open
     os.close(fd)
-    native.verify_file(p)
+    verify(p)
 
 
 # --- HMAC -----------------------------------------------------------------------------
@@ -423,43 +452,83 @@ def test_hmac(tmp_path):
     assert not hp.keyed and hp.hmac_tag is None
     head = keyed.read_bytes()[:104]
     assert hk.hmac_tag == hmac.new(b"secret", head, hashlib.sha256).digest()
-    assert native.verify_file(keyed, b"secret").keyed
-    assert native.verify_file(keyed, bytearray(b"secret")).keyed
-    native.verify_file(keyed)  # a reader without a key accepts a keyed file
+    assert verify(keyed, b"secret").keyed
+    assert verify(keyed, bytearray(b"secret")).keyed
+    verify(keyed)  # a reader without a key accepts a keyed file
     with pytest.raises(CheckpointAuthenticationError, match="mismatch"):
-        native.verify_file(keyed, b"wrong")
+        verify(keyed, b"wrong")
     with pytest.raises(CheckpointAuthenticationError, match="no HMAC tag"):
-        native.verify_file(plain, b"secret")
+        verify(plain, b"secret")
     with pytest.raises(CheckpointAuthenticationError):
-        native.read_verified(plain, b"secret")
+        read_verified(plain, b"secret")
     with pytest.raises(CheckpointAuthenticationError):
-        native.read_verified(keyed, b"wrong")
-    assert native.read_verified(keyed, b"secret")[0].keyed
+        read_verified(keyed, b"wrong")
+    assert read_verified(keyed, b"secret")[0].keyed
     # An authentication error is a corruption error too.
     assert issubclass(CheckpointAuthenticationError, CheckpointCorruptError)
     with pytest.raises(CheckpointValueError):
-        native.verify_file(keyed, b"")
+        verify(keyed, b"")
 
 
 def test_spec_keyed_file_verifies(tmp_path):
     p = tmp_path / "s.h5"
     write_spec_file(p, os.urandom(10_000), key=b"k2", chunk_log2=12)
-    assert native.verify_file(p, b"k2").keyed
+    assert verify(p, b"k2").keyed
     with pytest.raises(CheckpointAuthenticationError):
-        native.verify_file(p, b"k3")
+        verify(p, b"k3")
 
 
-# --- read_verified, verify_files ------------------------------------------------------
+# --- read_verified_fd, verify_files, verify_fds ---------------------------------------
 
 
-def test_read_verified_returns_exact_bytes(tmp_path):
+def test_read_verified_fd_returns_exact_bytes(tmp_path):
     for n in (0, 1, 4095, 4096, 3 * 4096 + 5, 2 * C_DEFAULT + 9):
         p = tmp_path / f"r{n}.h5"
         data = write_spec_file(p, os.urandom(n), chunk_log2=12 if n < 20000 else 20)
-        h, got = native.read_verified(p)
-        assert type(got) is bytes
+        h, got = read_verified(p)
         assert got == data
         assert h.payload_length == n
+
+
+def test_read_verified_fd_reads_the_open_file_and_leaves_it_as_it_was(tmp_path):
+    p = tmp_path / "r.h5"
+    data = write_spec_file(p, os.urandom(9000), chunk_log2=12, key=b"k")
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.lseek(fd, 100, os.SEEK_SET)
+        # The open file is read, whatever its name points to by now.
+        (tmp_path / "other").write_bytes(b"replaced")
+        os.replace(tmp_path / "other", p)
+        buf = bytearray(len(data))
+        assert native.read_verified_fd(fd, buf, b"k", p).keyed
+        assert buf == data
+        assert os.lseek(fd, 0, os.SEEK_CUR) == 100  # neither moved nor closed
+        with pytest.raises(CheckpointAuthenticationError):
+            native.read_verified_fd(fd, buf, b"other key", p)
+        with pytest.raises(CheckpointCorruptError, match="did it change"):
+            native.read_verified_fd(fd, bytearray(len(data) - 1), None, p)
+        with pytest.raises(CheckpointValueError, match="writable"):
+            native.read_verified_fd(fd, bytes(len(data)))
+    finally:
+        os.close(fd)
+
+
+def test_descriptors_that_are_not_open_are_refused_before_use(tmp_path):
+    with pytest.raises(CheckpointStorageError) as info:
+        native.finalize(UNOPENED_FD, [], 1, 0.0, 0.0)
+    assert info.value.error_context["errno"] == errno.EBADF
+    assert isinstance(info.value.__cause__, OSError)
+    assert info.value.__cause__.errno == errno.EBADF
+    with pytest.raises(CheckpointStorageError) as info:
+        native.read_verified_fd(UNOPENED_FD, bytearray(600), None, tmp_path / "a.h5")
+    assert info.value.error_context["errno"] == errno.EBADF
+    assert info.value.error_context["path"] == str(tmp_path / "a.h5")
+    (outcome,) = native.verify_fds([UNOPENED_FD], [tmp_path / "b.h5"])
+    assert isinstance(outcome, CheckpointStorageError)
+    assert outcome.error_context["errno"] == errno.EBADF
+    # Only a hint: nothing to report.
+    assert native.start_writeback(UNOPENED_FD) is None
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_verify_files_returns_exceptions_in_place(tmp_path):
@@ -487,17 +556,21 @@ def test_verify_files_returns_exceptions_in_place(tmp_path):
 
 def test_missing_file_errors(tmp_path):
     missing = tmp_path / "nope.h5"
-    for call in (native.verify_file, native.read_header, native.read_verified):
-        with pytest.raises(CheckpointNotFoundError) as info:
-            call(missing)
-        e = info.value
-        assert isinstance(e, FileNotFoundError) and isinstance(e, CheckpointError)
-        assert e.error_context["path"] == str(missing)
-        assert e.error_context["op"] == "open"
-        assert e.error_context["errno"] == 2
-        assert "No such file or directory" in str(e)
-        assert isinstance(e.__cause__, FileNotFoundError)
-        assert e.__cause__.errno == 2 and e.__cause__.filename == str(missing)
+    with pytest.raises(CheckpointNotFoundError) as info:
+        native.read_header(missing)
+    e = info.value
+    assert isinstance(e, FileNotFoundError) and isinstance(e, CheckpointError)
+    assert e.error_context["path"] == str(missing)
+    assert e.error_context["op"] == "open"
+    assert e.error_context["errno"] == 2
+    assert "No such file or directory" in str(e)
+    assert isinstance(e.__cause__, FileNotFoundError)
+    assert e.__cause__.errno == 2 and e.__cause__.filename == str(missing)
+    # Returned by verify_files rather than raised: the same error.
+    (returned,) = native.verify_files([missing])
+    assert isinstance(returned, CheckpointNotFoundError)
+    assert isinstance(returned, FileNotFoundError)
+    assert returned.error_context == e.error_context
     with pytest.raises(FileNotFoundError):
         native.scan(missing, "x")
     with pytest.raises(CheckpointNotFoundError):
@@ -516,7 +589,7 @@ if os.geteuid() == 0:
     os.setuid(65534)
 d = sys.argv[1]
 try:
-    native.verify_file(d + "/a.h5")
+    native.read_header(d + "/a.h5")
 except CheckpointPermissionError as e:
     assert isinstance(e, PermissionError) and e.error_context["errno"] == 13, e
 else:
@@ -551,7 +624,7 @@ def test_other_os_errors_are_storage_errors(tmp_path):
     not_a_dir = tmp_path / "file"
     not_a_dir.write_bytes(b"")
     with pytest.raises(CheckpointStorageError) as info:
-        native.verify_file(not_a_dir / "x.h5")  # ENOTDIR
+        native.read_header(not_a_dir / "x.h5")  # ENOTDIR
     assert isinstance(info.value, OSError)
     assert info.value.error_context["errno"] == 20
     with pytest.raises(CheckpointStorageError):
@@ -560,7 +633,9 @@ def test_other_os_errors_are_storage_errors(tmp_path):
 
 def test_directory_is_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointCorruptError, match="not a regular file"):
-        native.verify_file(tmp_path)
+        verify(tmp_path)
+    with pytest.raises(CheckpointCorruptError, match="not a regular file"):
+        native.read_header(tmp_path)
 
 
 # --- scan -----------------------------------------------------------------------------
@@ -660,6 +735,86 @@ def test_plan_retention_rejects_bad_policy(kwargs):
 def test_plan_retention_rejects_negative_batch():
     with pytest.raises(CheckpointValueError):
         native.plan_retention([(-1, True, 0.0)], 1)
+
+
+# --- argument conversion --------------------------------------------------------------
+
+# Every integer argument of the native functions the package calls, the others valid.
+# Each call is refused before it touches a descriptor or file.
+INTEGER_ARGUMENTS = {
+    "tree_digest chunk_size": lambda v: native.tree_digest(b"x", v),
+    "finalize batch_idx": lambda v: native.finalize(0, [], v, 0.0, 0.0),
+    "finalize segment offset": lambda v: native.finalize(0, [(v, b"x")], 1, 0.0, 0.0),
+    "finalize chunk_size": lambda v: native.finalize(0, [], 1, 0.0, 0.0, chunk_size=v),
+    "start_writeback offset": lambda v: native.start_writeback(0, v),
+    "start_writeback length": lambda v: native.start_writeback(0, 0, v),
+    "blosc_compress_chunks chunk_bytes": lambda v: native.blosc_compress_chunks(
+        b"x", v, 1, bytearray(1000)
+    ),
+    "blosc_compress_chunks typesize": lambda v: native.blosc_compress_chunks(
+        b"x", 1, v, bytearray(1000)
+    ),
+    "blosc_max_frame_len chunk_bytes": lambda v: native.blosc_max_frame_len(v),
+    "blosc_ratio typesize": lambda v: native.blosc_ratio(b"x", v),
+    "checkpoint_name batch_idx": lambda v: native.checkpoint_name("ck", v),
+    "plan_retention batch_idx of a candidate": lambda v: native.plan_retention([(v, True, 0.0)], 1),
+    "plan_retention keep_last_n": lambda v: native.plan_retention([], v),
+    "plan_retention keep_every": lambda v: native.plan_retention([], 1, v),
+    "plan_retention keep_best_n": lambda v: native.plan_retention([], 1, None, v),
+    "CheckpointInfo batch_idx": lambda v: native.CheckpointInfo("x.h5", v, 0.0, 0.0, 0, "valid"),
+    "CheckpointInfo size_bytes": lambda v: native.CheckpointInfo("x.h5", 1, 0.0, 0.0, v, "valid"),
+}
+# Descriptors take any C int: a negative one is the callee's to judge (below).
+FD_ARGUMENTS = {
+    "finalize fd": lambda v: native.finalize(v, [], 1, 0.0, 0.0),
+    "read_verified_fd fd": lambda v: native.read_verified_fd(v, bytearray(1)),
+    "verify_fds fd": lambda v: native.verify_fds([v], ["x.h5"]),
+    "start_writeback fd": lambda v: native.start_writeback(v),
+}
+
+
+def _refused_as_value_error(call, argument: str) -> None:
+    with pytest.raises(CheckpointValueError) as info:
+        call()
+    assert not isinstance(info.value, OverflowError)
+    assert f"{argument} must be an integer" in str(info.value)
+    assert info.value.error_context["reason"] in str(info.value)
+
+
+@pytest.mark.parametrize("value", [2**64, -1, 2**200, -(2**200)])
+@pytest.mark.parametrize("what", sorted(INTEGER_ARGUMENTS))
+def test_integer_arguments_out_of_range_are_value_errors(what, value):
+    _refused_as_value_error(lambda: INTEGER_ARGUMENTS[what](value), what.split(" ", 1)[1])
+
+
+@pytest.mark.parametrize("value", [2**31, 2**64, -(2**31) - 1, -(2**200)])
+@pytest.mark.parametrize("what", sorted(FD_ARGUMENTS))
+def test_descriptors_out_of_range_are_value_errors(what, value):
+    _refused_as_value_error(lambda: FD_ARGUMENTS[what](value), "fd")
+
+
+def test_negative_descriptors(tmp_path):
+    for call in (
+        lambda: native.finalize(-1, [], 1, 0.0, 0.0),
+        lambda: native.read_verified_fd(-1, bytearray(1)),
+    ):
+        with pytest.raises(CheckpointValueError, match="invalid file descriptor -1"):
+            call()
+    (outcome,) = native.verify_fds([-1], [tmp_path / "x.h5"])
+    assert isinstance(outcome, CheckpointValueError)
+    assert "invalid file descriptor -1" in str(outcome)
+    assert native.start_writeback(-(2**31)) is None  # only a hint
+
+
+def test_integer_arguments_take_their_whole_range(tmp_path):
+    assert native.checkpoint_name("ck", 2**64 - 1) == f"ck_batch_{2**64 - 1}.h5"
+    assert native.checkpoint_name("ck", 0) == "ck_batch_0000.h5"
+    assert native.plan_retention([(2**64 - 1, True, 0.0)], 0) == []
+    info = native.CheckpointInfo(tmp_path / "x.h5", 2**64 - 1, 0.0, 0.0, 2**64 - 1, "valid")
+    assert (info.batch_idx, info.size_bytes) == (2**64 - 1, 2**64 - 1)
+    assert native.blosc_max_frame_len(2**31 - 1) > 2**31 - 1
+    assert native.blosc_max_frame_len(0) > 0
+    assert native.start_writeback(UNOPENED_FD, 2**64 - 1, 2**64 - 1) is None
 
 
 # --- misc -----------------------------------------------------------------------------

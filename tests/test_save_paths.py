@@ -225,7 +225,12 @@ def test_read_payload_still_reads_bytes(ckpt_dir: Path):
 
     params = np.random.default_rng(9).standard_normal(BIG // 8)
     path = CheckpointManager(ckpt_dir).save_checkpoint(1, params, {"k": 1}, 0.0)
-    header, data = _native.read_verified(path)
-    out = read_payload(data, header, allow_pickle=False, limits=LoadLimits())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = bytearray(os.fstat(fd).st_size)
+        header = _native.read_verified_fd(fd, data, None, path)
+    finally:
+        os.close(fd)
+    out = read_payload(bytes(data), header, allow_pickle=False, limits=LoadLimits())
     np.testing.assert_array_equal(out["parameters"], params)
     assert out["optimizer_state"] == {"k": 1}

@@ -48,13 +48,11 @@ __all__ = [
     "parse_header",
     "plan_retention",
     "read_header",
-    "read_verified",
     "read_verified_fd",
     "scan",
     "start_writeback",
     "tree_digest",
     "verify_fds",
-    "verify_file",
     "verify_files",
 ]
 
@@ -203,23 +201,18 @@ def parse_header(data: bytes) -> Header:
 def read_header(path: _Path) -> Header:
     """Read and parse a file's header; checks the file length against it."""
 
-def verify_file(path: _Path, hmac_key: bytes | None = None) -> Header:
-    """Check header, length, payload digest and (keyed) HMAC tag of one file."""
-
 def verify_files(
     paths: Sequence[_Path], hmac_key: bytes | None = None
 ) -> list[Header | CheckpointError]:
-    """``verify_file`` over many files in parallel; failures are returned, not raised."""
+    """Check header, length, payload digest and (keyed) HMAC tag of many files in
+    parallel; failures are returned, not raised."""
 
 def verify_fds(
     fds: Sequence[int], paths: Sequence[_Path], hmac_key: bytes | None = None
 ) -> list[Header | CheckpointError]:
-    """``verify_file`` of open descriptors (kept open, offsets unchanged), in parallel:
+    """``verify_files`` of open descriptors (kept open, offsets unchanged), in parallel:
     the open files are verified, whatever their names point to by now. ``paths``
     name them in messages. Failures are returned, not raised."""
-
-def read_verified(path: _Path, hmac_key: bytes | None = None) -> tuple[Header, bytes]:
-    """Read a whole file once, verify it from memory, return its header and bytes."""
 
 def read_verified_fd(
     fd: int, out: _Buffer, hmac_key: bytes | None = None, path: _Path | None = None

@@ -93,12 +93,34 @@ fn shuffle8(src: &[u8], dst: &mut [u8]) {
 }
 
 /// The most bytes [`compress_chunk_into`] writes for a chunk of `nbytes`: header,
-/// block starts, and every block stored with its 4-byte size.
-pub fn max_frame_len(nbytes: usize) -> usize {
+/// block starts, and every block stored with its 4-byte size. An error where that
+/// number does not fit a `usize`.
+pub fn max_frame_len(nbytes: usize) -> Result<usize> {
     // Blocks are at least BLOCK_BYTES - 254 long (a multiple of the typesize), plus
     // one leftover; each has a start and up to MAX_SPLITS streams with their sizes.
     let nblocks = nbytes.div_ceil(BLOCK_BYTES - 254) + 1;
-    HEADER + nbytes + (4 + 4 * MAX_SPLITS) * nblocks
+    (4 + 4 * MAX_SPLITS)
+        .checked_mul(nblocks)
+        .and_then(|sizes| sizes.checked_add(nbytes))
+        .and_then(|n| n.checked_add(HEADER))
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "a Blosc frame of a {nbytes}-byte chunk would be larger than memory"
+            ))
+        })
+}
+
+/// Bytes of output space for the frames of `data_len` bytes in chunks of
+/// `chunk_bytes` (> 0), one [`max_frame_len`] slot each: `(slot, total)`.
+fn frames_space(data_len: usize, chunk_bytes: usize) -> Result<(usize, usize)> {
+    let slot = max_frame_len(chunk_bytes)?;
+    let n = data_len.div_ceil(chunk_bytes);
+    let total = n.checked_mul(slot).ok_or_else(|| {
+        Error::invalid(format!(
+            "the Blosc frames of {n} chunks of {chunk_bytes} bytes would be larger than memory"
+        ))
+    })?;
+    Ok((slot, total))
 }
 
 /// Scratch space of one thread: a shuffled block and its compressed form.
@@ -126,7 +148,7 @@ fn compress_with(
             chunk.len()
         )));
     }
-    if out.len() < max_frame_len(chunk.len()) {
+    if out.len() < max_frame_len(chunk.len())? {
         return Err(Error::invalid(
             "the output space is smaller than max_frame_len",
         ));
@@ -209,7 +231,7 @@ fn compress_with(
 
 /// One chunk as a Blosc 1 frame, in a new vector.
 pub fn compress_chunk(chunk: &[u8], typesize: usize) -> Result<Vec<u8>> {
-    let mut out = vec![0u8; max_frame_len(chunk.len())];
+    let mut out = vec![0u8; max_frame_len(chunk.len())?];
     let n = compress_chunk_into(chunk, typesize, &mut out)?;
     out.truncate(n);
     Ok(out)
@@ -228,13 +250,12 @@ pub fn compress_chunks_into(
     if chunk_bytes == 0 {
         return Err(Error::invalid("chunk_bytes must be positive"));
     }
-    let slot = max_frame_len(chunk_bytes);
-    let n = data.len().div_ceil(chunk_bytes);
-    if out.len() < n.saturating_mul(slot) {
+    let (slot, need) = frames_space(data.len(), chunk_bytes)?;
+    if out.len() < need {
         return Err(Error::invalid(format!(
-            "the output holds {} bytes, {n} chunks need {}",
+            "the output holds {} bytes, {} chunks need {need}",
             out.len(),
-            n.saturating_mul(slot)
+            data.len().div_ceil(chunk_bytes)
         )));
     }
     data.par_chunks(chunk_bytes)
@@ -256,8 +277,8 @@ pub fn compress_chunks(data: &[u8], chunk_bytes: usize, typesize: usize) -> Resu
     if chunk_bytes == 0 {
         return Err(Error::invalid("chunk_bytes must be positive"));
     }
-    let slot = max_frame_len(chunk_bytes);
-    let mut out = vec![0u8; data.len().div_ceil(chunk_bytes) * slot];
+    let (slot, need) = frames_space(data.len(), chunk_bytes)?;
+    let mut out = vec![0u8; need];
     let lens = compress_chunks_into(data, chunk_bytes, typesize, &mut out)?;
     Ok(out
         .chunks(slot)
@@ -408,5 +429,22 @@ mod tests {
         assert_eq!(&all[..80_000], &data[..]);
         assert!(all[80_000..].iter().all(|&b| b == 0));
         assert!(compress_chunks(&data, 0, 8).is_err());
+    }
+
+    #[test]
+    fn frame_sizes_that_overflow_are_errors() {
+        assert_eq!(max_frame_len(0).unwrap(), HEADER + 4 + 4 * MAX_SPLITS);
+        let largest = max_frame_len(MAX_CHUNK_BYTES).unwrap();
+        assert!(largest > MAX_CHUNK_BYTES && largest < MAX_CHUNK_BYTES + (2 << 20));
+        for nbytes in [usize::MAX, usize::MAX - HEADER, usize::MAX - (1 << 30)] {
+            let e = max_frame_len(nbytes).unwrap_err();
+            assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+        }
+        // Each slot fits, all of them together do not.
+        let (slot, total) = frames_space(1000, 1).unwrap();
+        assert_eq!(total, 1000 * slot);
+        assert!(frames_space(usize::MAX, 1).is_err());
+        assert!(frames_space(usize::MAX, 1 << 20).is_err());
+        assert!(frames_space(usize::MAX, usize::MAX).is_err());
     }
 }

@@ -66,10 +66,22 @@ pub(crate) fn read_error(path: &Path, e: io::Error) -> Error {
     }
 }
 
-/// The file offset range of chunk `i` of a payload at `offset` of length `len`.
+/// The end of the file region `[offset, offset + len)`: an invalid argument where
+/// it lies beyond the largest file offset.
+pub(crate) fn region_end(offset: u64, len: u64) -> Result<u64> {
+    offset.checked_add(len).ok_or_else(|| {
+        Error::invalid(format!(
+            "a region of {len} bytes at offset {offset} ends beyond the largest file offset"
+        ))
+    })
+}
+
+/// The file offset range of chunk `i < chunk_count(len)` of a payload at `offset` of
+/// length `len`, where `offset + len` fits (see [`region_end`]).
 pub(crate) fn chunk_range(offset: u64, len: u64, chunk_log2: u32, i: u64) -> (u64, u64) {
     let start = offset + (i << chunk_log2);
-    let end = (start + (1u64 << chunk_log2)).min(offset + len);
+    // Saturating is exact: the end is cut to the payload's end, which fits.
+    let end = start.saturating_add(1u64 << chunk_log2).min(offset + len);
     (start, end)
 }
 
@@ -82,6 +94,7 @@ pub fn tree_digest_file(
     chunk_log2: u32,
     path: &Path,
 ) -> Result<Hash> {
+    region_end(offset, len)?;
     let n = crate::header::chunk_count(len, chunk_log2);
     let digests = (0..n)
         .into_par_iter()
@@ -240,6 +253,23 @@ mod tests {
         // Reading past the end is a corruption (truncated), not a panic.
         let err = tree_digest_file(&f, 512, payload.len() as u64 + 1, 12, p).unwrap_err();
         assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+        // A region beyond the largest offset is refused before anything is read.
+        let err = tree_digest_file(&f, u64::MAX - 10, 11, 12, p).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+    }
+
+    #[test]
+    fn chunk_ranges_reach_the_largest_offset_without_overflow() {
+        assert_eq!(chunk_range(512, 10_000, 12, 0), (512, 512 + 4096));
+        assert_eq!(chunk_range(512, 10_000, 12, 2), (512 + 8192, 10_512));
+        // The largest payload a header may announce: its last chunk ends at u64::MAX.
+        let len = u64::MAX - 512;
+        let last = crate::header::chunk_count(len, 30) - 1;
+        let (start, end) = chunk_range(512, len, 30, last);
+        assert_eq!(end, u64::MAX);
+        assert!(start < end && end - start <= 1 << 30);
+        assert_eq!(region_end(512, len).unwrap(), u64::MAX);
+        assert!(region_end(513, len).is_err());
     }
 
     #[test]

@@ -3,6 +3,10 @@
 //! Every variant keeps the path it is about, so that a message names the file and
 //! says what went wrong with it. The Python binding maps the variants onto the
 //! classes of `h5ckpt.errors`.
+//!
+//! This module depends on no other module of the crate (they all depend on it): a
+//! value an error reports, such as the format version a reader knows, travels in
+//! the error.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -29,14 +33,15 @@ pub enum Error {
     Authentication { path: PathBuf, reason: String },
     /// The file uses a newer major format version than this reader knows.
     #[error(
-        "{}: written in format version {major}.{minor}; this reader knows only major version {}",
-        subject(path),
-        crate::header::FORMAT_MAJOR
+        "{}: written in format version {major}.{minor}; this reader knows only major version {supported}",
+        subject(path)
     )]
     Version {
         path: PathBuf,
         major: u16,
         minor: u16,
+        /// The major version this reader knows.
+        supported: u16,
     },
     /// An argument is out of range.
     #[error("{0}")]

@@ -10,17 +10,17 @@
 //! a private buffer, and that buffer is both hashed and written.
 
 use std::fs::File;
-use std::mem::ManuallyDrop;
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
-use crate::digest::{check_segments, chunk_range, read_error, root, Hash, Segment};
+use crate::digest::{check_segments, chunk_range, read_error, region_end, root, Hash, Segment};
 use crate::error::{Error, Result};
-use crate::header::{self, Header, HeaderFields, MAX_CHUNK_LOG2, MIN_CHUNK_LOG2, PAYLOAD_OFFSET};
+use crate::fd;
+use crate::header::{self, Header, HeaderFields, PAYLOAD_OFFSET};
 
 /// What goes into the header besides the payload digest.
 #[derive(Clone, Debug)]
@@ -47,12 +47,7 @@ pub fn finalize(
     seal: &Seal<'_>,
 ) -> Result<Header> {
     header::check_key(seal.key)?;
-    if !(MIN_CHUNK_LOG2..=MAX_CHUNK_LOG2).contains(&seal.chunk_log2) {
-        return Err(Error::invalid(format!(
-            "chunk_log2 must be in {MIN_CHUNK_LOG2}..={MAX_CHUNK_LOG2}, got {}",
-            seal.chunk_log2
-        )));
-    }
+    header::check_chunk_log2(seal.chunk_log2)?;
     let len = file
         .metadata()
         .map_err(|e| Error::io("stat", path, e))?
@@ -78,6 +73,7 @@ pub fn finalize(
         &segments,
         seal.durable,
         path,
+        PIECE,
     )?;
     let fields = HeaderFields {
         payload_length,
@@ -104,28 +100,15 @@ const PIECE: usize = 1 << 20;
 /// Writes each segment at its offset and returns the tree digest of the file region
 /// `[offset, offset + len)` as it then is: segment bytes as written, all other bytes
 /// read back from `file` (what HDF5 wrote, from the page cache). Digest chunks are
-/// done in parallel, each by one worker, which copies, hashes and writes. With
-/// `writeback`, each written piece is handed to the disk at once.
+/// done in parallel, each by one worker, which copies, hashes and writes `piece`
+/// bytes at a time ([`PIECE`]; tests vary it). With `writeback`, each written piece
+/// is handed to the disk at once.
 ///
 /// `segments` are sorted, non-overlapping and inside the region (see
 /// [`check_segments`]). Their memory may change while this runs: it is read once,
 /// and only that copy is hashed and written, so the digest always matches the file.
-pub fn write_and_digest(
-    file: &File,
-    offset: u64,
-    len: u64,
-    chunk_log2: u32,
-    segments: &[Segment<'_>],
-    writeback: bool,
-    path: &Path,
-) -> Result<Hash> {
-    write_and_digest_in(
-        file, offset, len, chunk_log2, segments, writeback, path, PIECE,
-    )
-}
-
 #[allow(clippy::too_many_arguments)]
-fn write_and_digest_in(
+fn write_and_digest(
     file: &File,
     offset: u64,
     len: u64,
@@ -135,6 +118,7 @@ fn write_and_digest_in(
     path: &Path,
     piece: usize,
 ) -> Result<Hash> {
+    region_end(offset, len)?;
     let n = crate::header::chunk_count(len, chunk_log2);
     let digests = (0..n)
         .into_par_iter()
@@ -250,7 +234,6 @@ impl ChunkSealer<'_> {
 /// `len == 0` means up to the end of the file.
 #[cfg(target_os = "linux")]
 pub fn start_writeback(file: &File, offset: u64, len: u64) {
-    use std::os::fd::AsRawFd;
     let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
         return;
     };
@@ -264,28 +247,31 @@ pub fn start_writeback(file: &File, offset: u64, len: u64) {
 #[cfg(not(target_os = "linux"))]
 pub fn start_writeback(_file: &File, _offset: u64, _len: u64) {}
 
-/// [`start_writeback`] on a raw descriptor the caller keeps owning; an invalid
-/// descriptor is ignored (it is only a hint).
+/// [`start_writeback`] on a raw descriptor the caller keeps owning; a descriptor
+/// that is not open is ignored (it is only a hint).
 pub fn start_writeback_fd(fd: RawFd, offset: u64, len: u64) {
-    if fd < 0 {
-        return;
-    }
-    // SAFETY: the caller keeps the descriptor open for the call; ManuallyDrop keeps
-    // this `File` from closing it. A descriptor that is not open makes the hint fail.
-    let file = ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
-    start_writeback(&file, offset, len);
+    let _ = fd::with_borrowed_file(fd, Path::new(""), |file| {
+        start_writeback(file, offset, len);
+        Ok(())
+    });
 }
 
 /// [`finalize`] on a raw file descriptor that the caller keeps owning: it is neither
 /// closed nor otherwise changed, except for the bytes written. The descriptor must be
 /// open for reading and writing and not in append mode.
 pub fn finalize_fd(fd: RawFd, segments: &[Segment<'_>], seal: &Seal<'_>) -> Result<Header> {
-    let path = fd_path(fd);
-    if fd < 0 {
-        return Err(Error::invalid(format!("invalid file descriptor {fd}")));
-    }
-    // SAFETY: fcntl only inspects the descriptor table.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    let path = fd::path_of(fd);
+    fd::with_borrowed_file(fd, &path, |file| {
+        check_read_write(file, &path)?;
+        finalize(file, &path, segments, seal)
+    })
+}
+
+/// Checks that `file` is open for reading and writing (the payload is read back and
+/// written) and not in append mode (which would put every write at the end).
+fn check_read_write(file: &File, path: &Path) -> Result<()> {
+    // SAFETY: fcntl(F_GETFL) only reads the descriptor's status flags.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
     if flags == -1 {
         return Err(Error::io("use", path, std::io::Error::last_os_error()));
     }
@@ -301,16 +287,7 @@ pub fn finalize_fd(fd: RawFd, segments: &[Segment<'_>], seal: &Seal<'_>) -> Resu
             path.display()
         )));
     }
-    // SAFETY: the descriptor is open (checked above) and stays open for the whole call:
-    // the caller owns it. ManuallyDrop keeps this `File` from closing it.
-    let file = ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
-    finalize(&file, &path, segments, seal)
-}
-
-/// A name for `fd` in messages: the path it was opened with, when the OS tells.
-pub(crate) fn fd_path(fd: RawFd) -> PathBuf {
-    std::fs::read_link(format!("/proc/self/fd/{fd}"))
-        .unwrap_or_else(|_| PathBuf::from(format!("<file descriptor {fd}>")))
+    Ok(())
 }
 
 /// fsyncs a directory, so that a rename or unlink in it is durable. File systems
@@ -333,9 +310,10 @@ pub fn fsync_directory(path: &Path) -> Result<()> {
 mod tests {
     use super::*;
     use crate::digest::tree_digest;
-    use crate::verify::{read_verified, verify_file};
+    use crate::verify::tests::read_verified;
+    use crate::verify::verify_file;
     use std::fs::OpenOptions;
-    use std::os::fd::AsRawFd;
+    use std::path::PathBuf;
 
     fn seal(key: Option<&[u8]>) -> Seal<'_> {
         Seal {
@@ -537,8 +515,12 @@ mod tests {
             finalize_fd(-1, &[], &seal(None)),
             Err(Error::InvalidArgument(_))
         ));
-        let e = finalize_fd(1 << 20, &[], &seal(None)).unwrap_err();
+        let e = finalize_fd(RawFd::MAX, &[], &seal(None)).unwrap_err();
         assert_eq!(e.errno(), Some(libc::EBADF));
+        // The hint ignores descriptors that are not open.
+        start_writeback_fd(-1, 0, 0);
+        start_writeback_fd(RawFd::MAX, 0, 0);
+        start_writeback_fd(f.as_raw_fd(), 0, 0);
     }
 
     proptest::proptest! {
@@ -583,7 +565,7 @@ mod tests {
                 .map(|&(a, b)| Segment { offset: 512 + a as u64, data: &final_bytes[a..b] })
                 .collect();
             let segments = check_segments(&segments, 512, 512 + len as u64).unwrap();
-            let got = write_and_digest_in(
+            let got = write_and_digest(
                 &f, 512, len as u64, chunk_log2, &segments, false, &p, piece,
             )
             .unwrap();
@@ -600,7 +582,7 @@ mod tests {
         // truncation, not a panic.
         let (_d, p, want) = setup(512 + 100, &[]);
         let f = open_rw(&p);
-        let e = write_and_digest(&f, 512, 200, 12, &[], false, &p).unwrap_err();
+        let e = write_and_digest(&f, 512, 200, 12, &[], false, &p, PIECE).unwrap_err();
         assert!(matches!(e, Error::Corrupt { .. }), "{e}");
         // A descriptor open read-only cannot take the segment bytes.
         let ro = File::open(&p).unwrap();
@@ -608,7 +590,7 @@ mod tests {
             offset: 512,
             data: &want[512..612],
         }];
-        let e = write_and_digest(&ro, 512, 100, 12, &seg, false, &p).unwrap_err();
+        let e = write_and_digest(&ro, 512, 100, 12, &seg, false, &p, PIECE).unwrap_err();
         assert_eq!(e.errno(), Some(libc::EBADF), "{e}");
     }
 

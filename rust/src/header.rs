@@ -74,10 +74,10 @@ impl Header {
         self.flags & FLAG_HMAC != 0
     }
 
-    /// The file length the header announces (`payload_offset + payload_length`;
-    /// parsing guarantees that it does not overflow).
-    pub fn file_length(&self) -> u64 {
-        self.payload_offset + self.payload_length
+    /// The file length the header announces, `payload_offset + payload_length`, or
+    /// `None` where that sum overflows (never for a header that parsed).
+    pub fn file_length(&self) -> Option<u64> {
+        self.payload_offset.checked_add(self.payload_length)
     }
 }
 
@@ -110,6 +110,17 @@ pub fn chunk_log2_of(chunk_size: u64) -> Result<u32> {
         1u64 << MIN_CHUNK_LOG2,
         1u64 << MAX_CHUNK_LOG2
     )))
+}
+
+/// Checks a chunk size given as its log2 (a writer's choice, so an invalid argument).
+pub fn check_chunk_log2(chunk_log2: u32) -> Result<()> {
+    if (MIN_CHUNK_LOG2..=MAX_CHUNK_LOG2).contains(&chunk_log2) {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "chunk_log2 must be in {MIN_CHUNK_LOG2}..={MAX_CHUNK_LOG2}, got {chunk_log2}"
+        )))
+    }
 }
 
 /// Checks an HMAC key (non-empty) and returns the MAC ready for input.
@@ -161,13 +172,8 @@ pub fn check_hmac(
 
 /// Encodes a header. With a key, sets flag bit 0 and stores the HMAC tag.
 pub fn encode(fields: &HeaderFields, key: Option<&[u8]>) -> Result<[u8; HEADER_SIZE]> {
-    if !(MIN_CHUNK_LOG2..=MAX_CHUNK_LOG2).contains(&fields.chunk_log2) {
-        return Err(Error::invalid(format!(
-            "chunk_log2 must be in {MIN_CHUNK_LOG2}..={MAX_CHUNK_LOG2}, got {}",
-            fields.chunk_log2
-        )));
-    }
-    if fields.payload_length > u64::MAX - PAYLOAD_OFFSET {
+    check_chunk_log2(fields.chunk_log2)?;
+    if PAYLOAD_OFFSET.checked_add(fields.payload_length).is_none() {
         return Err(Error::invalid("payload_length too large"));
     }
     let mut h = [0u8; HEADER_SIZE];
@@ -231,6 +237,7 @@ pub fn parse(data: &[u8]) -> Result<Header> {
                 path: Default::default(),
                 major,
                 minor,
+                supported: FORMAT_MAJOR,
             });
         }
     }
@@ -286,7 +293,7 @@ pub fn parse(data: &[u8]) -> Result<Header> {
             header.payload_offset
         ));
     }
-    if header.payload_length > u64::MAX - PAYLOAD_OFFSET {
+    if header.file_length().is_none() {
         return bad(format!(
             "payload_length {} is out of range",
             header.payload_length
@@ -359,7 +366,7 @@ mod tests {
         assert_eq!(p.payload_digest, [7u8; 32]);
         assert!(!p.keyed());
         assert_eq!(p.hmac_tag, [0u8; 32]);
-        assert_eq!(p.file_length(), 512 + 5 * 4096 + 3);
+        assert_eq!(p.file_length(), Some(512 + 5 * 4096 + 3));
         assert!(h[136..480].iter().all(|&b| b == 0));
     }
 
@@ -465,12 +472,45 @@ mod tests {
         h[..8].copy_from_slice(&MAGIC);
         h[8..10].copy_from_slice(&2u16.to_le_bytes());
         h[10..12].copy_from_slice(&3u16.to_le_bytes());
-        match parse(&h) {
-            Err(Error::Version { major, minor, .. }) => assert_eq!((major, minor), (2, 3)),
-            other => panic!("{other:?}"),
-        }
+        let e = parse(&h).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Version {
+                    major: 2,
+                    minor: 3,
+                    supported: FORMAT_MAJOR,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let message = e.to_string();
+        assert!(
+            message.ends_with("this reader knows only major version 1"),
+            "{message}"
+        );
         // Also when truncated right after the version.
         assert!(matches!(parse(&h[..12]), Err(Error::Version { .. })));
+    }
+
+    #[test]
+    fn lengths_beyond_the_largest_offset_are_refused() {
+        let mut f = fields();
+        f.payload_length = u64::MAX - PAYLOAD_OFFSET;
+        let p = parse(&encode(&f, None).unwrap()).unwrap();
+        assert_eq!(p.file_length(), Some(u64::MAX));
+        f.payload_length += 1;
+        assert!(matches!(encode(&f, None), Err(Error::InvalidArgument(_))));
+        // A header made by hand rather than parsed.
+        let mut h = p;
+        h.payload_length = u64::MAX;
+        assert_eq!(h.file_length(), None);
+        let e = crate::verify::check_length(&h, u64::MAX, std::path::Path::new("/x.h5"));
+        assert!(
+            matches!(&e, Err(Error::Corrupt { reason, .. }) if reason.contains("out of range")),
+            "{e:?}"
+        );
     }
 
     #[test]
@@ -480,6 +520,15 @@ mod tests {
         assert_eq!(chunk_log2_of(1 << 30).unwrap(), 30);
         for bad in [0u64, 1, 2048, 4095, 4097, 1 << 31, u64::MAX] {
             assert!(chunk_log2_of(bad).is_err(), "{bad}");
+        }
+        for log2 in [MIN_CHUNK_LOG2, DEFAULT_CHUNK_LOG2, MAX_CHUNK_LOG2] {
+            assert!(check_chunk_log2(log2).is_ok());
+        }
+        for log2 in [0, MIN_CHUNK_LOG2 - 1, MAX_CHUNK_LOG2 + 1, 64, u32::MAX] {
+            assert!(matches!(
+                check_chunk_log2(log2),
+                Err(Error::InvalidArgument(_))
+            ));
         }
         assert_eq!(chunk_count(0, 12), 0);
         assert_eq!(chunk_count(1, 12), 1);
@@ -654,7 +703,7 @@ mod tests {
             let path = std::path::Path::new("fuzz.h5");
             // The length check and the HMAC check take any header that parsed.
             let length_ok = crate::verify::check_length(&p, file_len, path).is_ok();
-            prop_assert_eq!(length_ok, file_len == p.file_length());
+            prop_assert_eq!(length_ok, Some(file_len) == p.file_length());
             let _ = check_hmac(b"key", &h, &p, path);
         }
     }

@@ -7,6 +7,7 @@ pub mod blosc;
 pub mod catalog;
 pub mod digest;
 pub mod error;
+pub mod fd;
 pub mod finalize;
 pub mod header;
 pub mod parallel;

@@ -2,9 +2,7 @@
 //! HMAC tag.
 
 use std::fs::{File, OpenOptions};
-use std::io;
-use std::mem::{ManuallyDrop, MaybeUninit};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
@@ -12,6 +10,7 @@ use rayon::prelude::*;
 
 use crate::digest::{read_error, root, sha256, tree_digest_file, Hash};
 use crate::error::{Error, Result};
+use crate::fd;
 use crate::header::{self, Header, HEADER_SIZE};
 
 /// Opens `path` for reading and returns the file and its length.
@@ -25,11 +24,18 @@ pub fn open(path: &Path) -> Result<(File, u64)> {
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)
         .map_err(|e| Error::io("open", path, e))?;
+    let len = regular_file_len(&file, path)?;
+    Ok((file, len))
+}
+
+/// The length of `file`, which must be a regular file: a checkpoint is no FIFO,
+/// device or directory.
+fn regular_file_len(file: &File, path: &Path) -> Result<u64> {
     let meta = file.metadata().map_err(|e| Error::io("stat", path, e))?;
     if !meta.is_file() {
         return Err(Error::corrupt(path, "not a regular file"));
     }
-    Ok((file, meta.len()))
+    Ok(meta.len())
 }
 
 /// Reads up to `buf.len()` bytes at offset 0; returns how many were read (fewer
@@ -57,7 +63,12 @@ fn parse_and_check_length(bytes: &[u8], len: u64, path: &Path) -> Result<Header>
 
 /// Checks that the file length is exactly `payload_offset + payload_length`.
 pub fn check_length(header: &Header, len: u64, path: &Path) -> Result<()> {
-    let want = header.file_length();
+    let Some(want) = header.file_length() else {
+        return Err(Error::corrupt(
+            path,
+            format!("payload_length {} is out of range", header.payload_length),
+        ));
+    };
     if len < want {
         Err(Error::corrupt(
             path,
@@ -124,17 +135,10 @@ pub fn verify_file(path: &Path, key: Option<&[u8]>) -> Result<Header> {
 /// `path` names it in messages.
 pub fn verify_fd(fd: RawFd, path: &Path, key: Option<&[u8]>) -> Result<Header> {
     header::check_key(key)?;
-    if fd < 0 {
-        return Err(Error::invalid(format!("invalid file descriptor {fd}")));
-    }
-    // SAFETY: the caller keeps the descriptor open for the whole call; ManuallyDrop
-    // keeps this `File` from closing it.
-    let file = ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
-    let meta = file.metadata().map_err(|e| Error::io("stat", path, e))?;
-    if !meta.is_file() {
-        return Err(Error::corrupt(path, "not a regular file"));
-    }
-    verify_opened(&file, meta.len(), path, key)
+    fd::with_borrowed_file(fd, path, |file| {
+        let len = regular_file_len(file, path)?;
+        verify_opened(file, len, path, key)
+    })
 }
 
 /// [`verify_fd`] over many descriptors in parallel; one result per descriptor.
@@ -173,61 +177,21 @@ pub fn verify_files<P: AsRef<Path> + Sync>(paths: &[P], key: Option<&[u8]>) -> V
         .collect()
 }
 
-/// Fills `buf` from `file` at `offset` with positional reads straight into the
-/// (possibly uninitialised) memory; returns it as initialised bytes. A short file
-/// gives `UnexpectedEof`.
-fn read_exact_uninit<'a>(
-    file: &File,
-    buf: &'a mut [MaybeUninit<u8>],
-    offset: u64,
-) -> io::Result<&'a mut [u8]> {
-    let mut done = 0usize;
-    while done < buf.len() {
-        let at = i64::try_from(offset + done as u64)
-            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        let rest = &mut buf[done..];
-        // SAFETY: pread writes at most `rest.len()` bytes into `rest`, which is valid
-        // for writes; the kernel never reads the (uninitialised) destination.
-        let n = unsafe {
-            libc::pread(
-                file.as_raw_fd(),
-                rest.as_mut_ptr().cast::<libc::c_void>(),
-                rest.len(),
-                at as libc::off_t,
-            )
-        };
-        match n {
-            0 => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
-            n if n > 0 => done += n as usize,
-            _ => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
-        }
-    }
-    // SAFETY: the loop initialised all `buf.len()` bytes.
-    Ok(unsafe { &mut *(buf as *mut [MaybeUninit<u8>] as *mut [u8]) })
-}
-
 /// Reads a whole open file of length `buf.len()` into `buf` and verifies it from
 /// memory. The header is read first (it gives the chunk size); then every rayon task
 /// reads one chunk into its own slice of `buf` and hashes it while it is hot.
-///
-/// `buf` may be uninitialised: the file is read straight into it (one copy, no
-/// zero-fill). When this returns `Ok`, every byte of `buf` is initialised.
-pub fn read_verified_into(
+fn read_verified_into(
     file: &File,
     path: &Path,
     key: Option<&[u8]>,
-    buf: &mut [MaybeUninit<u8>],
+    buf: &mut [u8],
 ) -> Result<Header> {
     header::check_key(key)?;
     let len = buf.len() as u64;
     let head_len = buf.len().min(HEADER_SIZE);
     let (head, payload) = buf.split_at_mut(head_len);
-    let head = read_exact_uninit(file, head, 0).map_err(|e| read_error(path, e))?;
+    file.read_exact_at(head, 0)
+        .map_err(|e| read_error(path, e))?;
     let header = parse_and_check_length(head, len, path)?;
     let head: &[u8; HEADER_SIZE] = (&*head)
         .try_into()
@@ -239,18 +203,19 @@ pub fn read_verified_into(
         .par_chunks_mut(chunk)
         .enumerate()
         .map(|(i, dst)| {
-            let bytes = read_exact_uninit(file, dst, offset + (i as u64) * chunk as u64)
+            file.read_exact_at(dst, offset + (i as u64) * chunk as u64)
                 .map_err(|e| read_error(path, e))?;
-            Ok(sha256(bytes))
+            Ok(sha256(dst))
         })
         .collect::<Result<Vec<Hash>>>()?;
     check_payload(&header, &root(header.chunk_log2, &digests), path)?;
     Ok(header)
 }
 
-/// [`read_verified_into`] from a raw descriptor the caller keeps owning (not
-/// closed, its offset unchanged) into `buf`, which must be exactly as long as the
-/// file. Every byte of `buf` is overwritten when this returns `Ok`.
+/// Reads the whole file open as `fd`, which the caller keeps owning (not closed,
+/// its offset unchanged), into `buf`, which must be exactly as long as the file, and
+/// verifies it from memory. Every byte of `buf` is overwritten when this returns
+/// `Ok`.
 ///
 /// `path` names the file in messages (default: what the OS tells of `fd`).
 pub fn read_verified_fd(
@@ -259,43 +224,20 @@ pub fn read_verified_fd(
     key: Option<&[u8]>,
     buf: &mut [u8],
 ) -> Result<Header> {
-    let path = path.map_or_else(|| crate::finalize::fd_path(fd), Path::to_path_buf);
-    if fd < 0 {
-        return Err(Error::invalid(format!("invalid file descriptor {fd}")));
-    }
-    // SAFETY: the caller keeps the descriptor open for the whole call; ManuallyDrop
-    // keeps this `File` from closing it.
-    let file = ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
-    let meta = file.metadata().map_err(|e| Error::io("stat", &path, e))?;
-    if !meta.is_file() {
-        return Err(Error::corrupt(&path, "not a regular file"));
-    }
-    if meta.len() != buf.len() as u64 {
-        return Err(Error::corrupt(
-            &path,
-            format!(
-                "the file is {} bytes long, the buffer for it {} (did it change?)",
-                meta.len(),
-                buf.len()
-            ),
-        ));
-    }
-    // SAFETY: viewing initialised bytes as possibly uninitialised ones is sound as
-    // long as nothing uninitialised is written back; read_verified_into only writes
-    // bytes read from the file.
-    let uninit = unsafe { &mut *(buf as *mut [u8] as *mut [MaybeUninit<u8>]) };
-    read_verified_into(&file, &path, key, uninit)
-}
-
-/// Reads and verifies a whole file; returns its header and bytes.
-pub fn read_verified(path: &Path, key: Option<&[u8]>) -> Result<(Header, Vec<u8>)> {
-    let (file, len) = open(path)?;
-    let len = usize::try_from(len).map_err(|_| Error::invalid("file too large for memory"))?;
-    let mut buf = Vec::with_capacity(len);
-    let header = read_verified_into(&file, path, key, &mut buf.spare_capacity_mut()[..len])?;
-    // SAFETY: read_verified_into returned Ok, so it initialised all `len` bytes.
-    unsafe { buf.set_len(len) };
-    Ok((header, buf))
+    let path = path.map_or_else(|| fd::path_of(fd), Path::to_path_buf);
+    fd::with_borrowed_file(fd, &path, |file| {
+        let len = regular_file_len(file, &path)?;
+        if len != buf.len() as u64 {
+            return Err(Error::corrupt(
+                &path,
+                format!(
+                    "the file is {len} bytes long, the buffer for it {} (did it change?)",
+                    buf.len()
+                ),
+            ));
+        }
+        read_verified_into(file, &path, key, buf)
+    })
 }
 
 #[cfg(test)]
@@ -303,6 +245,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::digest::tree_digest;
     use crate::header::{encode, HeaderFields};
+    use std::os::fd::AsRawFd;
 
     pub(crate) fn make_file(
         dir: &Path,
@@ -323,6 +266,14 @@ pub(crate) mod tests {
         let path = dir.join(name);
         std::fs::write(&path, bytes).unwrap();
         path
+    }
+
+    /// Reads and verifies a whole file through a descriptor, as a load does.
+    pub(crate) fn read_verified(p: &Path, key: Option<&[u8]>) -> Result<(Header, Vec<u8>)> {
+        let f = File::open(p).map_err(|e| Error::io("open", p, e))?;
+        let mut buf = vec![0u8; f.metadata().unwrap().len() as usize];
+        let header = read_verified_fd(f.as_raw_fd(), Some(p), key, &mut buf)?;
+        Ok((header, buf))
     }
 
     fn payload(n: usize) -> Vec<u8> {
@@ -438,7 +389,12 @@ pub(crate) mod tests {
             read_verified_fd(f.as_raw_fd(), None, None, &mut buf),
             Err(Error::Corrupt { .. })
         ));
-        assert!(read_verified_fd(-1, None, None, &mut buf).is_err());
+        assert!(matches!(
+            read_verified_fd(-1, None, None, &mut buf),
+            Err(Error::InvalidArgument(_))
+        ));
+        let e = read_verified_fd(RawFd::MAX, None, None, &mut buf).unwrap_err();
+        assert_eq!(e.errno(), Some(libc::EBADF), "{e}");
     }
 
     #[test]
@@ -460,7 +416,12 @@ pub(crate) mod tests {
             verify_fd(g.as_raw_fd(), &other, Some(b"k")),
             Err(Error::Authentication { .. })
         ));
-        assert!(verify_fd(-1, &p, None).is_err());
+        assert!(matches!(
+            verify_fd(-1, &p, None),
+            Err(Error::InvalidArgument(_))
+        ));
+        let e = verify_fd(RawFd::MAX, &p, None).unwrap_err();
+        assert_eq!(e.errno(), Some(libc::EBADF), "{e}");
     }
 
     #[test]

@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 
-use super::{f64_arg, opt_str_arg, path_arg, str_arg, to_pyerr, u64_arg, value_error};
+use super::args::{f64_arg, opt_str_arg, path_arg, str_arg, u64_arg};
+use super::errors::{detach_on_this_thread, to_pyerr, value_error};
 use crate::catalog::{Catalog, Record, Status, Verdict};
 use crate::error::Error;
 use crate::scan::Identity;
@@ -333,8 +334,7 @@ impl PyCatalog {
         T: Send,
     {
         let state = self.state(py);
-        py.detach(|| f(&mut locked(&state.catalog), &state))
-            .map_err(|e| to_pyerr(py, e))
+        detach_on_this_thread(py, || f(&mut locked(&state.catalog), &state))
     }
 
     /// The record of version `version`, if the catalog still holds it.
@@ -526,4 +526,10 @@ impl PyCatalog {
         let state = self.state(py);
         Ok(py.detach(|| locked(&state.catalog).get(&name).is_some()))
     }
+}
+
+pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyCheckpointInfo>()?;
+    m.add_class::<PyCatalog>()?;
+    Ok(())
 }
