@@ -760,14 +760,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
+    def prefix_option(
+        p: argparse.ArgumentParser,
+        flag: str = "--prefix",
+        default: str | None = "checkpoint",
+        help_: str = "file name prefix",
+    ) -> None:
+        if default is not None:
+            help_ += " (default: %(default)s)"
+        p.add_argument(flag, type=_prefix_arg, default=default, help=help_)
+
     p = command("ls", cmd_ls, "list the checkpoints of a directory")
     p.add_argument("directory", metavar="DIR")
-    p.add_argument(
-        "--prefix",
-        type=_prefix_arg,
-        default="checkpoint",
-        help="file name prefix (default: %(default)s)",
-    )
+    prefix_option(p)
     p.add_argument("--verify", action="store_true", help="hash every file (default: headers only)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -788,12 +793,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("prune", cmd_prune, "delete old checkpoints by the manager's retention policy")
     p.add_argument("directory", metavar="DIR")
-    p.add_argument(
-        "--prefix",
-        type=_prefix_arg,
-        default="checkpoint",
-        help="file name prefix (default: %(default)s)",
-    )
+    prefix_option(p)
     p.add_argument(
         "--keep-last",
         type=_positive,
@@ -830,18 +830,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("migrate", cmd_migrate, "convert seed-format checkpoints into h5ckpt files")
     p.add_argument("src_dir", metavar="SRC_DIR")
     p.add_argument("dst_dir", metavar="DST_DIR")
-    p.add_argument(
-        "--prefix",
-        type=_prefix_arg,
-        default="homodyne_state",
-        help="prefix of the source files (default: %(default)s)",
-    )
-    p.add_argument(
-        "--dst-prefix",
-        type=_prefix_arg,
-        default=None,
-        help="prefix of the new files (default: --prefix)",
-    )
+    prefix_option(p, default="homodyne_state", help_="prefix of the source files")
+    prefix_option(p, "--dst-prefix", None, "prefix of the new files (default: --prefix)")
     p.add_argument(
         "--allow-pickle",
         action="store_true",
