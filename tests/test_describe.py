@@ -26,6 +26,7 @@ import pytest
 
 from h5ckpt import CheckpointManager, LoadLimits
 from h5ckpt.inspection import describe_file
+from h5ckpt.reading import verified_copy
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _FAN_CLASS_CONTENT, _FAN_CLOEXEC, _FAN_MARK_ADD = 0x04, 0x01, 0x01
@@ -205,3 +206,18 @@ def test_the_depth_bound_is_the_load_limits(tmp_path: Path):
     shallow = describe_file(path, limits=LoadLimits(max_depth=50))
     assert shallow["status"] == "invalid" and "max_depth" in shallow["error"]
     assert shallow["tree"] is None
+
+
+def test_the_verified_copy_cannot_be_changed(tmp_path: Path):
+    path = _save(tmp_path / "run", b"key", 1.0)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with verified_copy(fd, path, b"key", LoadLimits()) as (header, copy):
+            assert header.batch_idx == 7
+            assert os.pread(copy, path.stat().st_size + 1, 0) == path.read_bytes()
+            with pytest.raises(PermissionError):  # sealed
+                os.pwrite(copy, b"x", 600)
+            with pytest.raises(PermissionError):
+                os.ftruncate(copy, 10)
+    finally:
+        os.close(fd)

@@ -10,6 +10,7 @@ memory file, sealed once verified, for readers that parse through a descriptor
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import mmap
 import os
@@ -24,6 +25,7 @@ from . import _native
 from .errors import CheckpointError, CheckpointResourceError
 from .limits import LoadLimits
 from .opening import open_regular, read_head
+from .staging import oserror_to_checkpoint
 from .verification import check_size
 
 __all__ = ["read_verified", "read_verified_fd", "verified_copy"]
@@ -116,12 +118,17 @@ def verified_copy(
         def allocate(path: Path, size: int) -> mmap.mmap:
             nonlocal mapping
             try:
-                # The memory is taken now: a page that could not be had later would
-                # be a SIGBUS in the middle of the read.
-                os.posix_fallocate(copy, 0, size)
+                if hasattr(os, "posix_fallocate"):
+                    # The memory is taken now: a page that could not be had later
+                    # would be a SIGBUS in the middle of the read.
+                    os.posix_fallocate(copy, 0, size)
+                else:
+                    os.ftruncate(copy, size)
                 mapping = mmap.mmap(copy, size)
             except OSError as exc:
-                raise _out_of_memory(path, size) from exc
+                if exc.errno in (errno.ENOMEM, errno.ENOSPC):
+                    raise _out_of_memory(path, size) from exc
+                raise oserror_to_checkpoint(exc, "make a private copy of", path) from exc
             return mapping
 
         try:
