@@ -494,6 +494,22 @@ def test_migrate_converts_and_verifies(tmp_path: Path, seed_dir: Path):
     assert names(dst) >= {"fit_batch_0000.h5", "fit_batch_0010.h5", "fit_batch_0020.h5"}
 
 
+def test_migrate_with_a_key_in_the_environment(tmp_path: Path, seed_dir: Path):
+    """The seed files carry no tag: they are read without the key, and the new files
+    are signed with it."""
+    dst = tmp_path / "dst"
+    env = {"H5CKPT_HMAC_KEY": "secret"}
+    proc = run("migrate", seed_dir, dst, "--allow-pickle", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "3 file(s): 3 converted, 0 skipped, 0 failed" in proc.stdout
+    path = dst / "homodyne_state_batch_0020.h5"
+    for key, signed in (("secret", True), ("other", False)):
+        manager = CheckpointManager(dst, prefix="homodyne_state", hmac_key=key)
+        assert manager.validate_checkpoint(path) is signed
+    assert run("verify", dst, env=env).returncode == 0
+    assert run("ls", seed_dir, "--prefix", "homodyne_state", env=env).returncode == 1  # unsigned
+
+
 def test_migrate_state_without_a_native_form(tmp_path: Path, seed_writer):
     src = tmp_path / "src"
     src.mkdir()

@@ -139,10 +139,10 @@ def test_planning_failure_after_commit(ckpt_dir: Path, monkeypatch, caplog):
     m = CheckpointManager(ckpt_dir, keep_last_n=1)
     save(m, 1)
 
-    def broken_plan():
+    def broken_plan(policy):
         raise RuntimeError("planning exploded")
 
-    monkeypatch.setattr(m, "_plan_locked", broken_plan)
+    monkeypatch.setattr(m._retention, "plan", broken_plan)
     with caplog.at_level(logging.WARNING, logger="h5ckpt"):
         path = save(m, 2)
         fut = m.save_checkpoint_async(3, np.ones(3), {"b": 3}, 0.0)
@@ -162,7 +162,7 @@ def test_planning_failure_after_commit(ckpt_dir: Path, monkeypatch, caplog):
 def test_explicit_cleanup_that_cannot_plan_raises_a_checkpoint_error(ckpt_dir: Path, monkeypatch):
     m = CheckpointManager(ckpt_dir, keep_last_n=1)
     save(m, 1)
-    monkeypatch.setattr(m, "_plan_locked", lambda: (_ for _ in ()).throw(KeyError("k")))
+    monkeypatch.setattr(m._retention, "plan", lambda policy: (_ for _ in ()).throw(KeyError("k")))
     with pytest.raises(CheckpointError, match="retention"):
         m.cleanup_old_checkpoints()
 

@@ -31,6 +31,7 @@ from .errors import (
 )
 from .limits import LoadLimits
 from .manager import CheckpointManager
+from .options import CheckpointManagerOptions
 from .verification import CheckpointInfo
 
 __version__: str = _native.__version__
@@ -43,6 +44,7 @@ __all__ = [
     "CheckpointInfo",
     "CheckpointLimitError",
     "CheckpointManager",
+    "CheckpointManagerOptions",
     "CheckpointNotFoundError",
     "CheckpointPermissionError",
     "CheckpointPickleError",

@@ -67,6 +67,7 @@ from rich.text import Text
 from rich.tree import Tree
 
 from . import _native
+from .arguments import HMAC_KEY_ENV, check_prefix, hmac_key_from_environment
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -80,9 +81,10 @@ from .inspection import (
     json_safe,
     verify_paths,
 )
-from .manager import HMAC_KEY_ENV, CheckpointManager, _prefix, _resolve_key
+from .manager import CheckpointManager
 from .migrate import migrate_directory
 from .mpi.cli import Steps, show_step, step_dirs, verify_steps
+from .options import CheckpointManagerOptions
 from .payload import FORMAT_VERSION
 from .verification import INVALID, LEGACY, UNVERIFIED, VALID, CheckpointInfo
 
@@ -240,7 +242,7 @@ _non_negative = _int_at_least(0, "an integer >= 0")
 def _prefix_arg(text: str) -> str:
     """An argparse type: a file name prefix the manager accepts."""
     try:
-        return _prefix(text)
+        return check_prefix(text)
     except CheckpointValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -322,15 +324,13 @@ def _nothing_found(directory: Path, prefix: str) -> str:
     return message
 
 
-@contextlib.contextmanager
-def _without_key_from_environment() -> Iterator[None]:
-    """Construct a manager that reads without a key (seed files carry no tag)."""
-    saved = os.environ.pop(HMAC_KEY_ENV, None)
-    try:
-        yield
-    finally:
-        if saved is not None:
-            os.environ[HMAC_KEY_ENV] = saved
+def _reader(directory: Path, prefix: str, **settings: Any) -> CheckpointManager:
+    """A read-only manager of ``directory``: it creates nothing, takes no lock and
+    needs only read access; it keeps and prunes nothing either."""
+    options = CheckpointManagerOptions(
+        keep_last_n=None, auto_cleanup=False, prefix=prefix, read_only=True, **settings
+    )
+    return CheckpointManager(directory, options=options)
 
 
 # ---------------------------------------------------------------------- commands
@@ -339,9 +339,7 @@ def _without_key_from_environment() -> Iterator[None]:
 def cmd_ls(args: argparse.Namespace, out: Console) -> int:
     """``h5ckpt ls``: the checkpoints of one directory and prefix."""
     directory = _directory(args.directory)
-    manager = CheckpointManager(
-        directory, keep_last_n=None, auto_cleanup=False, prefix=args.prefix, read_only=True
-    )
+    manager = _reader(directory, args.prefix)
     latest = manager.find_latest_checkpoint()  # verifies the newest files only
     infos = manager.list_checkpoints(verify=args.verify)
     status = 1 if any(i.status == INVALID for i in infos) else 0
@@ -445,7 +443,7 @@ def cmd_verify(args: argparse.Namespace, out: Console) -> int:
         if args.json:
             _print_json(step_reports)
         return steps_bad
-    key = _resolve_key(None)
+    key = hmac_key_from_environment()
     reports = _verify_with_progress(files, key, out.is_terminal and not args.json, out)
     bad = sum(not r.is_valid for r in reports) + steps_bad
     if args.json:
@@ -542,7 +540,7 @@ def cmd_show(args: argparse.Namespace, out: Console) -> int:
     """``h5ckpt show``: header, digest status and payload tree of one file."""
     if Path(args.file).is_dir():
         return show_step(Path(args.file), args, out)  # a sharded step directory
-    key = _resolve_key(None)
+    key = hmac_key_from_environment()
     info = describe_file(args.file, key)
     valid = info["status"] in (VALID, LEGACY)
     keyed = bool((info["header"] or {}).get("keyed")) and info["format"] == "h5ckpt"
@@ -599,8 +597,7 @@ def cmd_show(args: argparse.Namespace, out: Console) -> int:
 def cmd_prune(args: argparse.Namespace, out: Console) -> int:
     """``h5ckpt prune``: apply the manager's retention policy."""
     directory = _directory(args.directory)
-    manager = CheckpointManager(
-        directory,
+    options = CheckpointManagerOptions(
         keep_last_n=args.keep_last,
         keep_best_n=args.keep_best,
         keep_every=args.keep_every,
@@ -608,8 +605,9 @@ def cmd_prune(args: argparse.Namespace, out: Console) -> int:
         delete_invalid=args.delete_invalid,
         auto_cleanup=False,
         prefix=args.prefix,
-        read_only=args.dry_run,
+        read_only=args.dry_run,  # a dry run only reads
     )
+    manager = CheckpointManager(directory, options=options)
     before = manager.list_checkpoints()
     removed = manager.plan_cleanup() if args.dry_run else manager.cleanup_old_checkpoints()
     kept = [i.path for i in before if i.path not in removed]
@@ -683,15 +681,9 @@ def cmd_migrate(args: argparse.Namespace, out: Console) -> int:
             "DST_DIR is SRC_DIR and the prefix is the same: choose another directory "
             "or --dst-prefix"
         )
-    with _without_key_from_environment():
-        source = CheckpointManager(
-            src,
-            keep_last_n=None,
-            auto_cleanup=False,
-            prefix=args.prefix,
-            allow_pickle=args.allow_pickle,
-            read_only=True,
-        )
+    # Seed files carry no tag: the source is read without a key, whatever the
+    # environment holds (the new files are signed with it).
+    source = _reader(src, args.prefix, allow_pickle=args.allow_pickle, key_from_environment=False)
     if not source.list_checkpoints():
         raise CheckpointNotFoundError(_nothing_found(src, args.prefix), {"path": str(src)})
     if not args.allow_pickle:
@@ -768,14 +760,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
+    def prefix_option(
+        p: argparse.ArgumentParser,
+        flag: str = "--prefix",
+        default: str | None = "checkpoint",
+        help_: str = "file name prefix",
+    ) -> None:
+        if default is not None:
+            help_ += " (default: %(default)s)"
+        p.add_argument(flag, type=_prefix_arg, default=default, help=help_)
+
     p = command("ls", cmd_ls, "list the checkpoints of a directory")
     p.add_argument("directory", metavar="DIR")
-    p.add_argument(
-        "--prefix",
-        type=_prefix_arg,
-        default="checkpoint",
-        help="file name prefix (default: %(default)s)",
-    )
+    prefix_option(p)
     p.add_argument("--verify", action="store_true", help="hash every file (default: headers only)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -796,12 +793,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("prune", cmd_prune, "delete old checkpoints by the manager's retention policy")
     p.add_argument("directory", metavar="DIR")
-    p.add_argument(
-        "--prefix",
-        type=_prefix_arg,
-        default="checkpoint",
-        help="file name prefix (default: %(default)s)",
-    )
+    prefix_option(p)
     p.add_argument(
         "--keep-last",
         type=_positive,
@@ -838,18 +830,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("migrate", cmd_migrate, "convert seed-format checkpoints into h5ckpt files")
     p.add_argument("src_dir", metavar="SRC_DIR")
     p.add_argument("dst_dir", metavar="DST_DIR")
-    p.add_argument(
-        "--prefix",
-        type=_prefix_arg,
-        default="homodyne_state",
-        help="prefix of the source files (default: %(default)s)",
-    )
-    p.add_argument(
-        "--dst-prefix",
-        type=_prefix_arg,
-        default=None,
-        help="prefix of the new files (default: --prefix)",
-    )
+    prefix_option(p, default="homodyne_state", help_="prefix of the source files")
+    prefix_option(p, "--dst-prefix", None, "prefix of the new files (default: --prefix)")
     p.add_argument(
         "--allow-pickle",
         action="store_true",

@@ -7,9 +7,10 @@ files at once, on all cores); seed-format files through their own checksum
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,9 @@ from . import _native
 from .errors import CheckpointError, CheckpointNotFoundError
 from .legacy import validate_legacy
 from .limits import LoadLimits
-from .opening import checkpoint_kind, file_kind, open_hdf5
+from .opening import checkpoint_kind, file_kind, open_hdf5, open_regular, read_head
+from .payload import DescriptorFile
+from .reading import verified_copy
 from .staging import oserror_to_checkpoint
 from .tree import TYPE_ATTR, unescape_key
 from .verification import (
@@ -32,6 +35,7 @@ from .verification import (
     VERDICT_ERRORS,
     check_h5ckpt_files,
     check_name,
+    check_verified,
 )
 
 __all__ = [
@@ -429,8 +433,11 @@ def _links(group: h5py.Group) -> list[str]:
 
 
 class _Budget:
-    def __init__(self, max_nodes: int) -> None:
+    """How many more nodes the description may hold, and how deep it may go."""
+
+    def __init__(self, max_nodes: int, max_depth: int) -> None:
         self.left = max_nodes
+        self.max_depth = max_depth
 
 
 def _tree_node(obj: h5py.Group | h5py.Dataset, depth: int, budget: _Budget) -> dict[str, Any]:
@@ -443,7 +450,7 @@ def _tree_node(obj: h5py.Group | h5py.Dataset, depth: int, budget: _Budget) -> d
     node: dict[str, Any] = {"type": tag, "length": len(names), "children": {}}
     if tag in ("list", "tuple"):
         names = sorted(names, key=lambda n: int(n) if n.isdigit() else -1)
-    if depth >= 64:
+    if depth >= budget.max_depth and names:
         node["truncated"] = len(names)
         return node
     for i, name in enumerate(names):
@@ -489,14 +496,20 @@ def _header_dict(header: _native.Header) -> dict[str, Any]:
 
 
 def describe_file(
-    path: str | os.PathLike[str], hmac_key: bytes | None = None, max_nodes: int = 2000
+    path: str | os.PathLike[str],
+    hmac_key: bytes | None = None,
+    max_nodes: int = 2000,
+    limits: LoadLimits | None = None,
 ) -> dict[str, Any]:
     """Header, verification status and a summary of the payload tree of one file.
 
-    The file is verified first; its HDF5 content is only read when it verified.
-    Arrays are described by dtype, shape, storage and, when small, a summary
-    (min / max / mean, or the values of arrays of at most 8 elements); pickled
-    values are never unpickled.
+    An h5ckpt file is opened once and read once, as loading reads it: into private
+    memory, verified there, then checked and described from those verified bytes
+    only, so a file changed or replaced meanwhile is never parsed unverified. Arrays
+    are described by dtype, shape, storage and, when small, a summary (min / max /
+    mean, or the values of arrays of at most 8 elements); pickled values are never
+    unpickled. A seed-format file is checked by its own checksum (which covers only
+    its pickle), then described.
 
     Parameters
     ----------
@@ -507,15 +520,20 @@ def describe_file(
     max_nodes : int, default 2000
         At most this many tree nodes are described; larger groups say how many of
         their items were left out (``"truncated"``).
+    limits : LoadLimits, optional
+        The limits an h5ckpt file is checked against, as a manager with these
+        ``load_limits`` checks it (default ``LoadLimits()``); the description goes
+        no deeper than their ``max_depth``.
 
     Returns
     -------
     dict
         ``path``, ``format``, ``size_bytes``, ``status`` (``"valid"``,
-        ``"legacy"``, ``"invalid"``), ``error``, ``header`` (the h5ckpt header
-        fields, or a seed file's attributes), ``attributes`` (the HDF5 root
-        attributes) and ``tree`` (``parameters``, ``optimizer_state``,
-        ``metadata``; ``None`` for an invalid file). JSON-ready.
+        ``"legacy"``, ``"invalid"``, or ``"unverified"`` when the check itself
+        failed), ``error``, ``header`` (the h5ckpt header fields, or a seed file's
+        attributes), ``attributes`` (the HDF5 root attributes) and ``tree``
+        (``parameters``, ``optimizer_state``, ``metadata``; ``None`` unless the file
+        is valid). JSON-ready.
 
     Raises
     ------
@@ -525,46 +543,85 @@ def describe_file(
     path = Path(path)
     if not path.exists():
         raise CheckpointNotFoundError(f"no such file: {path}", {"path": str(path)})
-    kind = checkpoint_kind(path, "read")
+    limits = LoadLimits() if limits is None else limits
+    budget = _Budget(max_nodes, limits.max_depth)
+    fd = open_regular(path, "read")
+    try:
+        head = read_head(fd, path, _native.HEADER_SIZE)
+        if _native.file_kind(head) == "h5ckpt":
+            return json_safe(_describe_h5ckpt(fd, path, head, hmac_key, limits, budget))
+    finally:
+        os.close(fd)
+    kind = checkpoint_kind(path, "read")  # the manager's refusal of a foreign file
     report = verify_paths([path], hmac_key)[0]
-    info: dict[str, Any] = {
+    info = _description(path, kind, report.size_bytes)
+    info["status"], info["error"] = report.status, report.error
+    if report.is_valid:
+        with _content_errors(info), open_hdf5(path) as f:
+            _describe_content(info, f, kind, budget)
+    return json_safe(info)
+
+
+def _description(path: Path, kind: str, size: int) -> dict[str, Any]:
+    return {
         "path": str(path),
         "format": kind,
-        "size_bytes": report.size_bytes,
-        "status": report.status,
-        "error": report.error,
+        "size_bytes": size,
+        "status": INVALID,
+        "error": None,
         "header": None,
         "attributes": None,
         "tree": None,
     }
-    if kind == "h5ckpt":
-        try:
-            info["header"] = _header_dict(_native.read_header(path))
-        except CheckpointError:
-            info["header"] = None
-    if not report.is_valid:
-        return json_safe(info)
+
+
+def _describe_h5ckpt(
+    fd: int, path: Path, head: bytes, key: bytes | None, limits: LoadLimits, budget: _Budget
+) -> dict[str, Any]:
+    size = os.fstat(fd).st_size
+    info = _description(path, "h5ckpt", size)
+    with contextlib.suppress(CheckpointError):
+        header = _native.parse_header(head)
+        # Shown as a header read alone shows it: only when the length agrees.
+        if header.payload_offset + header.payload_length == size:
+            info["header"] = _header_dict(header)
     try:
-        with open_hdf5(path) as f:
-            info["attributes"] = {
-                key: (value.decode() if isinstance(value, bytes) else value)
-                for key, value in f.attrs.items()
-            }
-            if kind == "legacy":
-                info["header"] = {
-                    key: info["attributes"].get(key)
-                    for key in ("batch_idx", "loss", "timestamp", "version", "checksum")
-                }
-                info["tree"] = _legacy_tree(f)
-            else:
-                budget = _Budget(max_nodes)
-                info["tree"] = {
-                    name: _tree_node(f[name], 0, budget)
-                    for name in ("parameters", "optimizer_state", "metadata")
-                    if name in f
-                }
+        with verified_copy(fd, path, key, limits) as (header, copy):
+            check_verified(path, header, copy, limits)
+            info["status"] = VALID
+            with _content_errors(info), h5py.File(DescriptorFile(copy), "r", locking=False) as f:
+                _describe_content(info, f, "h5ckpt", budget)
+    except CheckpointError as exc:
+        info["status"] = INVALID if isinstance(exc, VERDICT_ERRORS) else UNVERIFIED
+        info["error"] = _why(exc)
+    return info
+
+
+@contextlib.contextmanager
+def _content_errors(info: dict[str, Any]) -> Iterator[None]:
+    """A verified file whose HDF5 content cannot be described is reported invalid."""
+    try:
+        yield
     except Exception as exc:
         info["status"] = INVALID
         info["error"] = f"verified, but the HDF5 content cannot be read: {exc}"
         info["tree"] = None
-    return json_safe(info)
+
+
+def _describe_content(info: dict[str, Any], f: h5py.File, kind: str, budget: _Budget) -> None:
+    info["attributes"] = {
+        key: (value.decode() if isinstance(value, bytes) else value)
+        for key, value in f.attrs.items()
+    }
+    if kind == "legacy":
+        info["header"] = {
+            key: info["attributes"].get(key)
+            for key in ("batch_idx", "loss", "timestamp", "version", "checksum")
+        }
+        info["tree"] = _legacy_tree(f)
+    else:
+        info["tree"] = {
+            name: _tree_node(f[name], 0, budget)
+            for name in ("parameters", "optimizer_state", "metadata")
+            if name in f
+        }

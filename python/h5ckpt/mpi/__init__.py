@@ -36,13 +36,13 @@ def list_steps(
     verify: bool = False,
 ) -> list[StepInfo]:
     """Every step directory of ``prefix`` in ``checkpoint_dir``, by batch index."""
-    from ..manager import _resolve_key
+    from ..arguments import resolve_hmac_key
 
-    return list_step_infos(Path(checkpoint_dir), prefix, _resolve_key(hmac_key), verify)
+    return list_step_infos(Path(checkpoint_dir), prefix, resolve_hmac_key(hmac_key), verify)
 
 
 def validate_step(path: str | Path, *, hmac_key: bytes | None = None) -> StepInfo:
     """A step directory with its manifest and every shard verified."""
-    from ..manager import _resolve_key
+    from ..arguments import resolve_hmac_key
 
-    return step_info(Path(path), _resolve_key(hmac_key), True)
+    return step_info(Path(path), resolve_hmac_key(hmac_key), True)

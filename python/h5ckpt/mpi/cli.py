@@ -17,7 +17,7 @@ from rich.filesize import decimal as human_size
 from rich.table import Table
 from rich.text import Text
 
-from ..manager import _resolve_key
+from ..arguments import resolve_hmac_key
 from .layout import is_step_dir, list_steps
 from .manifest import StepInfo, read_manifest, step_info
 
@@ -51,7 +51,7 @@ class Steps:
     """The step directories of one directory and prefix, the newest complete one found."""
 
     def __init__(self, directory: Path, prefix: str, verify: bool) -> None:
-        key = _resolve_key(None)
+        key = resolve_hmac_key(None)
         self.directory = directory
         self.prefix = prefix
         self.infos = [step_info(p, key, verify) for _, p in list_steps(directory, prefix)]
@@ -144,7 +144,7 @@ def step_dirs(paths: list[str]) -> list[Path]:
 
 def verify_steps(steps: list[Path], out: Console | None) -> tuple[list[dict[str, Any]], int]:
     """Verify every step (manifest and all shards); print a table unless ``out`` is None."""
-    key = _resolve_key(None)
+    key = resolve_hmac_key(None)
     infos = [step_info(p, key, True) for p in steps]
     bad = sum(not i.is_valid for i in infos)
     if out is not None and infos:
@@ -175,7 +175,7 @@ def verify_steps(steps: list[Path], out: Console | None) -> tuple[list[dict[str,
 
 def show_step(path: Path, args: argparse.Namespace, out: Console) -> int:
     """``h5ckpt show STEP_DIR``: status, shards and values of one step."""
-    key = _resolve_key(None)
+    key = resolve_hmac_key(None)
     info = step_info(path, key, True)
     try:
         manifest = read_manifest(path, key)

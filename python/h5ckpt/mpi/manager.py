@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 
 from .. import _native
+from ..arguments import as_loss, batch_index, resolve_hmac_key
+from ..asyncsave import snapshot
 from ..errors import (
     CheckpointConflictError,
     CheckpointCorruptError,
@@ -24,15 +26,9 @@ from ..errors import (
     CheckpointValueError,
 )
 from ..limits import LoadLimits
-from ..manager import (
-    CheckpointManager,
-    _batch_index,
-    _loss,
-    _resolve_key,
-    _snapshot,
-    set_aside,
-)
+from ..manager import CheckpointManager
 from ..payload import as_parameters
+from ..retention import set_aside
 from ..staging import DirectoryLock
 from ..tree import check_value
 from . import layout
@@ -210,7 +206,7 @@ compression, load_limits, on_older_batch
 
     def checkpoint_path(self, batch_idx: int) -> Path:
         """The step directory a checkpoint of ``batch_idx`` is saved as."""
-        return self.checkpoint_dir / layout.step_name(self.prefix, _batch_index(batch_idx))
+        return self.checkpoint_dir / layout.step_name(self.prefix, batch_index(batch_idx))
 
     def should_save(self, batch_idx: int) -> bool:
         """Whether ``batch_idx`` is a batch to checkpoint (every ``checkpoint_frequency``)."""
@@ -314,8 +310,8 @@ compression, load_limits, on_older_batch
     ) -> _Prepared | CheckpointError:
         """The checked arguments, or the error to report to the other ranks."""
         try:
-            batch = _batch_index(batch_idx)
-            loss_value = _loss(loss)
+            batch = batch_index(batch_idx)
+            loss_value = as_loss(loss)
             if isinstance(parameters, Sharded):
                 parameters = Sharded(as_parameters(parameters.block), parameters.axis)
             else:
@@ -331,7 +327,7 @@ compression, load_limits, on_older_batch
                 check_value(plain[root], allow_pickle=self.allow_pickle, path=root)
             if copy:
                 leaves = [
-                    (p, Sharded(v.block.copy(), v.axis) if isinstance(v, Sharded) else _snapshot(v))
+                    (p, Sharded(v.block.copy(), v.axis) if isinstance(v, Sharded) else snapshot(v))
                     for p, v in leaves
                 ]
             return _Prepared(batch, loss_value, leaves)
@@ -893,7 +889,7 @@ def load_global(
         ``version``, ``timestamp`` and ``world_size``.
     """
     step = Path(checkpoint_path)
-    key = _resolve_key(hmac_key)
+    key = resolve_hmac_key(hmac_key)
     limits = load_limits if load_limits is not None else LoadLimits()
     named = layout.is_step_dir(step)
     manifest = read_manifest(step, key, named[1] if named else None)

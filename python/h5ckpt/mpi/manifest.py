@@ -19,8 +19,8 @@ import numpy as np
 from .. import _native
 from ..errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError
 from ..limits import LoadLimits
-from ..manager import _read_verified
 from ..payload import read_payload, write_sealed
+from ..reading import read_verified
 from ..staging import new_file_mode, staged_file
 from .layout import MANIFEST_NAME, is_step_dir, list_steps, parse_shard_name, shard_name
 
@@ -82,7 +82,7 @@ def load_file(
     path: Path, hmac_key: bytes | None, allow_pickle: bool, limits: LoadLimits
 ) -> tuple[_native.Header, dict[str, Any]]:
     """Verify every byte of one h5ckpt file, then parse it."""
-    header, data = _read_verified(path, hmac_key, limits)
+    header, data = read_verified(path, hmac_key, limits)
     try:
         result = read_payload(data, header, allow_pickle=allow_pickle, limits=limits)
     except CheckpointError as exc:
