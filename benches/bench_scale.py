@@ -6,8 +6,9 @@ Builds (once; cached with --cache) a directory of N small real checkpoints saved
 h5ckpt, then measures medians over repeated runs of
 
 * ``list_checkpoints()`` (headers only) on a new manager (every header read) and on
-  one that listed before (only changed files are read: here none), next to the bare
-  directory scan of the Rust core and the construction of a manager;
+  one that listed before (only changed files are read: here none), next to the
+  Rust core's part of the first alone (``_native.Catalog.list`` on a new catalog, the
+  call ``list_checkpoints()`` makes) and the construction of a manager;
 * ``list_checkpoints(verify=True)`` (every file hashed, in parallel);
 * ``cleanup_old_checkpoints()`` from N down to 3, on a manager that has verified the
   files before and on a fresh one (which must verify what it deletes: invalid files are
@@ -67,7 +68,7 @@ def _save_range(args: tuple[str, int, int]) -> None:
 
 
 def build_h5ckpt_dir(directory: Path, n: int) -> None:
-    """N real checkpoints (batches 0..n-1), saved by h5ckpt in two processes."""
+    """N real checkpoints (batches 0..n-1), saved by h5ckpt in one process per core."""
     done = {p.name for p in directory.glob(f"{PREFIX}_batch_*.h5")} if directory.exists() else ()
     if len(done) == n:
         return
@@ -75,9 +76,17 @@ def build_h5ckpt_dir(directory: Path, n: int) -> None:
     directory.mkdir(parents=True)
     workers = os.cpu_count() or 1
     bounds = np.linspace(0, n, workers + 1).astype(int)
-    jobs = [(str(directory), int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+    # Each range in a directory of its own: a manager refuses to save a batch below
+    # one already in its directory, which another worker's range would be.
+    parts = [directory / f"part{i}" for i in range(workers)]
+    ranges = itertools.pairwise(bounds)
+    jobs = [(str(d), int(a), int(b)) for d, (a, b) in zip(parts, ranges, strict=True)]
     with get_context("spawn").Pool(workers) as pool:
         pool.map(_save_range, jobs)
+    for part in parts:
+        for path in part.glob(f"{PREFIX}_batch_*.h5"):
+            path.rename(directory / path.name)
+        shutil.rmtree(part)
 
 
 def copy_dir(src: Path, dst: Path, limit: int | None = None) -> list[Path]:
@@ -210,9 +219,11 @@ def main() -> None:
         copy_dir(template, listing)
 
         # -- listing ---------------------------------------------------------------
-        wall, cpu, entries = median_ms(lambda: _native.scan(listing, PREFIX), r)
-        assert len(entries) == n
-        row(f"directory scan, Rust core only ({n:,} headers)", wall, cpu)
+        wall, cpu, (infos, pending) = median_ms(
+            lambda c: c.list(), r, lambda: _native.Catalog(listing, PREFIX, False)
+        )
+        assert len(infos) == n and not pending
+        row(f"`_native.Catalog.list()`, {n:,} files, new catalog (Rust core only)", wall, cpu)
         wall, cpu, _ = median_ms(lambda: CheckpointManager(listing, keep_last_n=None), r)
         row(f"`CheckpointManager(...)` on {n:,} files (sweeps stale temp files)", wall, cpu)
         wall, cpu, infos = median_ms(

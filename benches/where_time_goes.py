@@ -36,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import h5ckpt.codec as codec_module
 import h5ckpt.manager as manager_module
+import h5ckpt.payload as payload_module
+import h5ckpt.verification as verification_module
 from h5ckpt import CheckpointManager
 from run import loadavg, make_data, parse_size, raw_read_sha256, raw_write, size_label
 
@@ -55,13 +57,12 @@ def timed(label: str, fn):
 
 
 class _NativeProxy:
-    """``h5ckpt._native`` with the calls the manager makes timed."""
+    """``h5ckpt._native`` with the calls a save, a load and a validate make timed."""
 
     LABELS: ClassVar[dict[str, str]] = {
         "finalize": "save: finalize (write+hash+fsync)",
-        "read_verified": "load: read + verify",
         "read_verified_fd": "load: read + verify",
-        "verify_file": "validate: verify_file",
+        "verify_fds": "validate: verify_fds",
     }
 
     def __init__(self, native) -> None:
@@ -74,9 +75,12 @@ class _NativeProxy:
 
 
 def instrument() -> None:
-    manager_module._native = _NativeProxy(manager_module._native)
-    manager_module.write_payload = timed(
-        "save: payload (HDF5 layout)", manager_module.write_payload
+    # Each module that makes one of the timed calls: finalize (payload), the
+    # verified read (manager), the validation's hashing (verification).
+    for module in (manager_module, payload_module, verification_module):
+        module._native = _NativeProxy(module._native)
+    payload_module.write_payload = timed(
+        "save: payload (HDF5 layout)", payload_module.write_payload
     )
     manager_module.read_payload = timed("load: parse (h5py)", manager_module.read_payload)
     codec_module._sample_ratio = timed("save: codec sample", codec_module._sample_ratio)

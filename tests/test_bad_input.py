@@ -381,9 +381,9 @@ NATIVE_CALLS = {
     "status": lambda d: CheckpointInfo("x", 1, 0.0, 0.0, 0, "val\udc80id"),
     "error": lambda d: CheckpointInfo("x", 1, 0.0, 0.0, 0, "valid", False, "\ud800"),
     "info path": lambda d: CheckpointInfo("x\x00", 1, 0.0, 0.0, 0, "valid"),
-    "prefix": lambda d: _native.scan(d, "a\udc80"),
+    "prefix": lambda d: _native.Catalog(d, b"checkpoint", False),
     "catalog prefix": lambda d: _native.Catalog(d, "\ud800", False),
-    "directory": lambda d: _native.scan(str(d) + "\x00", "checkpoint"),
+    "directory": lambda d: _native.Catalog(str(d) + "\x00", "checkpoint", False),
     "path": lambda d: _native.verify_files([str(d) + "\ud800"]),
     "name": lambda d: _native.Catalog(d, "checkpoint", False).remember("\ud800", "valid"),
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import errno
 import logging
 import os
 import pickle
@@ -14,7 +15,13 @@ import numpy as np
 import pytest
 
 import h5ckpt
-from h5ckpt import CheckpointError, CheckpointInfo, CheckpointManager
+from h5ckpt import (
+    CheckpointError,
+    CheckpointInfo,
+    CheckpointManager,
+    CheckpointNotFoundError,
+    CheckpointStorageError,
+)
 from h5ckpt.tree import values_equal
 
 
@@ -191,6 +198,55 @@ def test_list_checkpoints(ckpt_dir: Path):
     verified = m.list_checkpoints(verify=True)
     assert [i.status for i in verified] == ["valid"] * 3 + ["invalid"]
     assert verified[0].is_valid and not verified[3].is_valid
+
+
+def test_listing_goes_by_batch_number_and_the_whole_prefix(tmp_path: Path):
+    d = tmp_path / "d"
+    run = CheckpointManager(d, prefix="run", keep_last_n=None)
+    for b in (5, 9999, 10_000):
+        run.save_checkpoint(b, np.full(2, float(b)), {}, float(b))
+    # Prefixes that "run" starts, or that start with "run" (one of them even with
+    # "run_batch_1", as "run_batch_10000.h5" does), name other managers' files.
+    others = {}
+    for b, prefix in enumerate(("ru", "runx", "run_batch_1", "my run é"), start=1):
+        others[prefix] = CheckpointManager(d, prefix=prefix, keep_last_n=None)
+        others[prefix].save_checkpoint(b, np.ones(2), {}, 0.0)
+    # By number: by name, "run_batch_10000.h5" comes before "run_batch_9999.h5".
+    fresh = CheckpointManager(d, prefix="run", keep_last_n=None)
+    for m in (run, fresh):
+        assert [i.batch_idx for i in m.list_checkpoints()] == [5, 9999, 10_000]
+        assert m.find_latest_checkpoint() == run.checkpoint_path(10_000)
+    assert fresh.load_latest()["batch_idx"] == 10_000
+    for b, m in enumerate(others.values(), start=1):
+        assert [i.path for i in m.list_checkpoints(verify=True)] == [m.checkpoint_path(b)]
+
+
+def test_listing_under_names_that_are_not_utf8(tmp_path: Path):
+    d = tmp_path / os.fsdecode(b"run-\xff")
+    m = CheckpointManager(d, keep_last_n=None)
+    saved = m.save_checkpoint(3, np.ones(2), {}, 0.5)
+    # A file name that is not UTF-8 is no checkpoint's and does not stop the listing.
+    (d / os.fsdecode(b"checkpoint_batch_0004\xff.h5")).write_bytes(saved.read_bytes())
+    fresh = CheckpointManager(d, keep_last_n=None)
+    (info,) = fresh.list_checkpoints(verify=True)
+    assert (info.path, info.status) == (saved, "valid")
+    assert os.fsencode(info.path) == os.fsencode(tmp_path) + b"/run-\xff/checkpoint_batch_0003.h5"
+    assert fresh.find_latest_checkpoint() == saved
+
+
+def test_listing_a_directory_that_vanished_or_became_a_file(tmp_path: Path):
+    d = tmp_path / "d"
+    m = CheckpointManager(d)
+    m.save_checkpoint(1, np.ones(2), {}, 0.0)
+    shutil.rmtree(d)
+    for call in (m.list_checkpoints, m.find_latest_checkpoint):
+        with pytest.raises(CheckpointNotFoundError) as info:
+            call()
+        assert info.value.error_context["path"] == str(d)
+    d.write_bytes(b"")
+    with pytest.raises(CheckpointStorageError) as info:
+        m.list_checkpoints()
+    assert info.value.error_context["errno"] == errno.ENOTDIR
 
 
 def test_checkpoint_info_is_an_immutable_value(ckpt_dir: Path):

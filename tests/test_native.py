@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import hmac
+import math
 import os
 import pickle
 import shutil
@@ -571,8 +572,10 @@ def test_missing_file_errors(tmp_path):
     assert isinstance(returned, CheckpointNotFoundError)
     assert isinstance(returned, FileNotFoundError)
     assert returned.error_context == e.error_context
-    with pytest.raises(FileNotFoundError):
-        native.scan(missing, "x")
+    with pytest.raises(CheckpointNotFoundError) as info:
+        native.Catalog(missing, "x", False).list()
+    assert isinstance(info.value, FileNotFoundError)
+    assert info.value.error_context["path"] == str(missing)
     with pytest.raises(CheckpointNotFoundError):
         native.fsync_directory(missing)
 
@@ -594,9 +597,11 @@ except CheckpointPermissionError as e:
     assert isinstance(e, PermissionError) and e.error_context["errno"] == 13, e
 else:
     raise SystemExit("no CheckpointPermissionError")
-(entry,) = native.scan(d, "r")
-assert entry.kind == "foreign" and entry.header is None, entry
-assert entry.error is not None and "Permission denied" in entry.error, entry.error
+# A file that cannot be read is listed, but as unverified: a failed read says nothing
+# of what the file holds.
+(info,), pending = native.Catalog(d, "r", False).list()
+assert (info.status, info.verified, pending) == ("unverified", False, []), info
+assert info.error is not None and "Permission denied" in info.error, info.error
 print("ok")
 """
 
@@ -627,8 +632,9 @@ def test_other_os_errors_are_storage_errors(tmp_path):
         native.read_header(not_a_dir / "x.h5")  # ENOTDIR
     assert isinstance(info.value, OSError)
     assert info.value.error_context["errno"] == 20
-    with pytest.raises(CheckpointStorageError):
-        native.scan(not_a_dir, "x")
+    with pytest.raises(CheckpointStorageError) as info:
+        native.Catalog(not_a_dir, "x", False).list()
+    assert info.value.error_context["errno"] == 20
 
 
 def test_directory_is_not_a_checkpoint(tmp_path):
@@ -638,19 +644,21 @@ def test_directory_is_not_a_checkpoint(tmp_path):
         native.read_header(tmp_path)
 
 
-# --- scan -----------------------------------------------------------------------------
+# --- listing a directory: the catalog ---------------------------------------------
 
 
-def test_scan(tmp_path):
+def test_catalog_lists_files_named_like_checkpoints(tmp_path):
     d = tmp_path
-    write_spec_file(d / "run_batch_0010.h5", b"ten")
+    write_spec_file(d / "run_batch_0010.h5", b"ten", batch_idx=10)
+    write_spec_file(d / "run_batch_10.h5", b"ten too", batch_idx=10)
     write_spec_file(d / "run_batch_2.h5", b"two", key=b"k", batch_idx=2, loss=1.5)
-    data = write_spec_file(d / "run_batch_3.h5", b"three")
+    data = write_spec_file(d / "run_batch_3.h5", b"three", batch_idx=3)
     (d / "run_batch_3.h5").write_bytes(data + b"extra")
     (d / "run_batch_4.h5").write_bytes(HDF5_SIGNATURE + bytes(200))
     (d / "run_batch_5.h5").write_bytes(b"not hdf5 at all")
     (d / "run_batch_6.h5").write_bytes(b"tiny")
-    (d / "run_batch_7.h5").write_bytes(spec_header(b"x", major=2))
+    (d / "run_batch_7.h5").write_bytes(spec_header(b"x", major=2, batch_idx=7))
+    write_spec_file(d / "run_batch_12.h5", b"renamed", batch_idx=13)
     (d / "run_batch_8.h5").mkdir()
     (d / "run_batch_9.h5").symlink_to(d / "run_batch_2.h5")
     (d / "run_batch_11.h5").symlink_to(d / "nowhere")
@@ -660,42 +668,68 @@ def test_scan(tmp_path):
         ".run_batch_1.h5.tmp",
         "run_batch_x.h5",
         "run_batch_99999999999999999999999.h5",
+        "runx_batch_1.h5",
         "other_batch_1.h5",
         "run_batch_1.hdf5",
     ):
         (d / name).write_bytes(b"")
+    # A name that is not UTF-8 is no checkpoint name and does not stop the listing.
+    Path(os.fsdecode(os.fsencode(d) + b"/run_batch_1\xff.h5")).write_bytes(b"")
 
-    entries = native.scan(d, "run")
-    got = [(e.name, e.batch_idx, e.kind) for e in entries]
+    infos, pending = native.Catalog(d, "run", False).list()
+    # By batch index (not by name: "run_batch_0010.h5" < "run_batch_2.h5"), then name.
+    got = [(i.path.name, i.batch_idx, i.status, i.verified) for i in infos]
     assert got == [
-        ("run_batch_2.h5", 2, "h5ckpt"),
-        ("run_batch_3.h5", 3, "h5ckpt"),
-        ("run_batch_4.h5", 4, "legacy"),
-        ("run_batch_5.h5", 5, "foreign"),
-        ("run_batch_6.h5", 6, "foreign"),
-        ("run_batch_7.h5", 7, "h5ckpt"),
-        ("run_batch_0010.h5", 10, "h5ckpt"),
+        ("run_batch_2.h5", 2, "unverified", False),
+        ("run_batch_3.h5", 3, "invalid", True),
+        ("run_batch_4.h5", 4, "legacy", False),
+        ("run_batch_5.h5", 5, "invalid", True),
+        ("run_batch_6.h5", 6, "invalid", True),
+        ("run_batch_7.h5", 7, "invalid", True),
+        ("run_batch_0010.h5", 10, "unverified", False),
+        ("run_batch_10.h5", 10, "unverified", False),
+        ("run_batch_12.h5", 12, "invalid", True),
     ]
-    by = {e.batch_idx: e for e in entries}
-    e2 = by[2]
-    assert e2.header is not None and e2.error is None
-    assert e2.header.keyed and e2.header.batch_idx == 2 and e2.header.loss == 1.5
-    assert e2.path == str(d / "run_batch_2.h5")
-    st = os.stat(e2.path)
-    assert (e2.size, e2.mtime_ns, e2.inode, e2.device) == (
-        st.st_size,
-        st.st_mtime_ns,
-        st.st_ino,
-        st.st_dev,
-    )
-    assert by[3].header is None and "extra bytes" in by[3].error
-    assert by[4].header is None and by[4].error is None
-    assert by[5].error is None and by[6].error is None
-    assert by[7].header is None and "version" in by[7].error
-    assert by[10].header is not None
-    assert "run_batch_2.h5" in repr(e2)
-    assert native.scan(d, "nomatch") == []
-    assert [e.name for e in native.scan(str(d), "other")] == ["other_batch_1.h5"]
+    by = {i.path.name: i for i in infos}
+    # Only the legacy file's loss and timestamp are left to the caller (HDF5).
+    assert pending == [2]
+    two = by["run_batch_2.h5"]
+    assert two.path == d / "run_batch_2.h5" and two.error is None
+    assert (two.loss, two.timestamp) == (1.5, 1_700_000_000.25)  # from the header
+    assert two.size_bytes == os.stat(two.path).st_size == 512 + 3
+    assert "extra bytes" in by["run_batch_3.h5"].error
+    assert by["run_batch_4.h5"].error is None and math.isnan(by["run_batch_4.h5"].loss)
+    assert by["run_batch_5.h5"].error == by["run_batch_6.h5"].error == "not a checkpoint file"
+    assert "version" in by["run_batch_7.h5"].error
+    assert by["run_batch_12.h5"].error == "file name says batch 12, header says 13"
+
+    # A keyed reader refuses legacy files, which have no tag, from the first listing.
+    keyed, pending = native.Catalog(d, "run", True).list()
+    statuses = [i.status for i in infos]
+    statuses[2] = "invalid"
+    assert [i.status for i in keyed] == statuses
+    assert "refused by a keyed manager" in keyed[2].error and pending == []
+
+    # The prefix is matched whole, and the path may be a str.
+    assert native.Catalog(str(d), "nomatch", False).list() == ([], [])
+    (other,), _ = native.Catalog(str(d), "other", False).list()
+    assert other.path == d / "other_batch_1.h5" and other.status == "invalid"
+
+
+def test_catalog_reads_again_only_the_files_that_changed(tmp_path):
+    for b in (1, 2):
+        write_spec_file(tmp_path / f"run_batch_{b}.h5", b"payload", batch_idx=b)
+    catalog = native.Catalog(tmp_path, "run", False)
+    first, _ = catalog.list()
+    again, _ = catalog.list()
+    assert [a is b for a, b in zip(first, again, strict=True)] == [True, True]
+    data = write_spec_file(tmp_path / "run_batch_2.h5", b"payload", batch_idx=2, loss=9.0)
+    (tmp_path / "run_batch_2.h5").write_bytes(data + b"!")
+    (tmp_path / "run_batch_1.h5").unlink()
+    write_spec_file(tmp_path / "run_batch_3.h5", b"new", batch_idx=3)
+    now, _ = catalog.list()
+    assert [(i.batch_idx, i.status) for i in now] == [(2, "invalid"), (3, "unverified")]
+    assert "extra bytes" in now[0].error and len(catalog) == 2
 
 
 # --- retention ------------------------------------------------------------------------

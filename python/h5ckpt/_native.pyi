@@ -33,7 +33,6 @@ __all__ = [
     "STATUS_VALID",
     "Catalog",
     "CheckpointInfo",
-    "Entry",
     "Header",
     "__version__",
     "blosc_compress_chunks",
@@ -49,7 +48,6 @@ __all__ = [
     "plan_retention",
     "read_header",
     "read_verified_fd",
-    "scan",
     "start_writeback",
     "tree_digest",
     "verify_fds",
@@ -83,27 +81,6 @@ class Header:
     hmac_tag: bytes | None
     header_digest: bytes
     def to_dict(self) -> dict[str, object]: ...
-
-@final
-class Entry:
-    """One file of a directory scan whose name matches ``{prefix}_batch_<digits>.h5``.
-
-    ``header`` is set for an ``"h5ckpt"`` file whose header parses and whose length
-    agrees with it; otherwise ``error`` says why (``header`` is then None). A file that
-    cannot be read is listed as ``"foreign"`` with ``error`` set.
-    """
-
-    path: str
-    name: str
-    batch_idx: int
-    size: int
-    mtime_ns: int
-    ctime_ns: int
-    inode: int
-    device: int
-    kind: Literal["h5ckpt", "legacy", "foreign"]
-    header: Header | None
-    error: str | None
 
 _Status = Literal["valid", "invalid", "legacy", "unverified"]
 
@@ -244,10 +221,6 @@ def finalize(
     not in append mode. Segments are C-contiguous buffers read as raw bytes; they must
     lie inside ``[512, file length)`` without overlapping.
     """
-
-def scan(directory: _Path, prefix: str) -> list[Entry]:
-    """Regular files named ``{prefix}_batch_<digits>.h5``, headers read in parallel,
-    sorted by ``(batch_idx, name)``."""
 
 def plan_retention(
     candidates: Sequence[tuple[int, bool, float]],

@@ -138,24 +138,6 @@ pub fn checkpoint_name(prefix: &str, batch_idx: u64) -> String {
     format!("{prefix}_batch_{batch_idx:04}.h5")
 }
 
-/// Lists `directory`: the matching regular files (symlinks and directories are
-/// skipped), sorted by `(batch_idx, name)`. Files that vanish while being listed are
-/// skipped; files that cannot be read are listed with `error` set.
-///
-/// Each candidate costs `openat` (relative to the directory, `O_NOFOLLOW`), `fstat`,
-/// one 512-byte `pread` and `close`; names whose directory entry already says
-/// "symlink" or "directory" cost nothing.
-pub fn scan(directory: &Path, prefix: &str) -> Result<Vec<Entry>> {
-    let found = rescan(directory, prefix, |_, _| None)?;
-    Ok(found
-        .into_iter()
-        .filter_map(|f| match f {
-            Found::Read(entry) => Some(*entry),
-            Found::Unchanged(_) => None,
-        })
-        .collect())
-}
-
 /// One file of a [`rescan`].
 #[derive(Debug)]
 pub enum Found {
@@ -165,11 +147,17 @@ pub enum Found {
     Read(Box<Entry>),
 }
 
-/// [`scan`] for a caller that knows some files already: `known(batch_idx, name)`
-/// returns `(token, identity)` of a file read before. A file that still has that
-/// identity (one `fstatat`, without opening it) is reported as
-/// `Found::Unchanged(token)` and not read again, so listing an unchanged directory
-/// costs one system call per file. Sorted by `(batch_idx, name)` as `scan`.
+/// Lists `directory`: the matching regular files (symlinks and directories are
+/// skipped), sorted by `(batch_idx, name)`. Files that vanish while being listed are
+/// skipped; files that cannot be read are listed with `error` set.
+///
+/// `known(batch_idx, name)` returns `(token, identity)` of a file the caller read
+/// before. A file that still has that identity (one `fstatat`, without opening it)
+/// is reported as `Found::Unchanged(token)` and not read again, so listing an
+/// unchanged directory costs one system call per file. Every other candidate costs
+/// `openat` (relative to the directory, `O_NOFOLLOW`), `fstat`, one 512-byte `pread`
+/// and `close`; names whose directory entry already says "symlink" or "directory"
+/// cost nothing.
 pub fn rescan<F>(directory: &Path, prefix: &str, known: F) -> Result<Vec<Found>>
 where
     F: Fn(u64, &str) -> Option<(usize, Identity)> + Sync,
@@ -354,6 +342,17 @@ mod tests {
     use crate::verify::tests::make_file;
     use proptest::prelude::*;
 
+    /// Every matching file of `directory`, read now (none known before).
+    fn read_all(directory: &Path, prefix: &str) -> Result<Vec<Entry>> {
+        Ok(rescan(directory, prefix, |_, _| None)?
+            .into_iter()
+            .map(|f| match f {
+                Found::Read(entry) => *entry,
+                Found::Unchanged(_) => panic!("nothing was known"),
+            })
+            .collect())
+    }
+
     #[test]
     fn names() {
         assert_eq!(parse_name("run_batch_12.h5", "run"), Some(12));
@@ -415,7 +414,7 @@ mod tests {
     }
 
     #[test]
-    fn scan_directory() {
+    fn list_directory() {
         let d = tempfile::tempdir().unwrap();
         let dir = d.path();
         make_file(dir, "ck_batch_10.h5", b"payload", None);
@@ -437,7 +436,7 @@ mod tests {
         std::os::unix::fs::symlink(dir.join("nowhere"), dir.join("ck_batch_11.h5")).unwrap();
         make_file(dir, "ck_batch_010.h5", b"x", None);
 
-        let e = scan(dir, "ck").unwrap();
+        let e = read_all(dir, "ck").unwrap();
         let got: Vec<(&str, u64, &str, bool, bool)> = e
             .iter()
             .map(|e| {
@@ -472,8 +471,8 @@ mod tests {
         assert_eq!(e[7].identity.inode, m.ino());
         assert!(e[7].identity.mtime_ns > 0 && e[7].identity.ctime_ns > 0);
 
-        assert!(scan(dir, "nothing").unwrap().is_empty());
-        let err = scan(&dir.join("missing"), "ck").unwrap_err();
+        assert!(read_all(dir, "nothing").unwrap().is_empty());
+        let err = read_all(&dir.join("missing"), "ck").unwrap_err();
         assert_eq!(err.io_kind(), Some(io::ErrorKind::NotFound));
     }
 
@@ -483,7 +482,7 @@ mod tests {
         let dir = d.path();
         make_file(dir, "ck_batch_1.h5", b"one", None);
         make_file(dir, "ck_batch_2.h5", b"two", None);
-        let first = scan(dir, "ck").unwrap();
+        let first = read_all(dir, "ck").unwrap();
         let by_name = |batch: u64, name: &str| {
             let i = first.iter().position(|e| e.name == name)?;
             assert_eq!(first[i].batch_idx, batch);
@@ -558,7 +557,7 @@ mod tests {
         assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
         std::os::unix::fs::symlink(dir.join("ck_batch_1.h5"), dir.join("ck_batch_3.h5")).unwrap();
         std::fs::create_dir(dir.join("ck_batch_4.h5")).unwrap();
-        let e = scan(dir, "ck").unwrap();
+        let e = read_all(dir, "ck").unwrap();
         let names: Vec<&str> = e.iter().map(|e| e.name.as_str()).collect();
         assert_eq!(names, vec!["ck_batch_1.h5"]);
         assert!(e[0].header.is_some() && e[0].error.is_none());
@@ -570,7 +569,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = make_file(d.path(), "ck_batch_1.h5", b"x", None);
         std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o000)).unwrap();
-        let e = scan(d.path(), "ck").unwrap();
+        let e = read_all(d.path(), "ck").unwrap();
         assert_eq!(e.len(), 1);
         if File::open(&p).is_err() {
             assert!(e[0].error.is_some());
