@@ -493,6 +493,10 @@ def _tree_label(name: str, node: dict[str, Any]) -> Text:
     label = Text(name, style="bold")
     kind = node.get("type", "?")
     label.append(f"  {kind}", style="cyan")
+    if "class" in node:  # a NamedTuple or JAX pytree node: the class it was saved from
+        label.append(f"  {node['class']}")
+        if "fields" in node:
+            label.append(f"({', '.join(node['fields'])})", style="dim")
     if "dtype" in node:
         label.append(f"  {node['dtype']}")
     if "shape" in node:
@@ -508,6 +512,10 @@ def _tree_label(name: str, node: dict[str, Any]) -> Text:
         label.append(f"  {human_size(node['nbytes'])}", style="dim")
     if "storage" in node:
         label.append(f"  [{node['storage']}]", style="dim")
+    if "array" in node:  # the library the array came from (jax, torch, numpy.memmap...)
+        label.append(f"  from {node['array']}", style="dim")
+    if "bits" in node:
+        label.append(f"  (stored as {node['bits']} bits)", style="dim")
     if "value" in node:
         value = node["value"]
         label.append(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import numbers
@@ -31,6 +30,7 @@ from .errors import (
     CheckpointValueError,
 )
 from .forking import reset_in_child
+from .interop import snapshot_value
 from .legacy import load_legacy
 from .limits import DEFAULT_MIN_ARRAY_BYTES, LoadLimits
 from .opening import checkpoint_kind, open_regular, read_head
@@ -43,6 +43,7 @@ from .staging import (
     staged_file,
     sweep_temp_files,
 )
+from .templates import apply_like, check_like
 from .tree import check_value
 from .verification import (
     INVALID,
@@ -753,7 +754,9 @@ class CheckpointManager:
 
     # -- reading --------------------------------------------------------------------
 
-    def load_checkpoint(self, checkpoint_path: _PathLike) -> dict[str, Any]:
+    def load_checkpoint(
+        self, checkpoint_path: _PathLike, *, like: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Verify every byte of a checkpoint, then load it.
 
         Parameters
@@ -761,6 +764,12 @@ class CheckpointManager:
         checkpoint_path : str or Path
             An h5ckpt file, or a legacy (predecessor's) file: its pickled optimizer
             state is loaded only when the manager has ``allow_pickle=True``.
+        like : dict, optional
+            Templates for any of ``parameters``, ``optimizer_state`` and
+            ``metadata``: each such part comes back in its template's structure and
+            leaf types (``jax.Array``, ``torch.Tensor``, NamedTuple classes, JAX
+            pytree nodes; see :mod:`h5ckpt.templates`). Parts without a template
+            come back as without ``like``.
 
         Returns
         -------
@@ -774,8 +783,11 @@ class CheckpointManager:
         CheckpointError
             Missing, corrupt, tampered, foreign, too new, beyond ``load_limits``, or
             needing ``allow_pickle``. A :class:`CheckpointResourceError` (out of
-            memory or file descriptors) says nothing about the file.
+            memory or file descriptors) says nothing about the file; a
+            :class:`CheckpointValueError` naming a key path, a template of ``like``
+            that the file does not match.
         """
+        like = check_like(like)
         path = _as_path(checkpoint_path)
         kind = checkpoint_kind(path)
         if kind == "legacy":
@@ -805,7 +817,7 @@ class CheckpointManager:
             result["loss"],
             path.name,
         )
-        return result
+        return apply_like(result, like)
 
     def validate_checkpoint(self, checkpoint_path: _PathLike) -> bool:
         """Whether a file is a checkpoint this manager loads (every byte checked).
@@ -891,14 +903,25 @@ class CheckpointManager:
             window = 2 if window == 1 else window * 4
         return None
 
-    def load_latest(self) -> dict[str, Any] | None:
+    def load_latest(self, *, like: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """Load the newest valid checkpoint, or return None when there is none.
+
+        Parameters
+        ----------
+        like : dict, optional
+            Templates, as for :meth:`load_checkpoint`. A template the newest file
+            does not match raises; it does not make that file invalid.
 
         Returns
         -------
         dict or None
             What :meth:`load_checkpoint` returns, or None on a fresh start.
         """
+        like = check_like(like)
+        loaded = self._load_latest()
+        return None if loaded is None else apply_like(loaded, like)
+
+    def _load_latest(self) -> dict[str, Any] | None:
         loaded = self._load_newest_unchecked()
         if loaded is not None:
             return loaded
@@ -1361,15 +1384,6 @@ def _succeeded(future: Future[Path]) -> bool:
 
 
 def _snapshot(value: Any) -> Any:
-    """A copy of a state tree that later changes by the caller cannot reach."""
-    if isinstance(value, np.ndarray):
-        return value.copy()
-    if isinstance(value, dict):
-        return {k: _snapshot(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_snapshot(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_snapshot(v) for v in value)
-    if isinstance(value, (str, bytes, int, float, bool, complex, type(None), np.generic)):
-        return value
-    return copy.deepcopy(value)
+    """A copy of a state tree that later changes by the caller cannot reach (device
+    arrays copied to host: the background write touches no array library)."""
+    return snapshot_value(value)
