@@ -94,6 +94,13 @@ def test_readme_python_examples_run_and_the_loop_resumes(tmp_path: Path, seed_wr
     again = run_python(loop_code, tmp_path).splitlines()
     assert again == ["starting at batch 71", done]
 
+    # The JAX example resumes from its newest checkpoint to exactly the same parameters.
+    [jax_index] = [i for i, code in enumerate(examples) if "jax_checkpoints" in code]
+    first = outputs[jax_index].splitlines()
+    assert first[0] == "resuming at step 0" and first[-1].startswith("w = [")
+    again = run_python(examples[jax_index], tmp_path).splitlines()
+    assert again == ["resuming at step 251", first[-1]]
+
     migration = outputs[next(i for i, code in enumerate(examples) if "homodyne_state" in code)]
     assert "(0, 'legacy'), (10, 'legacy'), (20, 'legacy')" in migration
     assert migration.splitlines()[-1] == "20 ['lr', 'moment', 'step']"
