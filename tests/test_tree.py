@@ -179,6 +179,7 @@ class Pair(tuple):
 
     __slots__ = ()
 
+
 pickled_only = st.one_of(
     st.frozensets(st.integers(), max_size=4),
     st.sets(st.integers(), max_size=4),
