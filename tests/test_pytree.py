@@ -802,3 +802,16 @@ def test_a_namedtuple_file_is_valid_when_sealed_right(ckpt_dir: Path):
     ok = _sealed(ckpt_dir / "checkpoint_batch_0005.h5", lambda g: None)
     loaded = CheckpointManager(ckpt_dir).load_checkpoint(ok)["optimizer_state"]
     assert type(loaded).__name__ == "T" and loaded._fields == ("a", "b") and loaded == (0, 1)
+
+
+def test_weakly_typed_scalars_stay_weak(ckpt_dir: Path):
+    """A scalar made from a Python number promotes like one; so does the restored one."""
+    state = {"lr": jnp.asarray(0.1), "step": jnp.asarray(3), "strong": jnp.float32(0.5)}
+    assert state["lr"].weak_type and not state["strong"].weak_type
+    manager = CheckpointManager(ckpt_dir)
+    manager.save_checkpoint(1, np.zeros(1), state, 0.1)
+    loaded = manager.load_latest(like={"optimizer_state": state})["optimizer_state"]
+    assert_same_pytree(loaded, state)
+    half = jnp.ones(2, jnp.bfloat16)
+    assert (loaded["lr"] * half).dtype == (state["lr"] * half).dtype == jnp.bfloat16
+    assert (loaded["strong"] * half).dtype == jnp.float32

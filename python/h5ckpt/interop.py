@@ -162,11 +162,9 @@ def torch_numpy_dtype(torch_dtype: Any) -> np.dtype | None:
     name = str(torch_dtype).removeprefix("torch.")
     if name in _NUMPY_NAMES:
         return np.dtype(name)
-    if "ml_dtypes" not in sys.modules and not _ML_NAME_RE.fullmatch(name):
-        return None
-    try:
+    try:  # bfloat16, float8_e4m3fn, complex32...: the ml_dtypes dtype of that name
         return ml_dtype(name)
-    except LookupError:
+    except LookupError:  # quantized types, or no ml_dtypes
         return None
 
 

@@ -12,7 +12,8 @@ loads as usual, then walks each loaded part together with its template:
   ``jax.tree_util`` with the template's own tree definition (its static fields come
   from the template);
 * a ``jax.Array`` leaf (or a ``jax.ShapeDtypeStruct``) takes an array of the same
-  shape and dtype and gives a ``jax.Array`` placed with the template leaf's sharding;
+  shape and dtype and gives a ``jax.Array`` placed with the template leaf's sharding
+  (weakly typed, as the template, when it is a weakly typed scalar);
   a ``torch.Tensor`` leaf gives a tensor of the template's dtype and device (and
   ``requires_grad``); a numpy array leaf takes a numpy array of the same shape and
   dtype; any other leaf (a Python or numpy scalar, a string, ``None``, ...) a value
@@ -290,10 +291,22 @@ def _leaf(value: Any, template: Any, kind: str, root: str, node: _Path) -> Any:
     if kind == "numpy":
         return value
     if kind == "jax":
-        jax = sys.modules["jax"]
-        sharding = getattr(template, "sharding", None)
-        return jax.device_put(value, sharding) if sharding is not None else jax.device_put(value)
+        return _jax_leaf(value, template)
     return _torch_leaf(value, template, dtype)
+
+
+def _jax_leaf(value: np.ndarray, template: Any) -> Any:
+    jax = sys.modules["jax"]
+    sharding = getattr(template, "sharding", None)
+    put = jax.device_put if sharding is None else (lambda x: jax.device_put(x, sharding))
+    if getattr(template, "weak_type", False) and value.ndim == 0:
+        # A weakly typed scalar (made from a Python number) promotes differently from
+        # a strong one: rebuilt the way it was made, so that computing on it resumes
+        # exactly. (Weak arrays of other shapes come back strongly typed.)
+        weak = jax.numpy.asarray(value.item())
+        if weak.dtype == value.dtype and weak.weak_type:
+            return put(weak)
+    return put(value)
 
 
 def _torch_leaf(value: np.ndarray, template: Any, dtype: np.dtype) -> Any:
