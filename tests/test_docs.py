@@ -370,6 +370,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.jax
 def test_tree_reader_alone_reads_optax_states_with_bfloat16(tmp_path: Path):
     """The doc's tree reader, in an interpreter that never imported h5ckpt, on the
     nodes of format 1.1: NamedTuples, jax arrays, bfloat16 leaves."""

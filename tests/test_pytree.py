@@ -35,6 +35,9 @@ from h5ckpt.interop import HostArray, Node, snapshot_value  # noqa: E402
 from h5ckpt.tree import TYPE_ATTR, check_value, read_value, values_equal, write_value  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+# Run after every other test (conftest.py): once JAX has started its threads in this
+# process, a test that forks could deadlock. Nothing here starts them at import.
+pytestmark = pytest.mark.jax
 
 
 # ------------------------------------------------------------------------ helpers
@@ -482,15 +485,15 @@ class ObjectArrayLike:
 
 
 @pytest.mark.parametrize(
-    ("value", "words"),
+    ("make", "words"),
     [
-        (jax.random.key(0), "dtype key<fry>"),
-        (ObjectArrayLike(), "dtype object"),
-        (np.ma.masked_array([1, 2], mask=[0, 1]), "MaskedArray"),
+        (lambda: jax.random.key(0), "dtype key<fry>"),
+        (ObjectArrayLike, "dtype object"),
+        (lambda: np.ma.masked_array([1, 2], mask=[0, 1]), "MaskedArray"),
     ],
 )
-def test_array_likes_without_a_native_form_are_refused(ckpt_dir: Path, value: Any, words: str):
-    state = {"layers": [{"rng": value}]}
+def test_array_likes_without_a_native_form_are_refused(ckpt_dir: Path, make, words: str):
+    state = {"layers": [{"rng": make()}]}
     with pytest.raises(CheckpointValueError) as info:
         CheckpointManager(ckpt_dir).save_checkpoint(1, np.zeros(1), state, 0.1)
     assert str(info.value).startswith("optimizer_state['layers'][0]['rng']: ")
