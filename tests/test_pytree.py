@@ -818,3 +818,17 @@ def test_weakly_typed_scalars_stay_weak(ckpt_dir: Path):
     half = jnp.ones(2, jnp.bfloat16)
     assert (loaded["lr"] * half).dtype == (state["lr"] * half).dtype == jnp.bfloat16
     assert (loaded["strong"] * half).dtype == jnp.float32
+
+
+def test_new_nodes_stay_within_the_attributes_the_writer_declares(ckpt_dir: Path):
+    from h5ckpt.payload import MAX_ATTRIBUTES_WRITTEN
+
+    params, state = trained(optax.adam(1e-2), steps=1, dtype=jnp.bfloat16)
+    value = {"s": state, "ts": TrainState(jnp.int32(1), params, state), "x": ml_dtypes.int4(3)}
+    path = CheckpointManager(ckpt_dir).save_checkpoint(1, params["w"], value, 0.5)
+    counts: dict[str, int] = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: counts.__setitem__(name, len(obj.attrs)))
+    assert max(counts.values()) == 3 < MAX_ATTRIBUTES_WRITTEN
+    assert counts["optimizer_state/s/0"] == 3  # tag, class, fields
+    assert counts["optimizer_state/s/0/1/w"] == 3  # tag, ml_dtypes name, hint

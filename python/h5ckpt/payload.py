@@ -59,7 +59,8 @@ __all__ = [
 #: ml_scalar; a 1.0 reader reads every 1.1 file that holds none of them.
 FORMAT_VERSION = "1.1"
 #: The most attributes the writer puts on one object: the root's five (format,
-#: version, batch index, loss, timestamp); every other object carries one tag.
+#: version, batch index, loss, timestamp); every other object carries its tag and at
+#: most two more (a NamedTuple's class and fields, an array's ml_dtypes name and hint).
 MAX_ATTRIBUTES_WRITTEN = 5
 _TYPE_ATTR = "h5ckpt_type"
 #: Chunks compressed per call into the Rust core: enough to keep every core busy,
