@@ -456,6 +456,25 @@ def node_maker(
 
 # ------------------------------------------------------------------------ snapshots
 
+_ALIGNED_COPY_BYTES = 1 << 20
+
+
+def _copy(arr: np.ndarray) -> np.ndarray:
+    """A copy of ``arr`` whose address equals the source's modulo 64.
+
+    memcpy between buffers misaligned relative to each other is much slower: JAX's
+    CPU buffers start on 64-byte boundaries, numpy's on 16, and a plain copy of a
+    100 MB ``jax.Array`` took 16 ms against 10 ms for the same numpy array here
+    (AMD EPYC); matched, 11 ms.
+    """
+    if arr.nbytes < _ALIGNED_COPY_BYTES or not arr.flags.c_contiguous:
+        return arr.copy()
+    raw = np.empty(arr.nbytes + 64, np.uint8)
+    start = (arr.ctypes.data - raw.ctypes.data) % 64
+    out = raw[start : start + arr.nbytes].view(arr.dtype).reshape(arr.shape)
+    np.copyto(out, arr)
+    return out
+
 
 def snapshot_value(value: Any) -> Any:
     """A copy of a state tree that later changes by the caller cannot reach.
@@ -481,7 +500,7 @@ def snapshot_value(value: Any) -> Any:
     spec = array_spec(value)
     if spec is not None and not isinstance(spec, str):
         arr, hint, owned = host_array(value)
-        return HostArray(arr if owned else arr.copy(), hint)
+        return HostArray(arr if owned else _copy(arr), hint)
     flat = pytree_flatten(value)
     if flat is not None:
         children = [snapshot_value(child) for child in flat[2]]
