@@ -832,3 +832,42 @@ def test_new_nodes_stay_within_the_attributes_the_writer_declares(ckpt_dir: Path
     assert max(counts.values()) == 3 < MAX_ATTRIBUTES_WRITTEN
     assert counts["optimizer_state/s/0"] == 3  # tag, class, fields
     assert counts["optimizer_state/s/0/1/w"] == 3  # tag, ml_dtypes name, hint
+
+
+class SeedState(NamedTuple):
+    """A NamedTuple in a predecessor's pickled optimizer state."""
+
+    step: int
+    moment: Any
+
+
+def test_migration_stores_named_tuples_and_jax_arrays_of_pickled_states_natively(
+    tmp_path: Path, seed_writer
+):
+    from h5ckpt.migrate import migrate_directory
+
+    _, opt_state = trained(optax.adam(1e-2), steps=2)
+    state = {"seed": SeedState(3, jnp.arange(3.0)), "optax": opt_state, "lr": 0.01}
+    (tmp_path / "old").mkdir()
+    seed_writer(tmp_path / "old", 10, np.ones(4), state, 0.5)
+    source = CheckpointManager(tmp_path / "old", prefix="homodyne_state", allow_pickle=True)
+    destination = CheckpointManager(tmp_path / "new", prefix="homodyne_state", auto_cleanup=False)
+    [result] = list(migrate_directory(source, destination))
+    assert result.outcome == "converted" and result.pickled is None, result
+    assert "pickle" not in tags_of(result.destination)
+    back = destination.load_checkpoint(result.destination, like={"optimizer_state": state})
+    assert type(back["optimizer_state"]["seed"]) is SeedState
+    assert_same_pytree(back["optimizer_state"], state)
+    plain = destination.load_checkpoint(result.destination)["optimizer_state"]
+    assert type(plain["seed"]).__name__ == "SeedState" and plain["seed"].step == 3
+
+
+def test_values_equal_compares_array_likes_and_pytree_nodes_exactly():
+    a = jnp.array([0.0, 1.0])
+    assert values_equal(a, jnp.array([0.0, 1.0]))
+    assert not values_equal(a, jnp.array([-0.0, 1.0]))  # signed zero
+    assert not values_equal(a, a.astype(jnp.bfloat16))
+    assert not values_equal(a, np.asarray(a))  # types differ
+    ts = TrainState(jnp.int32(1), {"w": a}, ())
+    assert values_equal(ts, TrainState(jnp.int32(1), {"w": jnp.array([0.0, 1.0])}, ()))
+    assert not values_equal(ts, TrainState(jnp.int32(2), {"w": a}, ()))

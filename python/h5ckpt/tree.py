@@ -1330,8 +1330,10 @@ def values_equal(a: Any, b: Any) -> bool:
     same order. Floats (Python, numpy scalars and arrays, real and imaginary parts
     of complex values) are equal when both are NaN or when they are equal with the
     same sign, so ``-0.0`` differs from ``0.0``. Arrays must have the same dtype
-    (byte order included) and shape. Object arrays are compared element by
-    element; other values (e.g. unpickled objects) with ``==``.
+    (byte order included) and shape; array-likes (``jax.Array``, ``torch.Tensor``)
+    are compared as their numpy arrays, JAX pytree nodes child by child. Object
+    arrays are compared element by element; other values (e.g. unpickled objects)
+    with ``==``.
 
     Parameters
     ----------
@@ -1372,6 +1374,15 @@ def values_equal(a: Any, b: Any) -> bool:
         elif isinstance(x, np.generic):
             if not _arrays_equal(np.asarray(x), np.asarray(y)):
                 return False
+        elif x is not y and _foreign_tag(x) in (_NDARRAY, _ML_NDARRAY):
+            # Array-likes of the same type (jax.Array, torch.Tensor...): their arrays.
+            if not _arrays_equal(interop.host_array(x)[0], interop.host_array(y)[0]):
+                return False
+        elif x is not y and _foreign_tag(x) is _PYTREE:
+            px, py = interop.node_parts(x), interop.node_parts(y)
+            if px is None or py is None or px[1] != py[1] or len(px[2]) != len(py[2]):
+                return False
+            stack.extend(zip(px[2], py[2], strict=True))
         elif x is not y:
             try:
                 if not bool(x == y):
