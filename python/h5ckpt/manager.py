@@ -349,10 +349,14 @@ class CheckpointManager:
         batch_idx : int
             Non-negative batch index; names the file.
         parameters : array_like
-            Numeric parameter array (dtype and shape are kept).
+            Numeric parameter array (dtype and shape are kept); a ``jax.Array`` or
+            another array-like is stored as its numpy array, ``bfloat16`` included.
         optimizer_state : dict
             Any tree of dicts, lists, tuples, scalars, strings, bytes, None and numpy
-            arrays/scalars; stored natively, restored with the same types.
+            arrays/scalars; stored natively, restored with the same types. Also
+            NamedTuples (optax states), array-likes (``jax.Array``, ``torch.Tensor``),
+            ml_dtypes arrays (``bfloat16``) and JAX pytree nodes, stored natively and
+            restored in their types through ``load_checkpoint(..., like=...)``.
         loss : float
             Loss at this batch: a real number (int, float, ``Fraction``, numpy
             integer or float scalar, or a 0-d array of such a dtype), stored as a
