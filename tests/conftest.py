@@ -59,3 +59,9 @@ def ckpt_dir(tmp_path: Path) -> Path:
     d = tmp_path / "ckpt"
     d.mkdir()
     return d
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``jax`` run last: JAX starts threads in the test process, and a
+    later test that forks (the fault and fork tests do) could deadlock."""
+    items.sort(key=lambda item: item.get_closest_marker("jax") is not None)

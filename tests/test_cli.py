@@ -329,7 +329,7 @@ def test_show_json(run_dir: Path):
     assert header["batch_idx"] == 30 and header["loss"] == 0.5
     assert header["format_major"] == 1 and header["payload_offset"] == 512
     assert len(header["payload_digest"]) == 64 and header["hmac_tag"] is None
-    assert info["attributes"]["h5ckpt_format"] == "1.0"
+    assert info["attributes"]["h5ckpt_format"] == "1.1"
     tree = info["tree"]
     assert tree["parameters"] == {
         "type": "ndarray",

@@ -105,6 +105,13 @@ def test_readme_python_examples_run_and_the_loop_resumes(tmp_path: Path, seed_wr
     again = run_python(loop_code, tmp_path).splitlines()
     assert again == ["starting at batch 71", done]
 
+    # The JAX example resumes from its newest checkpoint to exactly the same parameters.
+    [jax_index] = [i for i, code in enumerate(examples) if "jax_checkpoints" in code]
+    first = outputs[jax_index].splitlines()
+    assert first[0] == "resuming at step 0" and first[-1].startswith("w = [")
+    again = run_python(examples[jax_index], tmp_path).splitlines()
+    assert again == ["resuming at step 251", first[-1]]
+
     migration = outputs[next(i for i, code in enumerate(examples) if "homodyne_state" in code)]
     assert "(0, 'legacy'), (10, 'legacy'), (20, 'legacy')" in migration
     assert migration.splitlines()[-1] == "20 ['lr', 'moment', 'step']"
@@ -346,3 +353,79 @@ def test_command_line_modules_are_documented():
             obj = getattr(module, name)
             if callable(obj):
                 assert inspect.getdoc(obj), f"{module.__name__}.{name}"
+
+
+TREE_ALONE = """
+import json, sys
+namespace = {}
+for path in sys.argv[1:3]:
+    exec(compile(open(path, encoding="utf-8").read(), "docs/format.md", "exec"), namespace)
+import h5py, numpy as np
+out = {}
+for path in sys.argv[3:]:
+    namespace["read_checkpoint"](path)  # the checks first
+    with h5py.File(path, "r") as f:
+        state = namespace["read_tree"](f["optimizer_state"])
+        meta = namespace["read_tree"](f["metadata"])
+        params = namespace["read_tree"](f["parameters"])
+    adam = state[1][0]
+    out[path] = {
+        "adam": [type(adam).__name__, list(adam._fields), int(adam.count)],
+        "mu_w": [str(adam.mu["w"].dtype), adam.mu["w"].tobytes().hex()],
+        "empty": [type(state[0]).__name__, list(state[0])],
+        "params": [str(params.dtype), params.tobytes().hex()],
+        "meta": repr(meta),
+    }
+assert not [m for m in sys.modules if m.startswith("h5ckpt")]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.jax
+def test_tree_reader_alone_reads_optax_states_with_bfloat16(tmp_path: Path):
+    """The doc's tree reader, in an interpreter that never imported h5ckpt, on the
+    nodes of format 1.1: NamedTuples, jax arrays, bfloat16 leaves."""
+    jax = pytest.importorskip("jax", reason="jax is not installed (pip install 'h5ckpt[jax]')")
+    optax = pytest.importorskip("optax", reason="optax is not installed")
+    jnp = jax.numpy
+    params = {"w": jnp.linspace(-1, 1, 6, dtype=jnp.bfloat16).reshape(3, 2), "b": jnp.ones(2)}
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2))
+    state = opt.init(params)
+    grads = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 0.5), params)
+    _, state = opt.update(grads, state, params)
+    metadata = {
+        "a/b": [None, True, 3, 2**70, 1.5, "é", b"\x00\x01", bytearray(b"x"), "\ud800"],
+        "": (np.float32(2.5), np.arange(3, dtype=">i2"), np.array(1.0), ()),
+    }
+    loaded = {}
+    for name, compression in (("raw", None), ("default", "auto")):
+        manager = CheckpointManager(tmp_path / name, compression=compression)
+        path = manager.save_checkpoint(1, params["w"], state, 0.5, metadata)
+        loaded[str(path)] = manager.load_checkpoint(path)
+    code = blocks(section(FORMAT, "## A reader in 20 lines"), "python")
+    code += blocks(section(FORMAT, "## Reading a payload tree"), "python")
+    assert len(code) == 2
+    scripts = []
+    for i, text in enumerate(code):
+        scripts.append(tmp_path / f"doc{i}.py")
+        scripts[-1].write_text(text, encoding="utf-8")
+    runner = tmp_path / "tree_alone.py"
+    runner.write_text(TREE_ALONE, encoding="utf-8")
+    proc = subprocess.run(
+        [sys.executable, str(runner), *map(str, scripts), *loaded],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    for path, want in loaded.items():
+        adam = want["optimizer_state"][1][0]
+        assert got[path] == {
+            "adam": ["ScaleByAdamState", ["count", "mu", "nu"], 1],
+            "mu_w": ["bfloat16", adam.mu["w"].tobytes().hex()],
+            "empty": ["EmptyState", []],
+            "params": ["bfloat16", want["parameters"].tobytes().hex()],
+            "meta": repr(want["metadata"]),
+        }, path

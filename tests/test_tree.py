@@ -173,7 +173,12 @@ class Point:
     __hash__ = None  # type: ignore[assignment]
 
 
-Pair = collections.namedtuple("Pair", "a b")
+class Pair(tuple):
+    """A tuple subclass that is no NamedTuple (no ``_fields``): stored only by pickling.
+    (NamedTuples are stored natively: tests/test_pytree.py.)"""
+
+    __slots__ = ()
+
 
 pickled_only = st.one_of(
     st.frozensets(st.integers(), max_size=4),
@@ -181,7 +186,7 @@ pickled_only = st.one_of(
     st.complex_numbers(allow_nan=False),
     st.fractions(),
     st.builds(Point, st.integers(), st.floats(allow_nan=False)),
-    st.builds(Pair, st.integers(), any_text),
+    st.builds(lambda a, b: Pair((a, b)), st.integers(), any_text),
     st.dictionaries(st.integers(), st.integers(), min_size=1, max_size=3),
     st.lists(st.integers(), max_size=3).map(lambda xs: np.array([*xs, None], dtype=object)),
     st.lists(any_text, max_size=3).map(lambda xs: np.array(xs, dtype="U8")),
@@ -521,7 +526,7 @@ def test_tag_written_as_vlen_string_is_accepted(tmp_path: Path) -> None:
         (np.datetime64("2020-01-01"), "numpy scalar"),
         (np.ma.masked_array([1, 2]), "MaskedArray"),
         (collections.OrderedDict(a=1), "OrderedDict"),
-        (Pair(1, 2), "Pair"),
+        (Pair((1, 2)), "Pair"),
         (Point(1, 2.0), "Point"),
         (fractions.Fraction(1, 3), "Fraction"),
         (np.longlong(3) if np.longlong is not np.int64 else {1}, ""),

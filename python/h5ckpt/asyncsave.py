@@ -7,7 +7,6 @@ previous save is written), which bounds the memory a fast loop can pile up.
 
 from __future__ import annotations
 
-import copy
 import os
 import threading
 from collections.abc import Callable
@@ -16,10 +15,9 @@ from concurrent.futures import wait as wait_for_futures
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .errors import CheckpointError
 from .forking import reset_in_child
+from .interop import snapshot_value
 
 __all__ = ["AsyncSaver", "snapshot"]
 
@@ -132,15 +130,6 @@ def _succeeded(future: Future[Path]) -> bool:
 
 
 def snapshot(value: Any) -> Any:
-    """A copy of a state tree that later changes by the caller cannot reach."""
-    if isinstance(value, np.ndarray):
-        return value.copy()
-    if isinstance(value, dict):
-        return {k: snapshot(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [snapshot(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(snapshot(v) for v in value)
-    if isinstance(value, (str, bytes, int, float, bool, complex, type(None), np.generic)):
-        return value
-    return copy.deepcopy(value)
+    """A copy of a state tree that later changes by the caller cannot reach (device
+    arrays copied to host: the background write touches no array library)."""
+    return snapshot_value(value)

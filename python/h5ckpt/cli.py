@@ -489,8 +489,21 @@ def cmd_verify(args: argparse.Namespace, out: Console) -> int:
 
 def _tree_label(name: str, node: dict[str, Any]) -> Text:
     label = Text(name, style="bold")
+    _append_kind(label, node)
+    _append_contents(label, node)
+    if "note" in node:
+        label.append(f"  ({node['note']})", style="yellow")
+    return label
+
+
+def _append_kind(label: Text, node: dict[str, Any]) -> None:
+    """What the node is: type, class and fields, dtype, shape, length, size."""
     kind = node.get("type", "?")
     label.append(f"  {kind}", style="cyan")
+    if "class" in node:  # a NamedTuple or JAX pytree node: the class it was saved from
+        label.append(f"  {node['class']}")
+        if "fields" in node:
+            label.append(f"({', '.join(node['fields'])})", style="dim")
     if "dtype" in node:
         label.append(f"  {node['dtype']}")
     if "shape" in node:
@@ -504,8 +517,16 @@ def _tree_label(name: str, node: dict[str, Any]) -> Text:
         label.append(f"  {node['length']} item(s)", style="dim")
     if "nbytes" in node:
         label.append(f"  {human_size(node['nbytes'])}", style="dim")
+
+
+def _append_contents(label: Text, node: dict[str, Any]) -> None:
+    """How it is stored and what it holds: storage, origin, values or a summary."""
     if "storage" in node:
         label.append(f"  [{node['storage']}]", style="dim")
+    if "array" in node:  # the library the array came from (jax, torch, numpy.memmap...)
+        label.append(f"  from {node['array']}", style="dim")
+    if "bits" in node:
+        label.append(f"  (stored as {node['bits']} bits)", style="dim")
     if "value" in node:
         value = node["value"]
         label.append(
@@ -523,9 +544,6 @@ def _tree_label(name: str, node: dict[str, Any]) -> Text:
             ),
             style="dim",
         )
-    if "note" in node:
-        label.append(f"  ({node['note']})", style="yellow")
-    return label
 
 
 def _add_children(tree: Tree, node: dict[str, Any]) -> None:

@@ -6,6 +6,10 @@ q-bins. Each batch brings new noisy measurements (generated from the batch index
 any run sees the same data) and one damped Gauss-Newton step with a forgetting
 normal matrix. The whole optimizer state is checkpointed, so a run that is killed
 and resumed ends with bit-for-bit the parameters of a run that never stopped.
+
+With ``--jax`` (jax installed) the update runs as one jitted JAX function in float64:
+parameters and state are ``jax.Array`` leaves of a NamedTuple, saved natively and
+loaded back with ``like=`` templates. Without it, numpy does the same in place.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -42,6 +46,7 @@ class FitConfig:
     keep_last_n: int = 3
     seed: int = 2026
     batch_delay: float = 0.0
+    use_jax: bool = False
 
 
 @dataclass
@@ -67,13 +72,14 @@ def _taus(cfg: FitConfig) -> np.ndarray:
     return np.geomspace(1e-3, 1.0, cfg.n_tau)
 
 
-def _model(params: np.ndarray, tau: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """g2 for every q-bin and its Jacobian with respect to (baseline, contrast, rate)."""
+def _model(params: Any, tau: Any, xp: Any = np) -> tuple[Any, Any]:
+    """g2 for every q-bin and its Jacobian with respect to (baseline, contrast, rate);
+    ``xp`` is numpy or jax.numpy."""
     baseline, contrast, rate = params[:, 0:1], params[:, 1:2], params[:, 2:3]
-    decay = np.exp(-2.0 * rate * tau[None, :])
+    decay = xp.exp(-2.0 * rate * tau[None, :])
     g2 = baseline + contrast * decay
-    jac = np.stack(
-        [np.ones_like(decay), decay, -2.0 * contrast * tau[None, :] * decay], axis=2
+    jac = xp.stack(
+        [xp.ones_like(decay), decay, -2.0 * contrast * tau[None, :] * decay], axis=2
     )  # (n_q, n_tau, 3)
     return g2, jac
 
@@ -97,10 +103,69 @@ def initial_state(cfg: FitConfig) -> tuple[np.ndarray, dict[str, Any]]:
     return params, state
 
 
+FORGETTING = 0.9
+DAMPING = 1e-3
+
+
+class JaxFitState(NamedTuple):
+    """The optimizer state of the JAX fit: fixed shapes, so a fresh one is the
+    template its checkpoints load into."""
+
+    normal_matrix: Any  # (n_q, 3, 3)
+    losses: Any  # (n_batches,): the mean squared residual of each batch done, NaN after
+    steps: Any  # int64 scalar
+
+
+def _jax() -> Any:
+    import jax
+
+    # The fit is float64, as the numpy one.
+    jax.config.update("jax_enable_x64", True)
+    return jax
+
+
+def jax_initial_state(cfg: FitConfig) -> tuple[Any, JaxFitState]:
+    """Starting parameters and state of the JAX fit (also the ``like=`` templates)."""
+    jnp = _jax().numpy
+    params, _ = initial_state(cfg)
+    state = JaxFitState(
+        normal_matrix=jnp.zeros((cfg.n_q, 3, 3)),
+        losses=jnp.full(cfg.n_batches, jnp.nan),
+        steps=jnp.zeros((), jnp.int64),
+    )
+    return jnp.asarray(params), state
+
+
+def jax_templates(cfg: FitConfig) -> dict[str, Any]:
+    """What a checkpoint of the JAX fit loads into (``load_latest(like=...)``)."""
+    params, state = jax_initial_state(cfg)
+    return {"parameters": params, "optimizer_state": state}
+
+
+def _jax_step() -> Any:
+    jax = _jax()
+    jnp = jax.numpy
+
+    def step(params: Any, state: JaxFitState, data: Any, tau: Any, batch: Any) -> Any:
+        g2, jac = _model(params, tau, jnp)
+        resid = data - g2
+        jtj = jnp.einsum("qti,qtj->qij", jac, jac)
+        jtr = jnp.einsum("qti,qt->qi", jac, resid)
+        normal = FORGETTING * state.normal_matrix + jtj
+        damped = normal + DAMPING * jnp.eye(3)[None]
+        params = params + jnp.linalg.solve(damped, jtr[..., None])[..., 0]
+        loss = jnp.mean(resid**2)
+        return params, JaxFitState(normal, state.losses.at[batch].set(loss), state.steps + 1), loss
+
+    return jax.jit(step)
+
+
 def run_fit(
     cfg: FitConfig, manager: CheckpointManager | None, resume: dict[str, Any] | None = None
 ) -> FitRun:
     """Run the fit from scratch or from a loaded checkpoint, saving as it goes."""
+    if cfg.use_jax:
+        return _run_jax_fit(cfg, manager, resume)
     truth, tau = _true_parameters(cfg), _taus(cfg)
     if resume is None:
         params, state = initial_state(cfg)
@@ -138,9 +203,49 @@ def run_fit(
     return run
 
 
+def _run_jax_fit(
+    cfg: FitConfig, manager: CheckpointManager | None, resume: dict[str, Any] | None
+) -> FitRun:
+    """The same fit with the update as one jitted JAX function; ``resume`` loaded with
+    ``like=jax_templates(cfg)``."""
+    jnp = _jax().numpy
+    truth, tau_np = _true_parameters(cfg), _taus(cfg)
+    tau = jnp.asarray(tau_np)
+    if resume is None:
+        params, state = jax_initial_state(cfg)
+        start = 0
+    else:
+        params, state = resume["parameters"], resume["optimizer_state"]
+        start = resume["batch_idx"] + 1
+    step = _jax_step()
+    run = FitRun(parameters=np.asarray(params), start_batch=start, end_batch=cfg.n_batches)
+    for batch in range(start, cfg.n_batches):
+        data = jnp.asarray(_batch_data(cfg, batch, truth, tau_np))
+        params, state, loss = step(params, state, data, tau, batch)
+        if manager is not None and manager.should_save(batch):
+            t0 = time.perf_counter()
+            path = manager.save_checkpoint(
+                batch,
+                params,
+                state,
+                float(loss),
+                metadata={"model": "g2 = b + c exp(-2 r t)", "n_q": cfg.n_q, "backend": "jax"},
+            )
+            run.save_seconds += time.perf_counter() - t0
+            run.checkpoints.append(path)
+        if cfg.batch_delay:
+            time.sleep(cfg.batch_delay)
+    run.parameters = np.asarray(params)
+    return run
+
+
+def _like(cfg: FitConfig) -> dict[str, Any] | None:
+    return jax_templates(cfg) if cfg.use_jax else None
+
+
 def _worker(directory: Path, cfg: FitConfig) -> None:
     manager = CheckpointManager(directory, cfg.checkpoint_frequency, cfg.keep_last_n, prefix=PREFIX)
-    run_fit(cfg, manager, manager.load_latest())
+    run_fit(cfg, manager, manager.load_latest(like=_like(cfg)))
 
 
 def _batches(directory: Path) -> dict[Path, int]:
@@ -167,6 +272,7 @@ def _spawn_and_kill(directory: Path, cfg: FitConfig, kill_after: int) -> tuple[i
         str(cfg.n_q),
         "--batch-delay",
         str(cfg.batch_delay),
+        *(["--jax"] if cfg.use_jax else []),
     ]
     child = subprocess.Popen(cmd)
     deadline = time.monotonic() + 300
@@ -198,9 +304,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-q", type=int, default=FitConfig.n_q)
     parser.add_argument("--batch-delay", type=float, default=0.01)
     parser.add_argument("--kill-after", type=int, default=4, help="saves before the kill")
+    parser.add_argument(
+        "--jax", action="store_true", help="run the update with JAX (needs jax installed)"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    cfg = FitConfig(n_batches=args.batches, n_q=args.n_q, batch_delay=args.batch_delay)
+    if args.jax:
+        try:
+            _jax()
+        except ImportError:
+            parser.error("--jax needs jax: pip install 'h5ckpt[jax]'")
+    cfg = FitConfig(
+        n_batches=args.batches, n_q=args.n_q, batch_delay=args.batch_delay, use_jax=args.jax
+    )
     if args.worker:
         _worker(Path(args.directory), cfg)
         return 0
@@ -220,6 +336,7 @@ def _demo(directory: str | None, cfg: FitConfig, kill_after: int) -> int:
         print(
             f"h5ckpt demo: XPCS g2 fit, {cfg.n_q} q-bins, {cfg.n_batches} batches, "
             f"checkpoint every {cfg.checkpoint_frequency} (~{state_mb:.2f} MB of state)"
+            + (", update step in JAX (jit, float64)" if cfg.use_jax else "")
         )
 
         t0 = time.perf_counter()
@@ -250,7 +367,7 @@ def _demo(directory: str | None, cfg: FitConfig, kill_after: int) -> int:
         )
         gone = [p for p in leftovers if (killed_dir / p).exists()]
         latest = manager.find_latest_checkpoint()
-        resume = manager.load_checkpoint(latest) if latest is not None else None
+        resume = manager.load_checkpoint(latest, like=_like(cfg)) if latest is not None else None
         point = (
             "scratch"
             if latest is None or resume is None

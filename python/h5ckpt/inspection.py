@@ -18,7 +18,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from . import _native
+from . import _native, interop
 from .errors import CheckpointError, CheckpointNotFoundError
 from .legacy import validate_legacy
 from .limits import LoadLimits
@@ -367,6 +367,37 @@ def _storage(ds: h5py.Dataset) -> str:
     )
 
 
+def _text_attr(obj: h5py.HLObject, name: str) -> str | None:
+    """A string attribute as text (None when missing or not text)."""
+    raw = obj.attrs.get(name)
+    if isinstance(raw, np.ndarray) and raw.shape == ():
+        raw = raw[()]
+    if isinstance(raw, bytes):
+        return raw.decode("utf-8", "replace")
+    return raw if isinstance(raw, str) else None
+
+
+def _ml_view(ds: h5py.Dataset) -> tuple[str | None, Callable[[np.ndarray], np.ndarray] | None]:
+    """The ml_dtypes name of an ``ml_ndarray``/``ml_scalar`` node, and a function that
+    turns its bits into numbers for display (None without ml_dtypes, or for its
+    complex types)."""
+    name = _text_attr(ds, interop.DTYPE_ATTR)
+    if name is None or not interop.is_ml_name(name):
+        return name, None
+    try:
+        dtype = interop.ml_dtype(name)
+    except LookupError:
+        return name, None
+    if dtype.itemsize != ds.dtype.itemsize or "complex" in name:
+        return name, None
+    target = np.int64 if "int" in name else np.float32
+
+    def convert(bits: np.ndarray) -> np.ndarray:
+        return bits.astype(bits.dtype.newbyteorder("=")).view(dtype).astype(target)
+
+    return name, convert
+
+
 def _array_node(ds: h5py.Dataset, tag: str) -> dict[str, Any]:
     dtype = ds.dtype
     shape = list(ds.shape) if ds.shape is not None else []
@@ -378,11 +409,27 @@ def _array_node(ds: h5py.Dataset, tag: str) -> dict[str, Any]:
         "nbytes": nbytes,
         "storage": _storage(ds),
     }
+    hint = _text_attr(ds, interop.ARRAY_HINT_ATTR)
+    if hint is not None:
+        node["array"] = hint[:80]
+    convert = None
+    if tag == "ml_ndarray":
+        name, convert = _ml_view(ds)
+        node["dtype"] = name if name is not None else "?"
+        node["bits"] = str(dtype)
     size = int(math.prod(shape))
+    if tag == "ml_ndarray" and convert is None:
+        if size:
+            node["note"] = "ml_dtypes is not installed: values not shown"
+        return node
     if 0 < size <= _INLINE_ELEMENTS:
-        node["values"] = np.asarray(ds[()]).reshape(-1).tolist()
-    elif size and dtype.kind in "biuf" and nbytes <= _STATS_MAX_BYTES:
         data = np.asarray(ds[()])
+        node["values"] = (convert(data) if convert else data).reshape(-1).tolist()
+    elif size and (convert is not None or dtype.kind in "biuf") and nbytes <= _STATS_MAX_BYTES:
+        data = np.asarray(ds[()])
+        if convert is not None:
+            data = convert(data)
+            dtype = data.dtype
         if dtype.kind == "b":
             node["summary"] = {"true": int(np.count_nonzero(data))}
         else:
@@ -403,8 +450,14 @@ def _array_node(ds: h5py.Dataset, tag: str) -> dict[str, Any]:
 def _leaf_node(ds: h5py.Dataset, tag: str) -> dict[str, Any]:
     if tag == "none":
         return {"type": tag}
-    if tag == "ndarray":
+    if tag in ("ndarray", "ml_ndarray"):
         return _array_node(ds, tag)
+    if tag == "ml_scalar":
+        name, convert = _ml_view(ds)
+        scalar: dict[str, Any] = {"type": tag, "dtype": name if name is not None else "?"}
+        if convert is not None:
+            scalar["value"] = convert(np.asarray(ds[()])).item()
+        return scalar
     if tag in ("bytes", "bytearray", "str_bytes", "pickle"):
         node: dict[str, Any] = {"type": tag, "nbytes": int(ds.shape[0]) if ds.shape else 0}
         if tag == "pickle":
@@ -448,8 +501,17 @@ def _tree_node(obj: h5py.Group | h5py.Dataset, depth: int, budget: _Budget) -> d
         return _leaf_node(obj, tag)
     names = _links(obj)
     node: dict[str, Any] = {"type": tag, "length": len(names), "children": {}}
-    if tag in ("list", "tuple"):
+    fields: list[str] | None = None
+    if tag in ("list", "tuple", "namedtuple", "pytree"):
         names = sorted(names, key=lambda n: int(n) if n.isdigit() else -1)
+    if tag in ("namedtuple", "pytree"):
+        node["class"] = (_text_attr(obj, interop.CLASS_ATTR) or "?")[:200]
+        text = _text_attr(obj, interop.FIELDS_ATTR)
+        if text is not None:
+            fields = text.split(",") if text else []
+            node["fields"] = fields[:64]
+            if len(fields) != len(names):
+                fields = None
     if depth >= budget.max_depth and names:
         node["truncated"] = len(names)
         return node
@@ -458,6 +520,8 @@ def _tree_node(obj: h5py.Group | h5py.Dataset, depth: int, budget: _Budget) -> d
             node["truncated"] = len(names) - i
             break
         key = unescape_key(name) if tag == "dict" else name
+        if fields is not None:
+            key = fields[i]
         link = obj.get(name, getlink=True)
         if not isinstance(link, h5py.HardLink):
             node["children"][key] = {"type": "link", "note": f"{type(link).__name__}, not followed"}

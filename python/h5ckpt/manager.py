@@ -46,6 +46,7 @@ from .staging import (
     staged_file,
     sweep_temp_files,
 )
+from .templates import apply_like, check_like
 from .verification import (
     INVALID,
     UNVERIFIED,
@@ -244,10 +245,14 @@ compression, load_limits, on_older_batch, read_only, file_mode, key_from_environ
         batch_idx : int
             Non-negative batch index; names the file.
         parameters : array_like
-            Numeric parameter array (dtype and shape are kept).
+            Numeric parameter array (dtype and shape are kept); a ``jax.Array`` or
+            another array-like is stored as its numpy array, ``bfloat16`` included.
         optimizer_state : dict
             Any tree of dicts, lists, tuples, scalars, strings, bytes, None and numpy
-            arrays/scalars; stored natively, restored with the same types.
+            arrays/scalars; stored natively, restored with the same types. Also
+            NamedTuples (optax states), array-likes (``jax.Array``, ``torch.Tensor``),
+            ml_dtypes arrays (``bfloat16``) and JAX pytree nodes, stored natively and
+            restored in their types through ``load_checkpoint(..., like=...)``.
         loss : float
             Loss at this batch: a real number (int, float, ``Fraction``, numpy
             integer or float scalar, or a 0-d array of such a dtype), stored as a
@@ -520,7 +525,9 @@ compression, load_limits, on_older_batch, read_only, file_mode, key_from_environ
 
     # -- reading --------------------------------------------------------------------
 
-    def load_checkpoint(self, checkpoint_path: _PathLike) -> dict[str, Any]:
+    def load_checkpoint(
+        self, checkpoint_path: _PathLike, *, like: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Verify every byte of a checkpoint, then load it.
 
         Parameters
@@ -528,6 +535,12 @@ compression, load_limits, on_older_batch, read_only, file_mode, key_from_environ
         checkpoint_path : str or Path
             An h5ckpt file, or a legacy (predecessor's) file: its pickled optimizer
             state is loaded only when the manager has ``allow_pickle=True``.
+        like : dict, optional
+            Templates for any of ``parameters``, ``optimizer_state`` and
+            ``metadata``: each such part comes back in its template's structure and
+            leaf types (``jax.Array``, ``torch.Tensor``, NamedTuple classes, JAX
+            pytree nodes; see :mod:`h5ckpt.templates`). Parts without a template
+            come back as without ``like``.
 
         Returns
         -------
@@ -541,8 +554,11 @@ compression, load_limits, on_older_batch, read_only, file_mode, key_from_environ
         CheckpointError
             Missing, corrupt, tampered, foreign, too new, beyond ``load_limits``, or
             needing ``allow_pickle``. A :class:`CheckpointResourceError` (out of
-            memory or file descriptors) says nothing about the file.
+            memory or file descriptors) says nothing about the file; a
+            :class:`CheckpointValueError` naming a key path, a template of ``like``
+            that the file does not match.
         """
+        like = check_like(like)
         path = as_path(checkpoint_path)
         kind = checkpoint_kind(path)
         if kind == "legacy":
@@ -572,7 +588,7 @@ compression, load_limits, on_older_batch, read_only, file_mode, key_from_environ
             result["loss"],
             path.name,
         )
-        return result
+        return apply_like(result, like)
 
     def validate_checkpoint(self, checkpoint_path: _PathLike) -> bool:
         """Whether a file is a checkpoint this manager loads (every byte checked).
@@ -658,14 +674,25 @@ compression, load_limits, on_older_batch, read_only, file_mode, key_from_environ
             window = 2 if window == 1 else window * 4
         return None
 
-    def load_latest(self) -> dict[str, Any] | None:
+    def load_latest(self, *, like: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """Load the newest valid checkpoint, or return None when there is none.
+
+        Parameters
+        ----------
+        like : dict, optional
+            Templates, as for :meth:`load_checkpoint`. A template the newest file
+            does not match raises; it does not make that file invalid.
 
         Returns
         -------
         dict or None
             What :meth:`load_checkpoint` returns, or None on a fresh start.
         """
+        like = check_like(like)
+        loaded = self._load_latest()
+        return None if loaded is None else apply_like(loaded, like)
+
+    def _load_latest(self) -> dict[str, Any] | None:
         loaded = self._load_newest_unchecked()
         if loaded is not None:
             return loaded

@@ -18,6 +18,7 @@ from typing import Any
 
 from .errors import CheckpointError, CheckpointPickleError, CheckpointValueError
 from .manager import CheckpointManager
+from .templates import apply_like
 from .tree import PICKLE_PROTOCOL, check_value, values_equal
 
 __all__ = ["MigrationResult", "migrate_directory"]
@@ -155,12 +156,19 @@ def migrate_directory(
         except CheckpointError as exc:
             yield result("failed", f"cannot write or read back the converted file: {exc}")
             continue
-        same = (
-            back["batch_idx"] == state["batch_idx"]
-            and values_equal(back["loss"], float(state["loss"]))
-            and values_equal(back["parameters"], state["parameters"])
-            and _same(back["optimizer_state"], state["optimizer_state"])
-            and _same(back["metadata"], state["metadata"])
+        # NamedTuples, jax arrays, torch tensors and pytree nodes of the source are
+        # stored natively: read back into the source's own types to compare them.
+        like = {"optimizer_state": state["optimizer_state"], "metadata": state["metadata"]}
+        try:
+            typed: dict[str, Any] | None = apply_like(back, like)
+        except CheckpointValueError:
+            typed = None
+        same = typed is not None and (
+            typed["batch_idx"] == state["batch_idx"]
+            and values_equal(typed["loss"], float(state["loss"]))
+            and values_equal(typed["parameters"], state["parameters"])
+            and _same(typed["optimizer_state"], state["optimizer_state"])
+            and _same(typed["metadata"], state["metadata"])
         )
         if not same:
             written.unlink(missing_ok=True)

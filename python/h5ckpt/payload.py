@@ -24,7 +24,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from . import _native, codec
+from . import _native, codec, interop
 from ._native import (
     HEADER_SIZE,
     Header,
@@ -55,9 +55,12 @@ __all__ = [
     "write_sealed",
 ]
 
-FORMAT_VERSION = "1.0"
+#: Payload layout version. 1.1 added the tags namedtuple, pytree, ml_ndarray and
+#: ml_scalar; a 1.0 reader reads every 1.1 file that holds none of them.
+FORMAT_VERSION = "1.1"
 #: The most attributes the writer puts on one object: the root's five (format,
-#: version, batch index, loss, timestamp); every other object carries one tag.
+#: version, batch index, loss, timestamp); every other object carries its tag and at
+#: most two more (a NamedTuple's class and fields, an array's ml_dtypes name and hint).
 MAX_ATTRIBUTES_WRITTEN = 5
 _TYPE_ATTR = "h5ckpt_type"
 #: Chunks compressed per call into the Rust core: enough to keep every core busy,
@@ -179,15 +182,20 @@ class WritebackFile(io.FileIO):
 
 
 def as_parameters(parameters: object) -> np.ndarray:
-    """``parameters`` as a numeric numpy array, or a ``CheckpointValueError``."""
+    """``parameters`` as a numeric numpy array (an ml_dtypes one too), or a
+    ``CheckpointValueError``. An array-like (``jax.Array``, ``torch.Tensor``...) is
+    copied to host memory at most once (a CPU ``jax.Array`` not at all)."""
     try:
-        arr = np.asarray(parameters)
+        if type(parameters) is not np.ndarray and interop.array_spec(parameters) is not None:
+            arr = interop.host_array(parameters)[0]
+        else:
+            arr = np.asarray(parameters)
     except Exception as exc:
         raise CheckpointValueError(
             f"parameters cannot be converted to a numpy array: {exc}",
             {"key": "parameters", "type": type(parameters).__name__},
         ) from exc
-    if arr.dtype.kind not in "biufc":
+    if arr.dtype.kind not in "biufc" and interop.ml_name(arr.dtype) is None:
         raise CheckpointValueError(
             f"parameters must be a numeric or boolean array, got dtype {arr.dtype}",
             {"key": "parameters", "dtype": str(arr.dtype)},
@@ -278,8 +286,14 @@ def _write_payload(
         f.attrs["batch_idx"] = np.int64(batch_idx)
         f.attrs["loss"] = np.float64(loss)
         f.attrs["timestamp"] = np.float64(timestamp)
-        ds = writer(f, "parameters", parameters)
-        ds.attrs[_TYPE_ATTR] = np.bytes_("ndarray")
+        ml = interop.ml_name(parameters.dtype)
+        if ml is None:
+            ds = writer(f, "parameters", parameters)
+            ds.attrs[_TYPE_ATTR] = np.bytes_("ndarray")
+        else:  # bfloat16 and the like: their bits, as the tree stores them (ml_ndarray)
+            ds = writer(f, "parameters", parameters.view(interop.bits_dtype(parameters.dtype)))
+            ds.attrs[_TYPE_ATTR] = np.bytes_("ml_ndarray")
+            ds.attrs[interop.DTYPE_ATTR] = np.bytes_(ml)
         write_value(
             f, "optimizer_state", optimizer_state, allow_pickle=allow_pickle, put_array=writer
         )

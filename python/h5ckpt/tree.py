@@ -30,6 +30,7 @@ import h5py
 import numpy as np
 from h5py import h5, h5a, h5d, h5g, h5i, h5l, h5o, h5p, h5s, h5t
 
+from h5ckpt import interop
 from h5ckpt.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -78,6 +79,11 @@ _BYTEARRAY = "bytearray"
 _NP_SCALAR = "np_scalar"
 _NDARRAY = "ndarray"
 _PICKLE = "pickle"
+# Values of other libraries (see h5ckpt.interop).
+_NAMEDTUPLE = "namedtuple"
+_PYTREE = "pytree"
+_ML_NDARRAY = "ml_ndarray"
+_ML_SCALAR = "ml_scalar"
 
 #: Every type tag this version writes and reads.
 TAGS = frozenset(
@@ -97,9 +103,13 @@ TAGS = frozenset(
         _NP_SCALAR,
         _NDARRAY,
         _PICKLE,
+        _NAMEDTUPLE,
+        _PYTREE,
+        _ML_NDARRAY,
+        _ML_SCALAR,
     }
 )
-_CONTAINERS = frozenset({_DICT, _LIST, _TUPLE})
+_CONTAINERS = frozenset({_DICT, _LIST, _TUPLE, _NAMEDTUPLE, _PYTREE})
 _BLOBS = frozenset({_STR_BYTES, _BYTES, _BYTEARRAY, _PICKLE})
 _MAX_TAG_BYTES = 32
 _COMPACT_TEXT_BYTES = 4096  # longer strings are stored contiguously (compact max: 64 KiB)
@@ -288,9 +298,32 @@ def _native_tag(value: Any) -> str | None:
     if t is np.ndarray:
         if value.ndim <= _MAX_RANK and _dtype_storable(value.dtype):
             return _NDARRAY
-        return None
+        return _ML_NDARRAY if value.ndim <= _MAX_RANK and interop.ml_name(value.dtype) else None
     if isinstance(value, np.generic) and _scalar_type_storable(t):
         return _NP_SCALAR
+    return _foreign_tag(value)
+
+
+def _array_tag(dtype: np.dtype, ndim: int) -> str | None:
+    if ndim > _MAX_RANK:
+        return None
+    if _dtype_storable(dtype):
+        return _NDARRAY
+    return _ML_NDARRAY if interop.ml_name(dtype) else None
+
+
+def _foreign_tag(value: Any) -> str | None:
+    """The tag of a value another library defines (reached only by values that no
+    tag above takes, so these checks cost the common values nothing)."""
+    if isinstance(value, tuple):
+        return _NAMEDTUPLE if interop.namedtuple_fields(value) is not None else None
+    if isinstance(value, np.generic):
+        return _ML_SCALAR if interop.ml_name(value.dtype) else None
+    spec = interop.array_spec(value)
+    if spec is not None:
+        return None if isinstance(spec, str) else _array_tag(spec[0], len(spec[1]))
+    if interop.node_parts(value) is not None:
+        return _PYTREE
     return None
 
 
@@ -315,6 +348,20 @@ def _refusal(value: Any) -> str:
         )
     if isinstance(value, np.generic):
         return f"a numpy scalar of type {_type_name(t)}"
+    spec = interop.array_spec(value)
+    if isinstance(spec, str):
+        return f"an array of type {_type_name(t)} with {spec} (it has no numpy form)"
+    if spec is not None:
+        dtype, shape = spec
+        if len(shape) > _MAX_RANK:
+            return (
+                f"an array of type {_type_name(t)} with {len(shape)} dimensions "
+                f"(HDF5 allows {_MAX_RANK})"
+            )
+        return (
+            f"an array of type {_type_name(t)} of dtype {dtype} (only bool, integer, float and "
+            "complex dtypes, and those of ml_dtypes, are stored without pickling)"
+        )
     return f"a value of type {_type_name(t)}"
 
 
@@ -330,7 +377,9 @@ def _render(root: str, node: _Path) -> str:
         node, key = node
         keys.append(key)
     keys.reverse()
-    return (root or "value") + "".join(f"[{k!r}]" for k in keys)
+    return (root or "value") + "".join(
+        f".{k}" if type(k) is interop.Field else f"[{k!r}]" for k in keys
+    )
 
 
 # ------------------------------------------------------------------- check_value
@@ -427,11 +476,23 @@ def check_value(
             _check_picklable(v, path, node)
             continue
         if tag not in _CONTAINERS:
-            nbytes += _declared_bytes(v)
-            continue
-        if not v:
+            if (tag is _NDARRAY or tag is _ML_NDARRAY) and not isinstance(v, np.ndarray):
+                spec = interop.array_spec(v)
+                assert isinstance(spec, tuple)  # the tag says so
+                nbytes += math.prod(spec[1]) * spec[0].itemsize
+            else:
+                nbytes += _declared_bytes(v)
             continue
         vid = id(v)
+        if tag is _NAMEDTUPLE or tag is _PYTREE:
+            # Walked as a dict of its children, keyed by field name or position (the
+            # node itself, alive in its parent, stands for it among the ancestors).
+            _, fields, children = interop.node_parts(v)  # type: ignore[misc]
+            keys = map(interop.Field, fields) if fields is not None else range(len(children))
+            v = dict(zip(keys, children, strict=True))
+            tag = _DICT
+        if not v:
+            continue
         if vid in ancestors:
             where = _render(path, node)
             raise CheckpointValueError(
@@ -550,7 +611,7 @@ class _Writer:
         data: np.ndarray,
         tag: str,
         compact: bool = True,
-    ) -> None:
+    ) -> h5d.DatasetID:
         dcpl = self.compact if compact else self.contiguous
         dset = h5d.create(
             gid, name.encode("utf-8"), tid, self.scalar_space, dcpl=dcpl, lcpl=self.lcpl
@@ -558,6 +619,18 @@ class _Writer:
         # Numbers: the memory type follows the native array; text: same as the file.
         dset.write(h5s.ALL, h5s.ALL, data, mtype=tid if data.dtype.kind == "S" else None)
         self.tag(dset, tag)
+        return dset
+
+    def text_attr(self, obj: Any, name: str, text: str) -> None:
+        """A fixed-length, NUL-padded UTF-8 string attribute (no global heap)."""
+        raw = text.encode("utf-8")
+        size = max(len(raw), 1)
+        tid = h5t.C_S1.copy()
+        tid.set_size(size)
+        tid.set_strpad(h5t.STR_NULLPAD)
+        tid.set_cset(h5t.CSET_UTF8)
+        attr = h5a.create(obj, name.encode("ascii"), tid, self.scalar_space)
+        attr.write(np.array(raw, dtype=f"S{size}"), mtype=tid)
 
     def text(self, gid: h5g.GroupID, name: str, text: str, tag: str) -> None:
         # A fixed-length string: variable-length ones live in the global heap, and
@@ -582,7 +655,7 @@ class _Writer:
         )
         self.tag(dset, _NONE)
 
-    def array(self, gid: h5g.GroupID, name: str, arr: np.ndarray, tag: str) -> None:
+    def array(self, gid: h5g.GroupID, name: str, arr: np.ndarray, tag: str) -> h5d.DatasetID:
         arr = np.require(arr, requirements=("C", "A"))
         dset = self.put_array(h5py.Group(gid), name, arr)
         if not isinstance(dset, h5py.Dataset):
@@ -598,6 +671,38 @@ class _Writer:
                 {"name": name},
             )
         self.tag(dset.id, tag)
+        return dset.id
+
+    def node(self, gid: h5g.GroupID, name: str, tag: str, parts: tuple) -> h5g.GroupID:
+        """The group of a NamedTuple or pytree node, with its class and field names."""
+        class_name, fields, _ = parts
+        group = self.group(gid, name, tag)
+        self.text_attr(group, interop.CLASS_ATTR, class_name)
+        if fields is not None:
+            self.text_attr(group, interop.FIELDS_ATTR, ",".join(fields))
+        return group
+
+    def foreign_array(self, gid: h5g.GroupID, name: str, value: Any, refuse: Callable) -> None:
+        """An array-like (converted to its numpy array here, once) or an ml_dtypes array."""
+        hint = None
+        arr = value
+        if type(value) is not np.ndarray:
+            try:
+                arr, hint, _ = interop.host_array(value)
+            except Exception as exc:
+                why = f"cannot copy it to a numpy array: {type(exc).__name__}: {exc}"
+                raise refuse(why) from exc
+        tag = _array_tag(arr.dtype, arr.ndim)
+        if tag is None:  # the conversion gave another dtype than the object declared
+            raise refuse(_refusal(arr))
+        ml = interop.ml_name(arr.dtype) if tag is _ML_NDARRAY else None
+        dset = self.array(
+            gid, name, arr if ml is None else arr.view(interop.bits_dtype(arr.dtype)), tag
+        )
+        if ml is not None:
+            self.text_attr(dset, interop.DTYPE_ATTR, ml)
+        if hint:
+            self.text_attr(dset, interop.ARRAY_HINT_ATTR, hint)
 
 
 def write_value(
@@ -684,13 +789,43 @@ def write_value(
         elif tag is _NP_SCALAR:
             scalar = np.array(v)
             w.scalar(gid, nm, hdf5_type(scalar.dtype), scalar, tag)
-        elif tag is _NDARRAY:
+        elif tag is _NDARRAY and type(v) is np.ndarray:
             w.array(gid, nm, v, tag)
+        elif tag is _NDARRAY or tag is _ML_NDARRAY:
+            w.foreign_array(gid, nm, v, _refuser(name, node, v))
+        elif tag is _NAMEDTUPLE or tag is _PYTREE:
+            parts = interop.node_parts(v)
+            assert parts is not None  # the tag says so
+            group = w.node(gid, nm, tag, parts)
+            _, fields, children = parts
+            keys = map(interop.Field, fields) if fields is not None else range(len(children))
+            items = [
+                (group, str(i), item, (node, k))
+                for i, (k, item) in enumerate(zip(keys, children, strict=True))
+            ]
+            items.reverse()
+            stack.extend(items)
+        elif tag is _ML_SCALAR:
+            scalar = np.array(v)
+            bits = scalar.view(interop.bits_dtype(scalar.dtype))
+            dset = w.scalar(gid, nm, hdf5_type(bits.dtype), bits, tag)
+            w.text_attr(dset, interop.DTYPE_ATTR, interop.ml_name(scalar.dtype) or "")
         elif tag is _STR_BYTES:
             raw = v.encode("utf-8", "surrogatepass")
             w.array(gid, nm, np.frombuffer(raw, dtype=_U8), tag)
         else:  # bytes, bytearray
             w.array(gid, nm, np.frombuffer(v, dtype=_U8), tag)
+
+
+def _refuser(root: str, node: _Path, value: Any) -> Callable[[str], CheckpointValueError]:
+    def refuse(why: str) -> CheckpointValueError:
+        where = _render(root, node)
+        return CheckpointValueError(
+            f"{where}: cannot store a value of type {_type_name(type(value))}: {why}",
+            {"path": where, "type": _type_name(type(value))},
+        )
+
+    return refuse
 
 
 # -------------------------------------------------------------------- read_value
@@ -726,6 +861,28 @@ def _read_tag(obj: Any) -> str:
     if tag not in TAGS:
         raise _Corrupt(f"has the unknown type tag {tag[:_MAX_TAG_BYTES]!r}")
     return tag
+
+
+def _read_text_attr(obj: Any, name: str, max_bytes: int) -> str | None:
+    """A fixed-length string attribute of ``obj`` as text; None when it has none."""
+    raw_name = name.encode("ascii")
+    if not h5a.exists(obj, raw_name):
+        return None
+    attr = h5a.open(obj, raw_name)
+    tid = attr.get_type()
+    if not isinstance(tid, h5t.TypeStringID) or tid.is_variable_str():
+        raise _Corrupt(f"has a {name} attribute that is not a fixed-length string")
+    if attr.get_space().get_simple_extent_type() != h5s.SCALAR:
+        raise _Corrupt(f"has a {name} attribute that is not a scalar")
+    size = tid.get_size()
+    if size > max_bytes:
+        raise _Corrupt(f"has a {name} attribute of {size} bytes (at most {max_bytes})")
+    buf = np.empty((), dtype=f"S{size}")
+    attr.read(buf, mtype=tid)
+    try:
+        return buf.item().decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Corrupt(f"has a {name} attribute that is not UTF-8") from None
 
 
 class ByteBudget:
@@ -783,7 +940,8 @@ class _Reader:
     def run(self, obj: Any) -> Any:
         result: list[Any] = [None]
         # Tasks: (obj or None, parent gid, link name, depth, path, target, key) to
-        # visit a node; (None, None, tuple-items, ...) to finish a tuple.
+        # visit a node; (None, None, items, constructor, ...) to finish a tuple
+        # (constructor: tuple, or that of a NamedTuple or pytree node).
         stack: list[tuple] = [(obj, None, None, 0, None, result, 0)]
         self.node: _Path = None
         while stack:
@@ -791,7 +949,7 @@ class _Reader:
             self.node = node
             if obj is None:
                 if gid is None:  # finish a tuple
-                    target[key] = tuple(name)
+                    target[key] = depth(name)
                     continue
                 obj = h5o.open(gid, name)
             self.obj = obj
@@ -861,11 +1019,28 @@ class _Reader:
             stack.extend(tasks)
             return
         items: list[Any] = [None] * n
+        keys: Any = range(n)
         if tag == _TUPLE:
             if not n:
                 target[key] = ()
                 return
-            stack.append((None, None, items, depth, node, target, key))
+            stack.append((None, None, items, tuple, node, target, key))
+        elif tag in (_NAMEDTUPLE, _PYTREE):
+            try:
+                make, fields = interop.node_maker(
+                    tag == _NAMEDTUPLE,
+                    _read_text_attr(gid, interop.CLASS_ATTR, interop.MAX_CLASS_BYTES),
+                    _read_text_attr(gid, interop.FIELDS_ATTR, interop.MAX_FIELDS_BYTES),
+                    n,
+                )
+            except ValueError as exc:
+                raise _Corrupt(str(exc)) from None
+            if fields is not None:
+                keys = [interop.Field(f) for f in fields]
+            if not n:
+                target[key] = make([])
+                return
+            stack.append((None, None, items, make, node, target, key))
         else:
             target[key] = items
         tasks = []
@@ -877,9 +1052,37 @@ class _Reader:
                 raise _Corrupt(f"has {n} links but none named {i}") from None
             if link_type != h5l.TYPE_HARD:
                 raise _Corrupt(f"has the soft or external link {i}")
-            tasks.append((None, gid, link_name, child_depth, (node, i), items, i))
+            tasks.append((None, gid, link_name, child_depth, (node, keys[i]), items, i))
         tasks.reverse()
         stack.extend(tasks)
+
+    def ml_leaf(self, dset: h5d.DatasetID, tag: str, node: _Path) -> Any:
+        """An ml_dtypes array or scalar: its bits, viewed as the dtype its attribute names."""
+        name = _read_text_attr(dset, interop.DTYPE_ATTR, 64)
+        if name is None or not interop.is_ml_name(name):
+            raise _Corrupt(f"is tagged {tag} but has no valid {interop.DTYPE_ATTR} attribute")
+        file_dt = dset.get_type().dtype
+        if file_dt.kind != "u" or file_dt.metadata is not None:
+            raise _Corrupt(f"is tagged {tag} but holds {file_dt}, not unsigned integers")
+        kind = dset.get_space().get_simple_extent_type()
+        if kind != h5s.SCALAR and (tag == _ML_SCALAR or kind != h5s.SIMPLE):
+            shape = "null" if kind == h5s.NULL else "non-scalar"
+            raise _Corrupt(f"is tagged {tag} but has a {shape} dataspace")
+        bits = self.leaf(dset, _NDARRAY if tag == _ML_NDARRAY else _NP_SCALAR, node)
+        if self.structure_only:
+            return bits
+        try:
+            dtype = interop.ml_dtype(name)
+        except LookupError as exc:
+            where = self.where(node)
+            raise CheckpointError(f"{where}: {exc}", {"path": where, "dtype": name}) from None
+        if dtype.itemsize != file_dt.itemsize:
+            raise _Corrupt(f"holds {file_dt.itemsize}-byte elements for the dtype {name}")
+        bits = np.asarray(bits)
+        if not bits.dtype.isnative:
+            bits = bits.astype(bits.dtype.newbyteorder("="))
+        out = bits.view(dtype)
+        return out if tag == _ML_NDARRAY else out[()]
 
     def leaf(self, dset: h5d.DatasetID, tag: str, node: _Path) -> Any:
         if tag == _PICKLE and not self.allow_pickle and not self.structure_only:
@@ -889,6 +1092,8 @@ class _Reader:
                 "it — unpickling can run code, only do it for files you trust",
                 {"path": where},
             )
+        if tag in (_ML_NDARRAY, _ML_SCALAR):
+            return self.ml_leaf(dset, tag, node)
         space = dset.get_space()
         kind = space.get_simple_extent_type()
         if tag == _NONE:
@@ -1101,6 +1306,8 @@ def _arrays_equal(a: np.ndarray, b: np.ndarray) -> bool:
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     kind = a.dtype.kind
+    if kind in "fc" and interop.ml_name(a.dtype):  # few ufuncs take them: their bits
+        return a.tobytes() == b.tobytes()
     if kind in "fc":
         pairs = [(a.real, b.real), (a.imag, b.imag)] if kind == "c" else [(a, b)]
         for x, y in pairs:
@@ -1123,8 +1330,10 @@ def values_equal(a: Any, b: Any) -> bool:
     same order. Floats (Python, numpy scalars and arrays, real and imaginary parts
     of complex values) are equal when both are NaN or when they are equal with the
     same sign, so ``-0.0`` differs from ``0.0``. Arrays must have the same dtype
-    (byte order included) and shape. Object arrays are compared element by
-    element; other values (e.g. unpickled objects) with ``==``.
+    (byte order included) and shape; array-likes (``jax.Array``, ``torch.Tensor``)
+    are compared as their numpy arrays, JAX pytree nodes child by child. Object
+    arrays are compared element by element; other values (e.g. unpickled objects)
+    with ``==``.
 
     Parameters
     ----------
@@ -1145,7 +1354,7 @@ def values_equal(a: Any, b: Any) -> bool:
                 return False
             stack.extend(zip(x.keys(), y.keys(), strict=True))
             stack.extend(zip(x.values(), y.values(), strict=True))
-        elif t is list or t is tuple:
+        elif t is list or t is tuple or (issubclass(t, tuple) and hasattr(t, "_fields")):
             if len(x) != len(y):
                 return False
             stack.extend(zip(x, y, strict=True))
@@ -1165,6 +1374,15 @@ def values_equal(a: Any, b: Any) -> bool:
         elif isinstance(x, np.generic):
             if not _arrays_equal(np.asarray(x), np.asarray(y)):
                 return False
+        elif x is not y and _foreign_tag(x) in (_NDARRAY, _ML_NDARRAY):
+            # Array-likes of the same type (jax.Array, torch.Tensor...): their arrays.
+            if not _arrays_equal(interop.host_array(x)[0], interop.host_array(y)[0]):
+                return False
+        elif x is not y and _foreign_tag(x) is _PYTREE:
+            px, py = interop.node_parts(x), interop.node_parts(y)
+            if px is None or py is None or px[1] != py[1] or len(px[2]) != len(py[2]):
+                return False
+            stack.extend(zip(px[2], py[2], strict=True))
         elif x is not y:
             try:
                 if not bool(x == y):

@@ -30,6 +30,7 @@ from ..manager import CheckpointManager
 from ..payload import as_parameters
 from ..retention import set_aside
 from ..staging import DirectoryLock
+from ..templates import apply_like, check_like
 from ..tree import check_value
 from . import layout
 from .manifest import (
@@ -505,7 +506,9 @@ compression, load_limits, on_older_batch
         self._drain()
         return self._restore(None, None)
 
-    def load_latest(self, rank_local: RankLocalHook | None = None) -> dict[str, Any] | None:
+    def load_latest(
+        self, rank_local: RankLocalHook | None = None, *, like: dict[str, Any] | None = None
+    ) -> dict[str, Any] | None:
         """Load this rank's state from the newest complete step; collective.
 
         With the world size of the save, each rank gets exactly its own shard back
@@ -517,6 +520,10 @@ compression, load_limits, on_older_batch
         has None for old ranks without that value); without it a
         ``CheckpointValueError`` names them, on every rank.
 
+        ``like`` takes templates as :meth:`h5ckpt.CheckpointManager.load_checkpoint`
+        does; each rank applies its own after the collective load, so a template
+        that does not match raises on that rank alone.
+
         Returns
         -------
         dict or None
@@ -524,7 +531,9 @@ compression, load_limits, on_older_batch
             values are this rank's), or None on a fresh start.
         """
         self._drain()
-        return self._restore("load", rank_local)
+        loaded = self._restore("load", rank_local)
+        like = check_like(like)
+        return None if loaded is None else apply_like(loaded, like)
 
     def _restore(self, mode: str | None, hook: RankLocalHook | None) -> Any:
         def manifest_of(step: Path, batch: int) -> Manifest | str:
