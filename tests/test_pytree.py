@@ -792,7 +792,8 @@ def test_a_file_with_hostile_fields_is_invalid_and_skipped(ckpt_dir: Path):
         g.attrs["h5ckpt_fields"] = np.bytes_(b"a,__class__")
 
     bad = _sealed(ckpt_dir / "checkpoint_batch_0005.h5", hostile)
-    assert _native.verify_file(bad, None).batch_idx == 5  # the digests pass
+    (header,) = _native.verify_files([bad], None)
+    assert header.batch_idx == 5  # the digests pass
     assert not manager.validate_checkpoint(bad)
     with pytest.raises(CheckpointCorruptError, match="invalid field name '__class__'"):
         manager.load_checkpoint(bad)
