@@ -8,8 +8,8 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +39,17 @@ from .manifest import (
     list_step_infos,
     load_file,
     read_manifest,
+    read_shard,
     shard_mismatch,
     step_info,
     write_file,
     write_manifest,
 )
-from .protocol import DEFAULT_TIMEOUT, Channel, first_failure
+from .protocol import DEFAULT_TIMEOUT, Channel, raise_first_failure
+from .resplit import RankLocalHook, Resplit, merge_loaded, old_ranks_of
 from .values import (
-    RANK_LOCAL,
     REPLICATED,
+    ROOTS,
     SHARDED,
     KeyPath,
     Sharded,
@@ -55,10 +57,7 @@ from .values import (
     describe,
     flatten,
     get_at,
-    render,
     set_at,
-    split_ranges,
-    take_range,
     unflatten,
 )
 
@@ -67,7 +66,6 @@ __all__ = ["ShardedCheckpointManager", "load_global"]
 logger = logging.getLogger("h5ckpt")
 
 _PathLike = str | os.PathLike[str]
-RankLocalHook = Callable[[str, list[Any], int, int], Any]
 
 
 class _Prepared:
@@ -82,6 +80,138 @@ class _Prepared:
 
 def _loss_key(loss: float) -> bytes:
     return b"nan" if math.isnan(loss) else struct.pack("<d", loss)
+
+
+def _agreed_batch(reports: list[Any]) -> int:
+    """The batch every rank saves, once every rank reported the same batch and loss."""
+    batches = sorted({r[0] for r in reports})
+    if len(batches) > 1:
+        raise CheckpointValueError(
+            f"batch_idx differs between ranks: {[r[0] for r in reports]}",
+            {"batch_idx": [r[0] for r in reports]},
+        )
+    if len({r[1] for r in reports}) > 1:
+        raise CheckpointValueError(
+            "loss differs between ranks; pass the same (reduced) loss on every rank",
+            {"batch_idx": batches[0]},
+        )
+    return batches[0]
+
+
+def _reasons(reports: list[Any]) -> list[str]:
+    """Rank 0's decision on a step's check: every rank's reasons, none when usable."""
+    raise_first_failure(reports)
+    return [why for rep in reports for why in rep]
+
+
+class _Commit:
+    """One collective save of a :class:`ShardedCheckpointManager`, a method a step.
+
+    Two exchanges. First every rank reports what it saves (:meth:`report`) and rank 0
+    plans the step: the kind of every value and a staging directory (:meth:`plan`).
+    Then every rank writes its shard into the staging directory (:meth:`write`) and
+    rank 0 seals the step: the manifest, then the rename to the step's name
+    (:meth:`seal`). A save that fails anywhere leaves no staging directory behind.
+    """
+
+    def __init__(self, manager: ShardedCheckpointManager, prepared: _Prepared | CheckpointError):
+        self.m = manager
+        self.prepared = prepared
+        self.decided: dict[str, Any] = {}
+        self.staging: layout.StagingDir | None = None  # rank 0's, once planned
+        self.committed = False
+
+    def run(self) -> Path:
+        """The committed step directory, on every rank (or the same error everywhere)."""
+        ch = self.m._ch
+        try:
+            self.decided = ch.decide(
+                self.report, self.plan, "saving a checkpoint (agreeing on the step)"
+            )
+            return Path(
+                ch.decide(self.write, self.seal, "saving a checkpoint (committing the step)")
+            )
+        finally:
+            if self.staging is not None and not self.committed:
+                self.staging.discard()
+
+    def _checked(self) -> _Prepared:
+        # Past the first exchange: a rank whose arguments were bad raised there.
+        assert isinstance(self.prepared, _Prepared)
+        return self.prepared
+
+    def report(self) -> Any:
+        if isinstance(self.prepared, CheckpointError):
+            raise self.prepared
+        p = self.prepared
+        return (p.batch_idx, _loss_key(p.loss), p.described)
+
+    def plan(self, reports: list[Any]) -> dict[str, Any]:
+        raise_first_failure(reports)
+        batch = _agreed_batch(reports)
+        if self.m.on_older_batch == "raise":
+            self.m._refuse_older(batch)
+        values = classify([r[2] for r in reports])
+        self.staging = layout.StagingDir(
+            self.m.checkpoint_dir, layout.step_name(self.m.prefix, batch)
+        )
+        return {"values": values, "staging": str(self.staging.path), "timestamp": time.time()}
+
+    def write(self) -> tuple[int, bytes]:
+        p, m = self._checked(), self.m
+        tree = unflatten(self._stored_leaves(p))
+        header, size = write_file(
+            Path(self.decided["staging"]) / layout.shard_name(m.rank, m.world_size),
+            batch_idx=p.batch_idx,
+            loss=p.loss,
+            timestamp=self.decided["timestamp"],
+            parameters=tree["parameters"],
+            optimizer_state=tree["optimizer_state"],
+            metadata=tree["metadata"],
+            compression=m.compression,
+            allow_pickle=m.allow_pickle,
+            hmac_key=m._hmac_key,
+            durable=m.durable,
+        )
+        return size, bytes(header.payload_digest)
+
+    def _stored_leaves(self, p: _Prepared) -> list[tuple[KeyPath, Any]]:
+        """This rank's values as its shard stores them."""
+        replicated = {tuple(v["path"]) for v in self.decided["values"] if v["kind"] == REPLICATED}
+        leaves = []
+        for path, v in p.leaves:
+            if isinstance(v, Sharded):
+                v = v.block
+            elif self.m.rank != 0 and path in replicated:
+                v = _placeholder(path, v)  # stored once, in rank 0's shard
+            leaves.append((path, v))
+        return leaves
+
+    def seal(self, reports: list[Any]) -> str:
+        raise_first_failure(reports)
+        p, m, staging = self._checked(), self.m, self.staging
+        assert staging is not None  # planned on this rank, rank 0
+        world = m.world_size
+        manifest = Manifest(
+            p.batch_idx,
+            p.loss,
+            self.decided["timestamp"],
+            _native.__version__,
+            world,
+            [
+                {"name": layout.shard_name(r, world), "size": s, "payload_digest": d}
+                for r, (s, d) in enumerate(reports)
+            ],
+            self.decided["values"],
+        )
+        write_manifest(staging.path, manifest, hmac_key=m._hmac_key, durable=m.durable)
+        with m._lock.held():
+            # Again under the lock: another job may have saved meanwhile.
+            m._make_room(p.batch_idx)
+            staging.commit(m.durable)
+            self.committed = True
+        m._remember(staging.final, manifest)
+        return str(staging.final)
 
 
 class ShardedCheckpointManager:
@@ -174,9 +304,7 @@ compression, load_limits, on_older_batch
             )
 
         def settle(reports: list[Any]) -> None:
-            err = first_failure(reports)
-            if err is not None:
-                raise err
+            raise_first_failure(reports)
             with self._lock.held():
                 layout.sweep_hidden(self._single.checkpoint_dir, self._single.prefix)
 
@@ -338,124 +466,8 @@ compression, load_limits, on_older_batch
 
     def _commit(self, prepared: _Prepared | CheckpointError) -> Path:
         started = time.perf_counter()
-        staging: layout.StagingDir | None = None
-        committed = False
-
-        def report() -> Any:
-            if isinstance(prepared, CheckpointError):
-                raise prepared
-            return (prepared.batch_idx, _loss_key(prepared.loss), prepared.described)
-
-        def plan(reports: list[Any]) -> dict[str, Any]:
-            nonlocal staging
-            err = first_failure(reports)
-            if err is not None:
-                raise err
-            batches = sorted({r[0] for r in reports})
-            if len(batches) > 1:
-                raise CheckpointValueError(
-                    f"batch_idx differs between ranks: {[r[0] for r in reports]}",
-                    {"batch_idx": [r[0] for r in reports]},
-                )
-            if len({r[1] for r in reports}) > 1:
-                raise CheckpointValueError(
-                    "loss differs between ranks; pass the same (reduced) loss on every rank",
-                    {"batch_idx": batches[0]},
-                )
-            if self.on_older_batch == "raise":
-                self._refuse_older(batches[0])
-            values = classify([r[2] for r in reports])
-            staging = layout.StagingDir(
-                self.checkpoint_dir, layout.step_name(self.prefix, batches[0])
-            )
-            return {"values": values, "staging": str(staging.path), "timestamp": time.time()}
-
-        try:
-            decided = self._ch.decide(report, plan, "saving a checkpoint (agreeing on the step)")
-            assert isinstance(prepared, _Prepared)
-            world = self.world_size
-
-            def write() -> tuple[int, bytes]:
-                replicated = {
-                    tuple(v["path"]) for v in decided["values"] if v["kind"] == REPLICATED
-                }
-                leaves = []
-                for path, v in prepared.leaves:
-                    if isinstance(v, Sharded):
-                        v = v.block
-                    elif self.rank != 0 and path in replicated:
-                        v = _placeholder(path, v)  # stored once, in rank 0's shard
-                    leaves.append((path, v))
-                tree = unflatten(leaves)
-                header, size = write_file(
-                    Path(decided["staging"]) / layout.shard_name(self.rank, world),
-                    batch_idx=prepared.batch_idx,
-                    loss=prepared.loss,
-                    timestamp=decided["timestamp"],
-                    parameters=tree["parameters"],
-                    optimizer_state=tree["optimizer_state"],
-                    metadata=tree["metadata"],
-                    compression=self.compression,
-                    allow_pickle=self.allow_pickle,
-                    hmac_key=self._hmac_key,
-                    durable=self.durable,
-                )
-                return size, bytes(header.payload_digest)
-
-            def seal(reports: list[Any]) -> str:
-                nonlocal committed
-                err = first_failure(reports)
-                if err is not None:
-                    raise err
-                assert staging is not None
-                manifest = Manifest(
-                    prepared.batch_idx,
-                    prepared.loss,
-                    decided["timestamp"],
-                    _native.__version__,
-                    world,
-                    [
-                        {"name": layout.shard_name(r, world), "size": s, "payload_digest": d}
-                        for r, (s, d) in enumerate(reports)
-                    ],
-                    decided["values"],
-                )
-                write_manifest(
-                    staging.path, manifest, hmac_key=self._hmac_key, durable=self.durable
-                )
-                with self._lock.held():
-                    # Again under the lock: another job may have saved meanwhile.
-                    if self.on_older_batch == "raise":
-                        self._refuse_older(prepared.batch_idx)
-                    else:
-                        newer = self._newer_steps(prepared.batch_idx)
-                        set_aside(
-                            self.checkpoint_dir,
-                            newer,
-                            prepared.batch_idx,
-                            lambda path: self._known.pop(path.name, None),
-                        )
-                    staging.commit(self.durable)
-                    committed = True
-                final = staging.final
-                self._known[final.name] = (
-                    _identity(final),
-                    StepInfo(
-                        final,
-                        prepared.batch_idx,
-                        prepared.loss,
-                        decided["timestamp"],
-                        world,
-                        _tree_bytes(final),
-                        "complete",
-                    ),
-                )
-                return str(final)
-
-            final = Path(self._ch.decide(write, seal, "saving a checkpoint (committing the step)"))
-        finally:
-            if staging is not None and not committed:
-                staging.discard()
+        final = _Commit(self, prepared).run()
+        assert isinstance(prepared, _Prepared)  # an error was raised on every rank
         if self.rank == 0:
             logger.info(
                 "sharded checkpoint saved: batch=%d loss=%.6g step=%s (%d ranks) in %.3fs",
@@ -471,6 +483,34 @@ compression, load_limits, on_older_batch
                 except CheckpointError as exc:
                     logger.warning("retention after saving %s failed: %s", final.name, exc)
         return final
+
+    def _make_room(self, batch_idx: int) -> None:
+        """Under the lock, just before a step of ``batch_idx`` is committed: refuse or
+        set aside the steps of higher batches, by ``on_older_batch``."""
+        if self.on_older_batch == "raise":
+            self._refuse_older(batch_idx)
+        else:
+            set_aside(
+                self.checkpoint_dir,
+                self._newer_steps(batch_idx),
+                batch_idx,
+                lambda path: self._known.pop(path.name, None),
+            )
+
+    def _remember(self, final: Path, manifest: Manifest) -> None:
+        """A step this manager just committed is complete: retention need not hash it."""
+        self._known[final.name] = (
+            _identity(final),
+            StepInfo(
+                final,
+                manifest.batch_idx,
+                manifest.loss,
+                manifest.timestamp,
+                manifest.world_size,
+                _tree_bytes(final),
+                "complete",
+            ),
+        )
 
     def _newer_steps(self, batch_idx: int) -> list[Path]:
         return [p for b, p in layout.list_steps(self.checkpoint_dir, self.prefix) if b > batch_idx]
@@ -527,70 +567,23 @@ compression, load_limits, on_older_batch
         return self._restore("load", rank_local)
 
     def _restore(self, mode: str | None, hook: RankLocalHook | None) -> Any:
-        def manifest_of(step: Path, batch: int) -> Manifest | str:
-            try:
-                return read_manifest(step, self._hmac_key, batch)
-            except CheckpointError as exc:
-                return str(exc)
-
-        def manifest_decision(step: Path, batch: int) -> Callable[[list[Any]], Manifest | str]:
-            return lambda _: manifest_of(step, batch)
-
-        def candidates(_: list[Any]) -> tuple[list[tuple[int, str]], Manifest | str | None]:
-            steps = layout.list_steps(self.checkpoint_dir, self.prefix)[::-1]
-            # The newest manifest comes with the listing: one exchange fewer on a resume.
-            first = manifest_of(steps[0][1], steps[0][0]) if steps else None
-            return [(b, p.name) for b, p in steps], first
-
-        names, first = self._ch.decide(lambda: None, candidates, "restoring (listing the steps)")
+        names, first = self._ch.decide(
+            lambda: None, self._list_for_restore, "restoring (listing the steps)"
+        )
         skipped: list[str] = []
         for index, (batch, name) in enumerate(names):
             step = self.checkpoint_dir / name
-            if index == 0:
-                manifest = first
-            else:
-                manifest = self._ch.decide(
-                    lambda: None,
-                    manifest_decision(step, batch),
-                    "restoring (reading a manifest)",
-                )
+            manifest = first if index == 0 else self._agreed_manifest(step, batch)
             if isinstance(manifest, str):
                 skipped.append(manifest)
                 continue
             same = mode == "load" and manifest.world_size == self.world_size
             loaded: dict[str, Any] = {}
-
-            def check(
-                step: Path = step,
-                manifest: Manifest = manifest,
-                same: bool = same,
-                loaded: dict[str, Any] = loaded,
-            ) -> Any:
-                if same:
-                    try:
-                        header, result = load_file(
-                            step / manifest.shards[self.rank]["name"],
-                            self._hmac_key,
-                            self.allow_pickle,
-                            self.load_limits,
-                        )
-                    except (CheckpointCorruptError, CheckpointNotFoundError) as exc:
-                        return [str(exc)]
-                    why = shard_mismatch(step, manifest, self.rank, header)
-                    if why is not None:
-                        return [why]
-                    loaded.update(result)
-                    return []
-                mine = [i for i in range(manifest.world_size) if i % self.world_size == self.rank]
-                return check_shards(step, manifest, mine, self._hmac_key)
-
-            def verdict(reports: list[Any]) -> list[str]:
-                err = first_failure(reports)
-                if err is not None:
-                    raise err
-                return [why for rep in reports for why in rep]
-
-            bad = self._ch.decide(check, verdict, "restoring (checking the shards)")
+            bad = self._ch.decide(
+                partial(self._check_step, step, manifest, same, loaded),
+                _reasons,
+                "restoring (checking the shards)",
+            )
             if bad:
                 skipped.append(f"{step}: " + "; ".join(bad))
                 continue
@@ -605,6 +598,56 @@ compression, load_limits, on_older_batch
         self._warn_skipped(skipped)
         return None
 
+    def _manifest_of(self, step: Path, batch: int) -> Manifest | str:
+        """The step's manifest, or why it has none that can be used."""
+        try:
+            return read_manifest(step, self._hmac_key, batch)
+        except CheckpointError as exc:
+            return str(exc)
+
+    def _list_for_restore(
+        self, _: list[Any]
+    ) -> tuple[list[tuple[int, str]], Manifest | str | None]:
+        """Rank 0's decision: the steps, newest first, and the newest one's manifest."""
+        steps = layout.list_steps(self.checkpoint_dir, self.prefix)[::-1]
+        # The newest manifest comes with the listing: one exchange fewer on a resume.
+        first = self._manifest_of(steps[0][1], steps[0][0]) if steps else None
+        return [(b, p.name) for b, p in steps], first
+
+    def _agreed_manifest(self, step: Path, batch: int) -> Manifest | str:
+        """Rank 0 reads the manifest of an older step; every rank gets what it read."""
+        return self._ch.decide(
+            lambda: None,
+            lambda _: self._manifest_of(step, batch),
+            "restoring (reading a manifest)",
+        )
+
+    def _check_step(
+        self, step: Path, manifest: Manifest, same: bool, loaded: dict[str, Any]
+    ) -> list[str]:
+        """This rank's part of checking a step: why it cannot be restored (none: it can).
+
+        With the world size of the save each rank loads (into ``loaded``) and checks
+        its own shard; otherwise the ranks share out hashing the old shards.
+        """
+        if not same:
+            mine = old_ranks_of(self.rank, self.world_size, manifest.world_size)
+            return check_shards(step, manifest, mine, self._hmac_key)
+        try:
+            header, result = load_file(
+                step / manifest.shards[self.rank]["name"],
+                self._hmac_key,
+                self.allow_pickle,
+                self.load_limits,
+            )
+        except (CheckpointCorruptError, CheckpointNotFoundError) as exc:
+            return [str(exc)]
+        why = shard_mismatch(step, manifest, self.rank, header)
+        if why is not None:
+            return [why]
+        loaded.update(result)
+        return []
+
     def _warn_skipped(self, skipped: list[str]) -> None:
         if skipped and self.rank == 0:
             logger.warning(
@@ -613,7 +656,7 @@ compression, load_limits, on_older_batch
 
     def _fill_replicated(self, manifest: Manifest, loaded: dict[str, Any]) -> dict[str, Any]:
         paths = [v["path"] for v in manifest.of_kind(REPLICATED)]
-        tree = {k: loaded[k] for k in ("parameters", "optimizer_state", "metadata")}
+        tree = {k: loaded[k] for k in ROOTS}
         if paths and self.world_size > 1:
             values = self._ch.bcast(
                 [get_at(tree, p) for p in paths] if self.rank == 0 else None,
@@ -627,98 +670,24 @@ compression, load_limits, on_older_batch
     def _resplit(
         self, step: Path, manifest: Manifest, hook: RankLocalHook | None
     ) -> dict[str, Any]:
-        old_world = manifest.world_size
-        local_values = manifest.of_kind(RANK_LOCAL)
-        if local_values and hook is None:
-            names = ", ".join(render(v["path"]) for v in local_values)
-            raise CheckpointValueError(
-                f"{step} was saved by {old_world} rank(s) and holds rank-local values "
-                f"({names}); this job has {self.world_size}. Pass "
-                "load_latest(rank_local=fn) to map them to the new ranks.",
-                {"path": str(step), "keys": [render(v["path"]) for v in local_values]},
-            )
-        need: set[int] = set()
-        wants: dict[KeyPath, tuple[int, int]] = {}
-        for v in manifest.of_kind(SHARDED):
-            axis = v["axis"]
-            want = split_ranges(v["global_shape"][axis], self.world_size)[self.rank]
-            wants[v["path"]] = want
-            for r, (a, b) in enumerate(v["ranges"]):
-                if a < want[1] and want[0] < b:
-                    need.add(r)
-        if self.rank == 0 and manifest.of_kind(REPLICATED):
-            need.add(0)
-        mine = {i for i in range(old_world) if i % self.world_size == self.rank}
-        if local_values:
-            need |= mine
-        pieces: dict[KeyPath, Any] = {}
-
-        def load() -> tuple[list[Any] | None, dict[int, dict[KeyPath, Any]]]:
-            trees = {}
-            for r in sorted(need):
-                header, result = load_file(
-                    step / manifest.shards[r]["name"],
-                    self._hmac_key,
-                    self.allow_pickle,
-                    self.load_limits,
-                )
-                why = shard_mismatch(step, manifest, r, header)
-                if why is not None:
-                    raise CheckpointCorruptError(f"{step}: {why}", {"path": str(step)})
-                trees[r] = {k: result[k] for k in ("parameters", "optimizer_state", "metadata")}
-            for v in manifest.of_kind(SHARDED):
-                p = v["path"]
-                blocks = [(tuple(v["ranges"][r]), get_at(t, p)) for r, t in trees.items()]
-                pieces[p] = take_range(
-                    blocks, wants[p], v["axis"], np.dtype(v["dtype"]), v["global_shape"]
-                )
-            replicated = None
-            if self.rank == 0:
-                replicated = [get_at(trees[0], v["path"]) for v in manifest.of_kind(REPLICATED)]
-            contributed = {
-                r: {v["path"]: get_at(trees[r], v["path"]) for v in local_values if r in v["ranks"]}
-                for r in mine
-                if local_values
-            }
-            return replicated, contributed
-
-        def merge(reports: list[Any]) -> dict[str, Any]:
-            err = first_failure(reports)
-            if err is not None:
-                raise err
-            by_rank: dict[int, dict[KeyPath, Any]] = {}
-            for _, contributed in reports:
-                by_rank.update(contributed)
-            return {"replicated": reports[0][0], "rank_local": by_rank}
-
-        shared = self._ch.decide(load, merge, "restoring (reading shards for the new world size)")
-
-        def build() -> dict[str, Any]:
-            replicated = iter(shared["replicated"] or [])
-            leaves = []
-            for v in manifest.values:
-                p = v["path"]
-                if v["kind"] == SHARDED:
-                    leaves.append((p, pieces[p]))
-                elif v["kind"] == REPLICATED:
-                    leaves.append((p, next(replicated)))
-                else:
-                    olds = [shared["rank_local"].get(r, {}).get(p) for r in range(old_world)]
-                    assert hook is not None
-                    leaves.append((p, hook(render(p), olds, self.rank, self.world_size)))
-            return unflatten(leaves)
-
+        read = partial(
+            read_shard,
+            step,
+            manifest,
+            hmac_key=self._hmac_key,
+            allow_pickle=self.allow_pickle,
+            limits=self.load_limits,
+        )
+        job = Resplit(step, manifest, self.rank, self.world_size, read, hook)
+        shared = self._ch.decide(
+            job.load, merge_loaded, "restoring (reading shards for the new world size)"
+        )
         tree: dict[str, Any] = {}
-
-        def built() -> None:
-            tree.update(build())
-
-        def fine(reports: list[Any]) -> None:
-            err = first_failure(reports)
-            if err is not None:
-                raise err
-
-        self._ch.decide(built, fine, "restoring (mapping rank-local values)")
+        self._ch.decide(
+            lambda: tree.update(job.build(shared)),
+            raise_first_failure,
+            "restoring (mapping rank-local values)",
+        )
         return _result(manifest, tree)
 
     # -- single-process views ----------------------------------------------------------
@@ -896,15 +865,11 @@ def load_global(
     trees = []
     for r, entry in enumerate(manifest.shards):
         try:
-            header, result = load_file(step / entry["name"], key, allow_pickle, limits)
+            trees.append(read_shard(step, manifest, r, key, allow_pickle, limits))
         except CheckpointNotFoundError as exc:
             raise CheckpointNotFoundError(
                 f"{step}: shard {entry['name']} is missing (an incomplete step)", exc.error_context
             ) from exc
-        why = shard_mismatch(step, manifest, r, header)
-        if why is not None:
-            raise CheckpointCorruptError(f"{step}: {why}", {"path": str(step)})
-        trees.append({k: result[k] for k in ("parameters", "optimizer_state", "metadata")})
     leaves: list[tuple[KeyPath, Any]] = []
     for v in manifest.values:
         p = v["path"]

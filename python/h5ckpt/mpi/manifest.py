@@ -23,6 +23,7 @@ from ..payload import read_payload, write_sealed
 from ..reading import read_verified
 from ..staging import new_file_mode, staged_file
 from .layout import MANIFEST_NAME, is_step_dir, list_steps, parse_shard_name, shard_name
+from .values import ROOTS
 
 __all__ = [
     "MANIFEST_FORMAT",
@@ -32,6 +33,7 @@ __all__ = [
     "list_step_infos",
     "load_file",
     "read_manifest",
+    "read_shard",
     "write_file",
 ]
 
@@ -207,6 +209,25 @@ def shard_mismatch(
     if size != int(entry["size"]):
         return f"{entry['name']} has {size} bytes, the manifest says {entry['size']}"
     return None
+
+
+def read_shard(
+    step_dir: Path,
+    manifest: Manifest,
+    rank: int,
+    hmac_key: bytes | None,
+    allow_pickle: bool,
+    limits: LoadLimits,
+) -> dict[str, Any]:
+    """Shard ``rank`` of a step, verified and checked against the manifest, as its
+    tree of ``parameters``, ``optimizer_state`` and ``metadata``."""
+    header, result = load_file(
+        step_dir / manifest.shards[rank]["name"], hmac_key, allow_pickle, limits
+    )
+    why = shard_mismatch(step_dir, manifest, rank, header)
+    if why is not None:
+        raise CheckpointCorruptError(f"{step_dir}: {why}", {"path": str(step_dir)})
+    return {k: result[k] for k in ROOTS}
 
 
 def check_shards(
