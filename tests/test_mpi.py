@@ -35,8 +35,10 @@ def mpirun(
     )
 
 
-def scenario(n: int, name: str, directory: Path, *args: str, timeout: float = 60) -> str:
-    proc = mpirun(n, SCENARIOS, name, str(directory), *args, timeout=timeout)
+def scenario(
+    n: int, name: str, directory: Path, *args: str, timeout: float = 60, env: dict | None = None
+) -> str:
+    proc = mpirun(n, SCENARIOS, name, str(directory), *args, timeout=timeout, env=env)
     assert proc.returncode == 0, f"{name} on {n} ranks failed:\n{proc.stdout}\n{proc.stderr}"
     assert f"ok {name} on {n} ranks" in proc.stdout
     return proc.stderr
@@ -86,6 +88,14 @@ def test_retention_counts_complete_steps_only(tmp_path, n):
 @pytest.mark.parametrize("n", [2, 4])
 def test_async_saves(tmp_path, n):
     scenario(n, "async_saves", tmp_path)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_async_saves_without_thread_multiple(tmp_path, n):
+    err = scenario(
+        n, "async_saves_in_one_thread", tmp_path, env={"MPI4PY_RC_THREAD_LEVEL": "single"}
+    )
+    assert "not initialised with THREAD_MULTIPLE: saving synchronously" in err
 
 
 @pytest.mark.parametrize("n", [2, 4])

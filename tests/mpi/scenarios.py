@@ -413,6 +413,26 @@ def async_saves(d: str) -> None:
     assert steps_in(d) == ["checkpoint_batch_0004", "checkpoint_batch_0006"]
 
 
+def async_saves_in_one_thread(d: str) -> None:
+    """Without THREAD_MULTIPLE, asynchronous saves run in the caller's thread (MPI may
+    be called from that thread only) and their futures are resolved on return."""
+    import threading
+
+    assert MPI.Query_thread() != MPI.THREAD_MULTIPLE, MPI.Query_thread()
+    m = manager(d)
+    f = m.save_checkpoint_async(1, Sharded(np.arange(5.0) + RANK), {"n": 1}, 0.5)
+    assert f.done() and f.result() == Path(d) / "checkpoint_batch_0001", f
+    bad = {"x": object()} if RANK == 0 else {"x": 1}
+    failed = m.save_checkpoint_async(2, np.zeros(2), bad, 0.1)
+    assert failed.done() and isinstance(failed.exception(), CheckpointError)
+    err = expect_error(CheckpointError, m.wait_until_finished)
+    assert "rank 0" in str(err), err
+    saving = [t.name for t in threading.enumerate() if t.name.startswith("h5ckpt")]
+    assert saving == [], saving
+    m.close()
+    async_saves(str(Path(d) / "more"))
+
+
 def restart(d: str) -> None:
     """A new run in a used directory: its saves are refused, or the old steps are set
     aside; never does retention delete the new steps or a resume pick the old run."""

@@ -6,9 +6,9 @@ import logging
 import math
 import os
 import struct
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import _native
 from ..arguments import as_loss, batch_index, resolve_hmac_key
-from ..asyncsave import snapshot
+from ..asyncsave import AsyncSaver, snapshot
 from ..errors import (
     CheckpointConflictError,
     CheckpointCorruptError,
@@ -28,6 +28,7 @@ from ..errors import (
 from ..limits import LoadLimits
 from ..manager import CheckpointManager
 from ..payload import as_parameters
+from ..reading import load_verified
 from ..retention import set_aside
 from ..staging import DirectoryLock
 from ..tree import check_value
@@ -37,7 +38,6 @@ from .manifest import (
     StepInfo,
     check_shards,
     list_step_infos,
-    load_file,
     read_manifest,
     read_shard,
     shard_mismatch,
@@ -326,9 +326,8 @@ compression, load_limits, on_older_batch
         self.on_older_batch = s.on_older_batch
         self._hmac_key = s._hmac_key
         self._known: dict[str, tuple[Any, StepInfo]] = {}
-        self._async_lock = threading.Lock()
-        self._executor: ThreadPoolExecutor | None = None
-        self._pending: list[Future[Path]] = []
+        # Without THREAD_MULTIPLE only this thread may talk MPI: saves run in it.
+        self._saver = AsyncSaver("h5ckpt-mpi-save", threaded=self._threads_ok)
 
     # -- naming ---------------------------------------------------------------------
 
@@ -389,43 +388,25 @@ compression, load_limits, on_older_batch
             Its result is the step directory; :meth:`wait_until_finished` raises the
             first error of the pending saves.
         """
-        self._drain()
-        prepared = self._prepare(batch_idx, parameters, optimizer_state, loss, metadata, True)
-        future: Future[Path]
         if not self._threads_ok:
             logger.warning("MPI is not initialised with THREAD_MULTIPLE: saving synchronously")
-            future = Future()
-            try:
-                future.set_result(self._commit(prepared))
-            except CheckpointError as exc:
-                future.set_exception(exc)
-        else:
-            with self._async_lock:
-                if self._executor is None:
-                    self._executor = ThreadPoolExecutor(1, thread_name_prefix="h5ckpt-mpi-save")
-                future = self._executor.submit(self._commit, prepared)
-        with self._async_lock:
-            self._pending.append(future)
-        return future
+
+        def prepare() -> Callable[[], Path]:
+            # Called once the previous save is done: one snapshot in memory at a time.
+            # Errors are not raised here but agreed on in the commit, on every rank.
+            prepared = self._prepare(batch_idx, parameters, optimizer_state, loss, metadata, True)
+            return lambda: self._commit(prepared)
+
+        return self._saver.submit(prepare)
 
     def wait_until_finished(self) -> None:
         """Wait for the background saves; raise the first error among them."""
-        with self._async_lock:
-            pending, self._pending = self._pending, []
-        first: BaseException | None = None
-        for future in pending:
-            exc = future.exception()
-            if exc is not None and first is None:
-                first = exc
-        if first is not None:
-            raise first
+        self._saver.wait_until_finished()
 
     def _drain(self) -> None:
-        """Wait for the background save (its outcome stays for wait_until_finished)."""
-        with self._async_lock:
-            pending = list(self._pending)
-        for future in pending:
-            future.exception()
+        """Wait for the background save before a collective call (their exchanges must
+        not interleave); its outcome stays for wait_until_finished."""
+        self._saver.wait_for_queued()
 
     def _prepare(
         self,
@@ -634,7 +615,7 @@ compression, load_limits, on_older_batch
             mine = old_ranks_of(self.rank, self.world_size, manifest.world_size)
             return check_shards(step, manifest, mine, self._hmac_key)
         try:
-            header, result = load_file(
+            header, result = load_verified(
                 step / manifest.shards[self.rank]["name"],
                 self._hmac_key,
                 self.allow_pickle,
@@ -778,10 +759,7 @@ compression, load_limits, on_older_batch
         try:
             self.wait_until_finished()
         finally:
-            with self._async_lock:
-                executor, self._executor = self._executor, None
-            if executor is not None:
-                executor.shutdown(wait=True)
+            self._saver.shutdown()
 
     def __enter__(self) -> ShardedCheckpointManager:
         return self

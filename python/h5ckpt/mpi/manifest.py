@@ -19,8 +19,8 @@ import numpy as np
 from .. import _native
 from ..errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError
 from ..limits import LoadLimits
-from ..payload import read_payload, write_sealed
-from ..reading import read_verified
+from ..payload import write_sealed
+from ..reading import load_verified
 from ..staging import new_file_mode, staged_file
 from .layout import MANIFEST_NAME, is_step_dir, list_steps, parse_shard_name, shard_name
 from .values import ROOTS
@@ -31,7 +31,6 @@ __all__ = [
     "StepInfo",
     "check_shards",
     "list_step_infos",
-    "load_file",
     "read_manifest",
     "read_shard",
     "write_file",
@@ -78,22 +77,6 @@ def write_file(
         size = os.fstat(staged.fd).st_size
         staged.commit(durable, _native.fsync_directory)
     return header, size
-
-
-def load_file(
-    path: Path, hmac_key: bytes | None, allow_pickle: bool, limits: LoadLimits
-) -> tuple[_native.Header, dict[str, Any]]:
-    """Verify every byte of one h5ckpt file, then parse it."""
-    header, data = read_verified(path, hmac_key, limits)
-    try:
-        result = read_payload(data, header, allow_pickle=allow_pickle, limits=limits)
-    except CheckpointError as exc:
-        exc.error_context.setdefault("path", str(path))
-        if str(path) not in exc.message:
-            exc.message = f"{path}: {exc.message}"
-            exc.args = (exc.message,)
-        raise
-    return header, result
 
 
 @dataclass
@@ -151,7 +134,7 @@ def read_manifest(step_dir: Path, hmac_key: bytes | None, batch_idx: int | None 
             f"{step_dir}: no {MANIFEST_NAME} (an incomplete step)",
             {"path": str(step_dir), "reason": "incomplete"},
         )
-    _, result = load_file(path, hmac_key, False, LoadLimits())
+    _, result = load_verified(path, hmac_key, False, LoadLimits())
     c = result["optimizer_state"]
     try:
         if not isinstance(c, dict) or c.get("format") != MANIFEST_FORMAT:
@@ -221,7 +204,7 @@ def read_shard(
 ) -> dict[str, Any]:
     """Shard ``rank`` of a step, verified and checked against the manifest, as its
     tree of ``parameters``, ``optimizer_state`` and ``metadata``."""
-    header, result = load_file(
+    header, result = load_verified(
         step_dir / manifest.shards[rank]["name"], hmac_key, allow_pickle, limits
     )
     why = shard_mismatch(step_dir, manifest, rank, header)
