@@ -101,3 +101,19 @@ def test_async_saves_without_thread_multiple(tmp_path, n):
 @pytest.mark.parametrize("n", [2, 4])
 def test_a_restart_in_a_used_directory_keeps_the_new_steps(tmp_path, n):
     scenario(n, "restart", tmp_path)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_set_aside_newer_than(tmp_path, n):
+    err = scenario(n, "set_aside", tmp_path)
+    assert "set aside 3 checkpoint(s) of batches above 15" in err
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_file_mode(tmp_path, n):
+    scenario(n, "file_modes", tmp_path)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_read_only(tmp_path, n):
+    scenario(n, "read_only", tmp_path)

@@ -172,6 +172,7 @@ class _Commit:
             allow_pickle=m.allow_pickle,
             hmac_key=m._hmac_key,
             durable=m.durable,
+            file_mode=m.file_mode,
         )
         return size, bytes(header.payload_digest)
 
@@ -204,7 +205,9 @@ class _Commit:
             ],
             self.decided["values"],
         )
-        write_manifest(staging.path, manifest, hmac_key=m._hmac_key, durable=m.durable)
+        write_manifest(
+            staging.path, manifest, hmac_key=m._hmac_key, durable=m.durable, file_mode=m.file_mode
+        )
         with m._lock.held():
             # Again under the lock: another job may have saved meanwhile.
             m._make_room(p.batch_idx)
@@ -227,6 +230,10 @@ class ShardedCheckpointManager:
     ``comm`` in the same order. ``list_checkpoints`` and ``validate_checkpoint`` use
     no communication.
 
+    Each manager holds a duplicate of ``comm`` until MPI is finalized (see
+    :meth:`close`), and an MPI library has a few thousand of them (MPICH: about
+    2000): make one manager for a job, not one per step.
+
     Parameters
     ----------
     checkpoint_dir : str or Path
@@ -236,10 +243,19 @@ class ShardedCheckpointManager:
         on a duplicate of it, never matching the caller's own messages.
     checkpoint_frequency, keep_last_n, enable_compression, prefix, allow_pickle, \
 hmac_key, durable, keep_every, keep_best_n, best_mode, delete_invalid, auto_cleanup, \
-compression, load_limits, on_older_batch
+compression, load_limits, on_older_batch, file_mode
         As for :class:`h5ckpt.CheckpointManager`; retention counts complete steps, and
         a save below the newest complete step is refused (``"raise"``) or first moves
-        the newer steps into ``abandoned-<UTC time>-<token>/`` (``"set_aside"``).
+        the newer steps into ``abandoned-<UTC time>-<token>/`` (``"set_aside"``, and
+        see :meth:`set_aside_newer_than`). ``file_mode`` is the permission bits of
+        every shard and manifest file (a step directory is made as any directory).
+    read_only : bool, default False
+        A reader: the directory must exist, and nothing is created, swept or locked,
+        so read access is all the ranks need; ``load_latest``,
+        ``find_latest_checkpoint`` and the single-process views work, and saves,
+        retention and setting aside raise ``CheckpointError`` on every rank before
+        any exchange. Every rank must pass the same value (a mismatch is refused at
+        construction).
     timeout : float, default 1800
         Seconds a rank waits for the others at any step of a save or restore before
         raising :class:`~h5ckpt.mpi.CheckpointTimeoutError`.
@@ -265,6 +281,8 @@ compression, load_limits, on_older_batch
         compression: str | None = "default",
         load_limits: LoadLimits | None = None,
         on_older_batch: str = "raise",
+        read_only: bool = False,
+        file_mode: int | None = None,
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         from mpi4py import MPI
@@ -282,7 +300,7 @@ compression, load_limits, on_older_batch
         self.timeout = float(timeout)
         self.auto_cleanup = bool(auto_cleanup)
 
-        def build() -> None:
+        def build() -> bool:
             # The single-file manager checks every shared argument in one place.
             self._single = CheckpointManager(
                 checkpoint_dir,
@@ -301,12 +319,21 @@ compression, load_limits, on_older_batch
                 compression=compression,
                 load_limits=load_limits,
                 on_older_batch=on_older_batch,
+                read_only=read_only,
+                file_mode=file_mode,
             )
+            return self._single.read_only
 
         def settle(reports: list[Any]) -> None:
             raise_first_failure(reports)
-            with self._lock.held():
-                layout.sweep_hidden(self._single.checkpoint_dir, self._single.prefix)
+            if len(set(reports)) > 1:
+                # A reader refuses saves without asking the others, who would wait.
+                raise CheckpointValueError(
+                    f"read_only differs between ranks: {reports}", {"read_only": reports}
+                )
+            if not reports[0]:
+                with self._lock.held():
+                    layout.sweep_hidden(self._single.checkpoint_dir, self._single.prefix)
 
         self._lock = DirectoryLock(Path(checkpoint_dir))
         self._ch.decide(build, settle, "creating the sharded checkpoint manager")
@@ -324,10 +351,17 @@ compression, load_limits, on_older_batch
         self.delete_invalid = s.delete_invalid
         self.load_limits = s.load_limits
         self.on_older_batch = s.on_older_batch
+        self.file_mode = s.file_mode
         self._hmac_key = s._hmac_key
         self._known: dict[str, tuple[Any, StepInfo]] = {}
         # Without THREAD_MULTIPLE only this thread may talk MPI: saves run in it.
         self._saver = AsyncSaver("h5ckpt-mpi-save", threaded=self._threads_ok)
+
+    @property
+    def read_only(self) -> bool:
+        """Whether this manager only reads (fixed when made: it decides what
+        construction creates and sweeps)."""
+        return self._single.read_only
 
     # -- naming ---------------------------------------------------------------------
 
@@ -362,8 +396,10 @@ compression, load_limits, on_older_batch
         Raises
         ------
         CheckpointError
-            The same error on every rank when any rank fails; nothing is committed.
+            The same error on every rank when any rank fails, or when the manager is
+            ``read_only``; nothing is committed.
         """
+        self._single._refuse_if_read_only("save a checkpoint")
         self._drain()
         prepared = self._prepare(batch_idx, parameters, optimizer_state, loss, metadata, False)
         return self._commit(prepared)
@@ -388,6 +424,7 @@ compression, load_limits, on_older_batch
             Its result is the step directory; :meth:`wait_until_finished` raises the
             first error of the pending saves.
         """
+        self._single._refuse_if_read_only("save a checkpoint")
         if not self._threads_ok:
             logger.warning("MPI is not initialised with THREAD_MULTIPLE: saving synchronously")
 
@@ -471,12 +508,60 @@ compression, load_limits, on_older_batch
         if self.on_older_batch == "raise":
             self._refuse_older(batch_idx)
         else:
-            set_aside(
-                self.checkpoint_dir,
-                self._newer_steps(batch_idx),
-                batch_idx,
-                lambda path: self._known.pop(path.name, None),
+            self._set_aside_locked(batch_idx)
+
+    def _set_aside_locked(self, batch_idx: int) -> Path | None:
+        return set_aside(
+            self.checkpoint_dir,
+            self._newer_steps(batch_idx),
+            batch_idx,
+            lambda path: self._known.pop(path.name, None),
+        )
+
+    def set_aside_newer_than(self, batch_idx: int) -> Path | None:
+        """Move every step of a batch above ``batch_idx`` into a subdirectory; collective.
+
+        For a deliberate rollback (resume from ``batch_idx``) or, with ``-1``, a fresh
+        start in a used directory. Rank 0 moves the step directories unchanged, newest
+        first, complete or not, into a new ``abandoned-<UTC time>-<token>/`` of the
+        checkpoint directory, which no manager lists, loads or deletes, and fsyncs
+        both directories. Asynchronous saves queued before this call commit first.
+
+        Parameters
+        ----------
+        batch_idx : int
+            The batch the run goes on from, the same on every rank; ``-1`` sets every
+            step aside.
+
+        Returns
+        -------
+        Path or None
+            The subdirectory, or None when no step was above ``batch_idx``; the same
+            on every rank.
+
+        Raises
+        ------
+        CheckpointError
+            The same on every rank: ``batch_idx`` is not a batch index or differs
+            between ranks, the manager is ``read_only``, or a step could not be moved
+            (those moved before stay moved).
+        """
+        self._single._refuse_if_read_only("set checkpoints aside")
+        self._drain()
+        aside = self._ch.decide(
+            partial(_rollback_batch, batch_idx), self._set_aside_agreed, "setting steps aside"
+        )
+        return None if aside is None else Path(aside)
+
+    def _set_aside_agreed(self, reports: list[Any]) -> str | None:
+        raise_first_failure(reports)
+        if len(set(reports)) > 1:
+            raise CheckpointValueError(
+                f"batch_idx differs between ranks: {reports}", {"batch_idx": reports}
             )
+        with self._lock.held():
+            aside = self._set_aside_locked(reports[0])
+        return None if aside is None else str(aside)
 
     def _remember(self, final: Path, manifest: Manifest) -> None:
         """A step this manager just committed is complete: retention need not hash it."""
@@ -705,6 +790,7 @@ compression, load_limits, on_older_batch
         list of Path
             The deleted step directories, on every rank.
         """
+        self._single._refuse_if_read_only("delete checkpoints")
         self._drain()
         deleted = self._ch.decide(
             lambda: None,
@@ -755,11 +841,21 @@ compression, load_limits, on_older_batch
     # -- lifetime -------------------------------------------------------------------
 
     def close(self) -> None:
-        """Finish the background save and release the thread."""
+        """Finish the background save and release the thread.
+
+        Not collective: the duplicated communicator stays until MPI is finalized.
+        """
         try:
             self.wait_until_finished()
         finally:
             self._saver.shutdown()
+        # The duplicate of comm is not freed here. MPI_Comm_free is collective in the
+        # standard (an implementation may make it wait for every rank), and close is
+        # not: __exit__ calls it on a rank whose block raised while the others go on,
+        # and ranks close at different points of their code, where freeing would
+        # join the order of collective calls the program must keep. MPICH and Open
+        # MPI do free it locally, but nothing promises that; the cost of keeping it
+        # is one communicator a manager, released by MPI_Finalize.
 
     def __enter__(self) -> ShardedCheckpointManager:
         return self
@@ -778,6 +874,11 @@ compression, load_limits, on_older_batch
             f"ShardedCheckpointManager({str(self.checkpoint_dir)!r}, rank={self.rank}, "
             f"world_size={self.world_size}, prefix={self.prefix!r})"
         )
+
+
+def _rollback_batch(batch_idx: Any) -> int:
+    """``set_aside_newer_than``'s argument: a batch index, or -1 for all."""
+    return -1 if isinstance(batch_idx, int) and batch_idx == -1 else batch_index(batch_idx)
 
 
 def _placeholder(path: KeyPath, value: Any) -> Any:

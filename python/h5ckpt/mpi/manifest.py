@@ -53,13 +53,16 @@ def write_file(
     allow_pickle: bool,
     hmac_key: bytes | None,
     durable: bool,
+    file_mode: int | None = None,
 ) -> tuple[_native.Header, int]:
     """Write one h5ckpt file at ``final`` (temp file, seal, fsync, rename, fsync dir).
 
-    It gets the mode any new file gets under the process umask, as single files do.
+    It gets ``file_mode``, or without it the mode any new file gets under the
+    process umask, as single files do.
     """
     failure, context = f"cannot write {final}", {"path": str(final)}
-    with staged_file(final, new_file_mode(), failure=failure, context=context) as staged:
+    mode = file_mode if file_mode is not None else new_file_mode()
+    with staged_file(final, mode, failure=failure, context=context) as staged:
         header = write_sealed(
             staged.fd,
             batch_idx=batch_idx,
@@ -105,7 +108,12 @@ class Manifest:
 
 
 def write_manifest(
-    step_dir: Path, manifest: Manifest, *, hmac_key: bytes | None, durable: bool
+    step_dir: Path,
+    manifest: Manifest,
+    *,
+    hmac_key: bytes | None,
+    durable: bool,
+    file_mode: int | None = None,
 ) -> None:
     write_file(
         step_dir / MANIFEST_NAME,
@@ -119,6 +127,7 @@ def write_manifest(
         allow_pickle=False,
         hmac_key=hmac_key,
         durable=durable,
+        file_mode=file_mode,
     )
 
 
