@@ -450,59 +450,87 @@ def _wait_for(path: Path) -> None:
         time.sleep(0.001)
 
 
+class _Racer:
+    """One racing process's role: ``step()`` does one round of it."""
+
+    def __init__(self, role: str, directory: Path, done: Path) -> None:
+        self.role = role
+        self.d = directory
+        self.done = done
+        self.n = 20_000
+        self.saves = int(os.environ.get("H5CKPT_RACE_SAVES", "30"))
+        self.report: dict[str, Any] = {
+            "role": role,
+            "ops": 0,
+            "expected": {},
+            "failures": [],
+            "seen": [],
+            "committed": [],
+        }
+
+    def manager(self) -> Any:
+        from h5ckpt import CheckpointManager
+
+        return CheckpointManager(self.d, keep_last_n=2)
+
+    def step(self) -> None:
+        """One round of the role; ``StopIteration`` once the saver has saved them all."""
+        act = {
+            "saver": self.saver,
+            "lister": self.lister,
+            "loader": self.loader,
+            "cleaner": self.cleaner,
+        }.get(self.role)
+        if act is not None:
+            act()
+        self.report["ops"] += 1
+
+    def saver(self) -> None:
+        m = self.manager()
+        for b in range(self.saves):
+            m.save_checkpoint(b, params_for(b, self.n), state_for(b), 1.0 / (b + 1), {"batch": b})
+            self.report["committed"].append(b)
+            self.report["ops"] += 1
+        self.done.touch()
+        raise StopIteration
+
+    def lister(self) -> None:
+        m = self.manager()
+        infos = m.list_checkpoints(verify=True)
+        if infos and not any(i.is_valid for i in infos):
+            self.report["failures"].append(f"no valid file among {[i.path.name for i in infos]}")
+        latest = m.find_latest_checkpoint()
+        self.report["seen"].append(None if latest is None else batch_of(latest.name))
+
+    def loader(self) -> None:
+        from h5ckpt import CheckpointError
+
+        m = self.manager()
+        data = m.load_latest()
+        if data is not None:
+            check_content(data, self.n)
+        self.report["seen"].append(None if data is None else data["batch_idx"])
+        for name in checkpoint_names(self.d):
+            with contextlib.suppress(CheckpointError):  # retention may delete it
+                check_content(m.load_checkpoint(self.d / name), self.n)
+
+    def cleaner(self) -> None:
+        m = self.manager()  # sweeps temp files
+        m.cleanup_old_checkpoints()
+
+
 def race_main(role: str, directory: str, done: str, out: str) -> None:
     """One racing process. Records expected CheckpointErrors by class, and anything
     else as a failure; never stops on an exception."""
-    from h5ckpt import CheckpointError, CheckpointManager
+    from h5ckpt import CheckpointError
 
-    d, done_path = Path(directory), Path(done)
-    report: dict[str, Any] = {
-        "role": role,
-        "ops": 0,
-        "expected": {},
-        "failures": [],
-        "seen": [],
-        "committed": [],
-    }
-    go = d.parent / "go"
-    _wait_for(go)
-    n = 20_000
-    saves = int(os.environ.get("H5CKPT_RACE_SAVES", "30"))
-
-    def step() -> None:
-        if role == "saver":
-            m = CheckpointManager(d, keep_last_n=2)
-            for b in range(saves):
-                m.save_checkpoint(b, params_for(b, n), state_for(b), 1.0 / (b + 1), {"batch": b})
-                report["committed"].append(b)
-                report["ops"] += 1
-            done_path.touch()
-            raise StopIteration
-        if role == "lister":
-            m = CheckpointManager(d, keep_last_n=2)
-            infos = m.list_checkpoints(verify=True)
-            if infos and not any(i.is_valid for i in infos):
-                report["failures"].append(f"no valid file among {[i.path.name for i in infos]}")
-            latest = m.find_latest_checkpoint()
-            report["seen"].append(None if latest is None else batch_of(latest.name))
-        elif role == "loader":
-            m = CheckpointManager(d, keep_last_n=2)
-            data = m.load_latest()
-            if data is not None:
-                check_content(data, n)
-            report["seen"].append(None if data is None else data["batch_idx"])
-            for name in checkpoint_names(d):
-                with contextlib.suppress(CheckpointError):  # retention may delete it
-                    check_content(m.load_checkpoint(d / name), n)
-        elif role == "cleaner":
-            m = CheckpointManager(d, keep_last_n=2)  # sweeps temp files
-            m.cleanup_old_checkpoints()
-        report["ops"] += 1
-
+    racer = _Racer(role, Path(directory), Path(done))
+    report = racer.report
+    _wait_for(racer.d.parent / "go")
     while True:
-        finished = done_path.exists()
+        finished = racer.done.exists()
         try:
-            step()
+            racer.step()
         except StopIteration:
             break
         except CheckpointError as exc:
@@ -511,7 +539,7 @@ def race_main(role: str, directory: str, done: str, out: str) -> None:
         except BaseException:
             report["failures"].append(traceback.format_exc())
             if role == "saver":
-                done_path.touch()
+                racer.done.touch()
                 break
         if finished:
             break

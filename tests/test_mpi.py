@@ -35,8 +35,10 @@ def mpirun(
     )
 
 
-def scenario(n: int, name: str, directory: Path, *args: str, timeout: float = 60) -> str:
-    proc = mpirun(n, SCENARIOS, name, str(directory), *args, timeout=timeout)
+def scenario(
+    n: int, name: str, directory: Path, *args: str, timeout: float = 60, env: dict | None = None
+) -> str:
+    proc = mpirun(n, SCENARIOS, name, str(directory), *args, timeout=timeout, env=env)
     assert proc.returncode == 0, f"{name} on {n} ranks failed:\n{proc.stdout}\n{proc.stderr}"
     assert f"ok {name} on {n} ranks" in proc.stdout
     return proc.stderr
@@ -89,5 +91,29 @@ def test_async_saves(tmp_path, n):
 
 
 @pytest.mark.parametrize("n", [2, 4])
+def test_async_saves_without_thread_multiple(tmp_path, n):
+    err = scenario(
+        n, "async_saves_in_one_thread", tmp_path, env={"MPI4PY_RC_THREAD_LEVEL": "single"}
+    )
+    assert "not initialised with THREAD_MULTIPLE: saving synchronously" in err
+
+
+@pytest.mark.parametrize("n", [2, 4])
 def test_a_restart_in_a_used_directory_keeps_the_new_steps(tmp_path, n):
     scenario(n, "restart", tmp_path)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_set_aside_newer_than(tmp_path, n):
+    err = scenario(n, "set_aside", tmp_path)
+    assert "set aside 3 checkpoint(s) of batches above 15" in err
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_file_mode(tmp_path, n):
+    scenario(n, "file_modes", tmp_path)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_read_only(tmp_path, n):
+    scenario(n, "read_only", tmp_path)

@@ -28,10 +28,20 @@ class AsyncSaver:
     Saves run one after the other in submission order. Errors stay with their
     futures until :meth:`wait_until_finished` raises the first. In a child of
     ``os.fork()`` the saver starts afresh (see :mod:`h5ckpt.forking`).
+
+    Parameters
+    ----------
+    thread_name : str
+        The name prefix of the background thread.
+    threaded : bool, default True
+        False: each save runs in the thread that submits it, before ``submit``
+        returns, its outcome kept as a background save's would be (for an MPI job
+        whose MPI library may only be called from one thread).
     """
 
-    def __init__(self, thread_name: str = "h5ckpt-save") -> None:
+    def __init__(self, thread_name: str = "h5ckpt-save", *, threaded: bool = True) -> None:
         self._thread_name = thread_name
+        self._threaded = threaded
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._pending: list[Future[Path]] = []
@@ -47,12 +57,10 @@ class AsyncSaver:
         self._slots.acquire()
         try:
             job = prepare()
+            # Outside the lock: a save in this thread may take long.
+            ran = None if self._threaded else _ran(job)
             with self._lock:
-                if self._executor is None:
-                    self._executor = ThreadPoolExecutor(
-                        1, thread_name_prefix=self._thread_name, initializer=self._mark_thread
-                    )
-                future = self._executor.submit(job)
+                future = ran if ran is not None else self._queue(job)
                 # Finished saves that succeeded have nothing left to report.
                 self._pending = [f for f in self._pending if not _succeeded(f)]
                 self._pending.append(future)
@@ -62,6 +70,13 @@ class AsyncSaver:
             raise
         future.add_done_callback(lambda _: self._slots.release())
         return future
+
+    def _queue(self, job: Callable[[], Path]) -> Future[Path]:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(
+                1, thread_name_prefix=self._thread_name, initializer=self._mark_thread
+            )
+        return self._executor.submit(job)
 
     def _mark_thread(self) -> None:
         self._thread = threading.get_ident()
@@ -123,6 +138,16 @@ class AsyncSaver:
                 )
         # After the futures: their callbacks release the inherited slot.
         self._slots = threading.BoundedSemaphore(1)
+
+
+def _ran(job: Callable[[], Path]) -> Future[Path]:
+    """The future of ``job`` run now, in this thread."""
+    future: Future[Path] = Future()
+    try:
+        future.set_result(job())
+    except Exception as exc:  # kept for wait_until_finished, as a background save's is
+        future.set_exception(exc)
+    return future
 
 
 def _succeeded(future: Future[Path]) -> bool:

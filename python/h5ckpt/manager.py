@@ -35,8 +35,8 @@ from .legacy import load_legacy
 from .limits import LoadLimits
 from .opening import checkpoint_kind
 from .options import KEYWORD_DEFAULTS, CheckpointManagerOptions, options_from
-from .payload import read_payload, write_sealed
-from .reading import read_verified
+from .payload import write_sealed
+from .reading import load_verified
 from .reclaim import Reclaimer
 from .retention import Retention, RetentionPolicy, set_aside
 from .staging import (
@@ -570,17 +570,9 @@ compression, load_limits, on_older_batch, read_only, file_mode, key_from_environ
             result = load_legacy(path, allow_pickle=self.allow_pickle, limits=self.load_limits)
             check_name(path, result["batch_idx"])
         else:
-            header, data = read_verified(path, self._hmac_key, self.load_limits)
-            try:
-                result = read_payload(
-                    data, header, allow_pickle=self.allow_pickle, limits=self.load_limits
-                )
-            except CheckpointError as exc:
-                exc.error_context.setdefault("path", str(path))
-                if str(path) not in exc.message:
-                    exc.message = f"{path}: {exc.message}"
-                    exc.args = (exc.message,)
-                raise
+            header, result = load_verified(
+                path, self._hmac_key, self.allow_pickle, self.load_limits
+            )
             check_name(path, header.batch_idx)
         logger.info(
             "checkpoint loaded: batch=%d loss=%.6g file=%s",

@@ -17,7 +17,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -25,10 +25,11 @@ from . import _native
 from .errors import CheckpointError, CheckpointResourceError
 from .limits import LoadLimits
 from .opening import open_regular, read_head
+from .payload import read_payload
 from .staging import oserror_to_checkpoint
 from .verification import check_size
 
-__all__ = ["read_verified", "read_verified_fd", "verified_copy"]
+__all__ = ["load_verified", "read_verified", "read_verified_fd", "verified_copy"]
 
 #: The buffers a verified read fills: loading's numpy array, or a memory mapping.
 _Out = TypeVar("_Out", np.ndarray, mmap.mmap)
@@ -49,6 +50,25 @@ def read_verified(
         return read_verified_fd(fd, path, key, limits, _numpy_buffer)
     finally:
         os.close(fd)
+
+
+def load_verified(
+    path: Path, key: bytes | None, allow_pickle: bool, limits: LoadLimits
+) -> tuple[_native.Header, dict[str, Any]]:
+    """Verify every byte of one h5ckpt file, then parse it: its header and state.
+
+    An error of the parse names the file: the payload reader knows only the bytes.
+    """
+    header, data = read_verified(path, key, limits)
+    try:
+        result = read_payload(data, header, allow_pickle=allow_pickle, limits=limits)
+    except CheckpointError as exc:
+        exc.error_context.setdefault("path", str(path))
+        if str(path) not in exc.message:
+            exc.message = f"{path}: {exc.message}"
+            exc.args = (exc.message,)
+        raise
+    return header, result
 
 
 def read_verified_fd(

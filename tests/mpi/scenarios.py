@@ -413,6 +413,26 @@ def async_saves(d: str) -> None:
     assert steps_in(d) == ["checkpoint_batch_0004", "checkpoint_batch_0006"]
 
 
+def async_saves_in_one_thread(d: str) -> None:
+    """Without THREAD_MULTIPLE, asynchronous saves run in the caller's thread (MPI may
+    be called from that thread only) and their futures are resolved on return."""
+    import threading
+
+    assert MPI.Query_thread() != MPI.THREAD_MULTIPLE, MPI.Query_thread()
+    m = manager(d)
+    f = m.save_checkpoint_async(1, Sharded(np.arange(5.0) + RANK), {"n": 1}, 0.5)
+    assert f.done() and f.result() == Path(d) / "checkpoint_batch_0001", f
+    bad = {"x": object()} if RANK == 0 else {"x": 1}
+    failed = m.save_checkpoint_async(2, np.zeros(2), bad, 0.1)
+    assert failed.done() and isinstance(failed.exception(), CheckpointError)
+    err = expect_error(CheckpointError, m.wait_until_finished)
+    assert "rank 0" in str(err), err
+    saving = [t.name for t in threading.enumerate() if t.name.startswith("h5ckpt")]
+    assert saving == [], saving
+    m.close()
+    async_saves(str(Path(d) / "more"))
+
+
 def restart(d: str) -> None:
     """A new run in a used directory: its saves are refused, or the old steps are set
     aside; never does retention delete the new steps or a resume pick the old run."""
@@ -435,6 +455,108 @@ def restart(d: str) -> None:
         (aside,) = [n for n in os.listdir(d) if n.startswith("abandoned-")]
         assert steps_in(str(Path(d) / aside)) == [f"checkpoint_batch_{b:04d}" for b in (70, 80, 90)]
     COMM.Barrier()
+
+
+def set_aside(d: str) -> None:
+    """A deliberate rollback: the newer steps move, unchanged, into one subdirectory."""
+    m = manager(d)
+    for b in (10, 20, 30):
+        save_state(m, b)
+    m.save_checkpoint_async(40, Sharded(np.arange(4.0)), {"b": 40}, 0.1)
+    aside = m.set_aside_newer_than(15)  # the queued save commits first
+    same_everywhere(str(aside))
+    assert aside is not None and aside.parent == Path(d) and aside.name.startswith("abandoned-")
+    assert steps_in(d) == ["checkpoint_batch_0010"], steps_in(d)
+    assert steps_in(str(aside)) == [f"checkpoint_batch_{b:04d}" for b in (20, 30, 40)]
+    if RANK == 0:
+        moved = list_steps(aside, verify=True)
+        assert [(i.batch_idx, i.status) for i in moved] == [
+            (20, "complete"),
+            (30, "complete"),
+            (40, "complete"),
+        ], moved
+    check_own(m.load_latest(), 10)
+    # The run goes on from 10: its next saves are not refused, nothing else moves.
+    save_state(m, 20)
+    assert m.set_aside_newer_than(20) is None
+    assert steps_in(d) == ["checkpoint_batch_0010", "checkpoint_batch_0020"]
+    # Arguments that are bad, or differ between ranks, fail on every rank; nothing moves.
+    err = expect_error(CheckpointError, m.set_aside_newer_than, 5 if RANK == 0 else 15)
+    assert "differs between ranks" in str(err), err
+    bad = "15" if RANK == WORLD - 1 else 15
+    err = expect_error(CheckpointError, m.set_aside_newer_than, bad)
+    assert f"rank {WORLD - 1}" in str(err), err
+    assert steps_in(d) == ["checkpoint_batch_0010", "checkpoint_batch_0020"]
+    # -1: a fresh start in a used directory.
+    everything = m.set_aside_newer_than(-1)
+    same_everywhere(str(everything))
+    assert steps_in(d) == [] and everything != aside
+    assert m.load_latest() is None
+    assert steps_in(str(everything)) == ["checkpoint_batch_0010", "checkpoint_batch_0020"]
+
+
+def file_modes(d: str) -> None:
+    """Shards and manifest get file_mode, or without it what the umask leaves."""
+    os.umask(0o027)
+
+    def modes(step: Path) -> set[int]:
+        return {(step / n).stat().st_mode & 0o777 for n in os.listdir(step)}
+
+    default = save_state(manager(d), 1)
+    assert modes(default) == {0o640}, modes(default)
+    m = manager(d, file_mode=0o604)
+    assert m.file_mode == 0o604
+    step = save_state(m, 2)
+    assert "manifest.h5" in os.listdir(step) and modes(step) == {0o604}, modes(step)
+    # Per save, as for single files: a changed attribute applies to the next save.
+    m.file_mode = 0o600
+    assert modes(save_state(m, 3)) == {0o600}
+    check_own(m.load_latest(), 3)
+    # A bad mode on one rank fails the construction on every rank.
+    mode = 0o1777 if RANK == WORLD - 1 else 0o644
+    err = expect_error(CheckpointError, manager, d, file_mode=mode)
+    assert "file_mode" in str(err), err
+
+
+def read_only(d: str) -> None:
+    """A reader loads and lists, refuses to change anything, and creates nothing."""
+    root = Path(d)
+    missing = root / "missing"
+    expect_error(CheckpointError, manager, str(missing), read_only=True)
+    assert not missing.exists()
+    writer = manager(d)
+    for b in (10, 20):
+        save_state(writer, b)
+    COMM.Barrier()
+    dead = root / ".checkpoint_batch_0090.99999999.0123456789ab.staging"
+    if RANK == 0:
+        dead.mkdir()  # a dead job's staging directory: a writer sweeps it, a reader not
+    COMM.Barrier()
+    reader = manager(d, read_only=True, keep_last_n=1)
+    assert reader.read_only and not writer.read_only
+    assert dead.is_dir()
+    check_own(reader.load_latest(), 20)
+    assert reader.find_latest_checkpoint() == root / "checkpoint_batch_0020"
+    assert [i.batch_idx for i in reader.list_checkpoints(verify=True)] == [10, 20]
+    before = sorted(os.listdir(d))
+    for call in (
+        lambda: save_state(reader, 30),
+        lambda: reader.save_checkpoint_async(30, np.zeros(2), {}, 0.5),
+        reader.cleanup_old_checkpoints,
+        lambda: reader.set_aside_newer_than(-1),
+    ):
+        err = expect_error(CheckpointError, call)
+        assert "read_only=True" in str(err), err
+    COMM.Barrier()
+    assert sorted(os.listdir(d)) == before, (before, os.listdir(d))
+    reader.wait_until_finished()  # the refused async save left nothing pending
+    # Ranks that disagree are refused when the manager is made, not at the first save.
+    err = expect_error(CheckpointError, manager, d, read_only=RANK == 0)
+    assert "read_only differs" in str(err), err
+    # The writer is unaffected, and sweeps.
+    save_state(writer, 30)
+    manager(d)
+    assert not dead.exists()
 
 
 def main() -> int:

@@ -19,7 +19,7 @@ from rich.text import Text
 
 from ..arguments import resolve_hmac_key
 from .layout import is_step_dir, list_steps
-from .manifest import StepInfo, read_manifest, step_info
+from .manifest import Manifest, StepInfo, read_manifest, step_info
 
 __all__ = ["Steps", "show_step", "step_dirs", "verify_steps"]
 
@@ -180,25 +180,42 @@ def show_step(path: Path, args: argparse.Namespace, out: Console) -> int:
     try:
         manifest = read_manifest(path, key)
     except Exception:
-        manifest = None
-    shards = []
-    if manifest is not None:
-        for s in manifest.shards:
-            shards.append({"name": s["name"], "size_bytes": int(s["size"])})
-    values = []
-    if manifest is not None:
-        for v in manifest.values:
-            entry = {"path": "/".join(v["path"]), "kind": v["kind"]}
-            if v["kind"] == "sharded":
-                entry.update(axis=v["axis"], dtype=v["dtype"], global_shape=v["global_shape"])
-            if v["kind"] == "rank_local":
-                entry["ranks"] = list(v["ranks"])
-            values.append(entry)
+        manifest = None  # the status line says why
+    values = _value_entries(manifest)
     doc = _as_json(info, None)
-    doc.update(shards=shards, values=values)
+    doc.update(shards=_shard_entries(manifest), values=values)
     if args.json:
         _cli()._print_json(doc)
-        return 0 if info.is_valid else 1
+    else:
+        _print_step(path, info, manifest, values, out)
+    return 0 if info.is_valid else 1
+
+
+def _shard_entries(manifest: Manifest | None) -> list[dict[str, Any]]:
+    if manifest is None:
+        return []
+    return [{"name": s["name"], "size_bytes": int(s["size"])} for s in manifest.shards]
+
+
+def _value_entries(manifest: Manifest | None) -> list[dict[str, Any]]:
+    values: list[dict[str, Any]] = []
+    for v in [] if manifest is None else manifest.values:
+        entry = {"path": "/".join(v["path"]), "kind": v["kind"]}
+        if v["kind"] == "sharded":
+            entry.update(axis=v["axis"], dtype=v["dtype"], global_shape=v["global_shape"])
+        if v["kind"] == "rank_local":
+            entry["ranks"] = list(v["ranks"])
+        values.append(entry)
+    return values
+
+
+def _print_step(
+    path: Path,
+    info: StepInfo,
+    manifest: Manifest | None,
+    values: list[dict[str, Any]],
+    out: Console,
+) -> None:
     cli = _cli()
     out.print(Text(str(path), style="bold"))
     status = Text("status: ")
@@ -211,25 +228,28 @@ def show_step(path: Path, args: argparse.Namespace, out: Console) -> int:
     else:
         status.append(f" — {info.error}")
     out.print(status)
-    if manifest is not None:
-        out.print(
-            f"batch {manifest.batch_idx}, loss {cli._loss(manifest.loss)}, saved "
-            f"{cli._when(manifest.timestamp)} by h5ckpt {manifest.version} on "
-            f"{manifest.world_size} rank(s), {human_size(info.size_bytes)}"
-        )
-        table = Table(box=box.SIMPLE_HEAD, show_edge=False, title="values", title_justify="left")
-        for col in ("key path", "kind", "detail"):
-            table.add_column(col)
-        for v in values:
-            detail = ""
-            if v["kind"] == "sharded":
-                shape = ", ".join(str(n) for n in v["global_shape"])
-                detail = f"{_native_dtype(v['dtype'])} ({shape}) split along axis {v['axis']}"
-            elif v["kind"] == "rank_local":
-                detail = f"ranks {v['ranks']}"
-            table.add_row(Text(v["path"]), v["kind"], detail)
-        cli._emit(out, table)
-    return 0 if info.is_valid else 1
+    if manifest is None:
+        return
+    out.print(
+        f"batch {manifest.batch_idx}, loss {cli._loss(manifest.loss)}, saved "
+        f"{cli._when(manifest.timestamp)} by h5ckpt {manifest.version} on "
+        f"{manifest.world_size} rank(s), {human_size(info.size_bytes)}"
+    )
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, title="values", title_justify="left")
+    for col in ("key path", "kind", "detail"):
+        table.add_column(col)
+    for v in values:
+        table.add_row(Text(v["path"]), v["kind"], _value_detail(v))
+    cli._emit(out, table)
+
+
+def _value_detail(v: dict[str, Any]) -> str:
+    if v["kind"] == "sharded":
+        shape = ", ".join(str(n) for n in v["global_shape"])
+        return f"{_native_dtype(v['dtype'])} ({shape}) split along axis {v['axis']}"
+    if v["kind"] == "rank_local":
+        return f"ranks {v['ranks']}"
+    return ""
 
 
 def _native_dtype(text: str) -> str:

@@ -6,10 +6,10 @@ import logging
 import math
 import os
 import struct
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import _native
 from ..arguments import as_loss, batch_index, resolve_hmac_key
-from ..asyncsave import snapshot
+from ..asyncsave import AsyncSaver, snapshot
 from ..errors import (
     CheckpointConflictError,
     CheckpointCorruptError,
@@ -28,6 +28,7 @@ from ..errors import (
 from ..limits import LoadLimits
 from ..manager import CheckpointManager
 from ..payload import as_parameters
+from ..reading import load_verified
 from ..retention import set_aside
 from ..staging import DirectoryLock
 from ..templates import apply_like, check_like
@@ -38,17 +39,18 @@ from .manifest import (
     StepInfo,
     check_shards,
     list_step_infos,
-    load_file,
     read_manifest,
+    read_shard,
     shard_mismatch,
     step_info,
     write_file,
     write_manifest,
 )
-from .protocol import DEFAULT_TIMEOUT, Channel, first_failure
+from .protocol import DEFAULT_TIMEOUT, Channel, raise_first_failure
+from .resplit import RankLocalHook, Resplit, merge_loaded, old_ranks_of
 from .values import (
-    RANK_LOCAL,
     REPLICATED,
+    ROOTS,
     SHARDED,
     KeyPath,
     Sharded,
@@ -56,10 +58,7 @@ from .values import (
     describe,
     flatten,
     get_at,
-    render,
     set_at,
-    split_ranges,
-    take_range,
     unflatten,
 )
 
@@ -68,7 +67,6 @@ __all__ = ["ShardedCheckpointManager", "load_global"]
 logger = logging.getLogger("h5ckpt")
 
 _PathLike = str | os.PathLike[str]
-RankLocalHook = Callable[[str, list[Any], int, int], Any]
 
 
 class _Prepared:
@@ -85,6 +83,141 @@ def _loss_key(loss: float) -> bytes:
     return b"nan" if math.isnan(loss) else struct.pack("<d", loss)
 
 
+def _agreed_batch(reports: list[Any]) -> int:
+    """The batch every rank saves, once every rank reported the same batch and loss."""
+    batches = sorted({r[0] for r in reports})
+    if len(batches) > 1:
+        raise CheckpointValueError(
+            f"batch_idx differs between ranks: {[r[0] for r in reports]}",
+            {"batch_idx": [r[0] for r in reports]},
+        )
+    if len({r[1] for r in reports}) > 1:
+        raise CheckpointValueError(
+            "loss differs between ranks; pass the same (reduced) loss on every rank",
+            {"batch_idx": batches[0]},
+        )
+    return batches[0]
+
+
+def _reasons(reports: list[Any]) -> list[str]:
+    """Rank 0's decision on a step's check: every rank's reasons, none when usable."""
+    raise_first_failure(reports)
+    return [why for rep in reports for why in rep]
+
+
+class _Commit:
+    """One collective save of a :class:`ShardedCheckpointManager`, a method a step.
+
+    Two exchanges. First every rank reports what it saves (:meth:`report`) and rank 0
+    plans the step: the kind of every value and a staging directory (:meth:`plan`).
+    Then every rank writes its shard into the staging directory (:meth:`write`) and
+    rank 0 seals the step: the manifest, then the rename to the step's name
+    (:meth:`seal`). A save that fails anywhere leaves no staging directory behind.
+    """
+
+    def __init__(self, manager: ShardedCheckpointManager, prepared: _Prepared | CheckpointError):
+        self.m = manager
+        self.prepared = prepared
+        self.decided: dict[str, Any] = {}
+        self.staging: layout.StagingDir | None = None  # rank 0's, once planned
+        self.committed = False
+
+    def run(self) -> Path:
+        """The committed step directory, on every rank (or the same error everywhere)."""
+        ch = self.m._ch
+        try:
+            self.decided = ch.decide(
+                self.report, self.plan, "saving a checkpoint (agreeing on the step)"
+            )
+            return Path(
+                ch.decide(self.write, self.seal, "saving a checkpoint (committing the step)")
+            )
+        finally:
+            if self.staging is not None and not self.committed:
+                self.staging.discard()
+
+    def _checked(self) -> _Prepared:
+        # Past the first exchange: a rank whose arguments were bad raised there.
+        assert isinstance(self.prepared, _Prepared)
+        return self.prepared
+
+    def report(self) -> Any:
+        if isinstance(self.prepared, CheckpointError):
+            raise self.prepared
+        p = self.prepared
+        return (p.batch_idx, _loss_key(p.loss), p.described)
+
+    def plan(self, reports: list[Any]) -> dict[str, Any]:
+        raise_first_failure(reports)
+        batch = _agreed_batch(reports)
+        if self.m.on_older_batch == "raise":
+            self.m._refuse_older(batch)
+        values = classify([r[2] for r in reports])
+        self.staging = layout.StagingDir(
+            self.m.checkpoint_dir, layout.step_name(self.m.prefix, batch)
+        )
+        return {"values": values, "staging": str(self.staging.path), "timestamp": time.time()}
+
+    def write(self) -> tuple[int, bytes]:
+        p, m = self._checked(), self.m
+        tree = unflatten(self._stored_leaves(p))
+        header, size = write_file(
+            Path(self.decided["staging"]) / layout.shard_name(m.rank, m.world_size),
+            batch_idx=p.batch_idx,
+            loss=p.loss,
+            timestamp=self.decided["timestamp"],
+            parameters=tree["parameters"],
+            optimizer_state=tree["optimizer_state"],
+            metadata=tree["metadata"],
+            compression=m.compression,
+            allow_pickle=m.allow_pickle,
+            hmac_key=m._hmac_key,
+            durable=m.durable,
+            file_mode=m.file_mode,
+        )
+        return size, bytes(header.payload_digest)
+
+    def _stored_leaves(self, p: _Prepared) -> list[tuple[KeyPath, Any]]:
+        """This rank's values as its shard stores them."""
+        replicated = {tuple(v["path"]) for v in self.decided["values"] if v["kind"] == REPLICATED}
+        leaves = []
+        for path, v in p.leaves:
+            if isinstance(v, Sharded):
+                v = v.block
+            elif self.m.rank != 0 and path in replicated:
+                v = _placeholder(path, v)  # stored once, in rank 0's shard
+            leaves.append((path, v))
+        return leaves
+
+    def seal(self, reports: list[Any]) -> str:
+        raise_first_failure(reports)
+        p, m, staging = self._checked(), self.m, self.staging
+        assert staging is not None  # planned on this rank, rank 0
+        world = m.world_size
+        manifest = Manifest(
+            p.batch_idx,
+            p.loss,
+            self.decided["timestamp"],
+            _native.__version__,
+            world,
+            [
+                {"name": layout.shard_name(r, world), "size": s, "payload_digest": d}
+                for r, (s, d) in enumerate(reports)
+            ],
+            self.decided["values"],
+        )
+        write_manifest(
+            staging.path, manifest, hmac_key=m._hmac_key, durable=m.durable, file_mode=m.file_mode
+        )
+        with m._lock.held():
+            # Again under the lock: another job may have saved meanwhile.
+            m._make_room(p.batch_idx)
+            staging.commit(m.durable)
+            self.committed = True
+        m._remember(staging.final, manifest)
+        return str(staging.final)
+
+
 class ShardedCheckpointManager:
     """Checkpoints of an MPI job: every rank saves its own state, committed as one.
 
@@ -98,6 +231,10 @@ class ShardedCheckpointManager:
     ``comm`` in the same order. ``list_checkpoints`` and ``validate_checkpoint`` use
     no communication.
 
+    Each manager holds a duplicate of ``comm`` until MPI is finalized (see
+    :meth:`close`), and an MPI library has a few thousand of them (MPICH: about
+    2000): make one manager for a job, not one per step.
+
     Parameters
     ----------
     checkpoint_dir : str or Path
@@ -107,10 +244,19 @@ class ShardedCheckpointManager:
         on a duplicate of it, never matching the caller's own messages.
     checkpoint_frequency, keep_last_n, enable_compression, prefix, allow_pickle, \
 hmac_key, durable, keep_every, keep_best_n, best_mode, delete_invalid, auto_cleanup, \
-compression, load_limits, on_older_batch
+compression, load_limits, on_older_batch, file_mode
         As for :class:`h5ckpt.CheckpointManager`; retention counts complete steps, and
         a save below the newest complete step is refused (``"raise"``) or first moves
-        the newer steps into ``abandoned-<UTC time>-<token>/`` (``"set_aside"``).
+        the newer steps into ``abandoned-<UTC time>-<token>/`` (``"set_aside"``, and
+        see :meth:`set_aside_newer_than`). ``file_mode`` is the permission bits of
+        every shard and manifest file (a step directory is made as any directory).
+    read_only : bool, default False
+        A reader: the directory must exist, and nothing is created, swept or locked,
+        so read access is all the ranks need; ``load_latest``,
+        ``find_latest_checkpoint`` and the single-process views work, and saves,
+        retention and setting aside raise ``CheckpointError`` on every rank before
+        any exchange. Every rank must pass the same value (a mismatch is refused at
+        construction).
     timeout : float, default 1800
         Seconds a rank waits for the others at any step of a save or restore before
         raising :class:`~h5ckpt.mpi.CheckpointTimeoutError`.
@@ -136,6 +282,8 @@ compression, load_limits, on_older_batch
         compression: str | None = "default",
         load_limits: LoadLimits | None = None,
         on_older_batch: str = "raise",
+        read_only: bool = False,
+        file_mode: int | None = None,
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         from mpi4py import MPI
@@ -153,7 +301,7 @@ compression, load_limits, on_older_batch
         self.timeout = float(timeout)
         self.auto_cleanup = bool(auto_cleanup)
 
-        def build() -> None:
+        def build() -> bool:
             # The single-file manager checks every shared argument in one place.
             self._single = CheckpointManager(
                 checkpoint_dir,
@@ -172,14 +320,21 @@ compression, load_limits, on_older_batch
                 compression=compression,
                 load_limits=load_limits,
                 on_older_batch=on_older_batch,
+                read_only=read_only,
+                file_mode=file_mode,
             )
+            return self._single.read_only
 
         def settle(reports: list[Any]) -> None:
-            err = first_failure(reports)
-            if err is not None:
-                raise err
-            with self._lock.held():
-                layout.sweep_hidden(self._single.checkpoint_dir, self._single.prefix)
+            raise_first_failure(reports)
+            if len(set(reports)) > 1:
+                # A reader refuses saves without asking the others, who would wait.
+                raise CheckpointValueError(
+                    f"read_only differs between ranks: {reports}", {"read_only": reports}
+                )
+            if not reports[0]:
+                with self._lock.held():
+                    layout.sweep_hidden(self._single.checkpoint_dir, self._single.prefix)
 
         self._lock = DirectoryLock(Path(checkpoint_dir))
         self._ch.decide(build, settle, "creating the sharded checkpoint manager")
@@ -197,11 +352,17 @@ compression, load_limits, on_older_batch
         self.delete_invalid = s.delete_invalid
         self.load_limits = s.load_limits
         self.on_older_batch = s.on_older_batch
+        self.file_mode = s.file_mode
         self._hmac_key = s._hmac_key
         self._known: dict[str, tuple[Any, StepInfo]] = {}
-        self._async_lock = threading.Lock()
-        self._executor: ThreadPoolExecutor | None = None
-        self._pending: list[Future[Path]] = []
+        # Without THREAD_MULTIPLE only this thread may talk MPI: saves run in it.
+        self._saver = AsyncSaver("h5ckpt-mpi-save", threaded=self._threads_ok)
+
+    @property
+    def read_only(self) -> bool:
+        """Whether this manager only reads (fixed when made: it decides what
+        construction creates and sweeps)."""
+        return self._single.read_only
 
     # -- naming ---------------------------------------------------------------------
 
@@ -236,8 +397,10 @@ compression, load_limits, on_older_batch
         Raises
         ------
         CheckpointError
-            The same error on every rank when any rank fails; nothing is committed.
+            The same error on every rank when any rank fails, or when the manager is
+            ``read_only``; nothing is committed.
         """
+        self._single._refuse_if_read_only("save a checkpoint")
         self._drain()
         prepared = self._prepare(batch_idx, parameters, optimizer_state, loss, metadata, False)
         return self._commit(prepared)
@@ -262,43 +425,26 @@ compression, load_limits, on_older_batch
             Its result is the step directory; :meth:`wait_until_finished` raises the
             first error of the pending saves.
         """
-        self._drain()
-        prepared = self._prepare(batch_idx, parameters, optimizer_state, loss, metadata, True)
-        future: Future[Path]
+        self._single._refuse_if_read_only("save a checkpoint")
         if not self._threads_ok:
             logger.warning("MPI is not initialised with THREAD_MULTIPLE: saving synchronously")
-            future = Future()
-            try:
-                future.set_result(self._commit(prepared))
-            except CheckpointError as exc:
-                future.set_exception(exc)
-        else:
-            with self._async_lock:
-                if self._executor is None:
-                    self._executor = ThreadPoolExecutor(1, thread_name_prefix="h5ckpt-mpi-save")
-                future = self._executor.submit(self._commit, prepared)
-        with self._async_lock:
-            self._pending.append(future)
-        return future
+
+        def prepare() -> Callable[[], Path]:
+            # Called once the previous save is done: one snapshot in memory at a time.
+            # Errors are not raised here but agreed on in the commit, on every rank.
+            prepared = self._prepare(batch_idx, parameters, optimizer_state, loss, metadata, True)
+            return lambda: self._commit(prepared)
+
+        return self._saver.submit(prepare)
 
     def wait_until_finished(self) -> None:
         """Wait for the background saves; raise the first error among them."""
-        with self._async_lock:
-            pending, self._pending = self._pending, []
-        first: BaseException | None = None
-        for future in pending:
-            exc = future.exception()
-            if exc is not None and first is None:
-                first = exc
-        if first is not None:
-            raise first
+        self._saver.wait_until_finished()
 
     def _drain(self) -> None:
-        """Wait for the background save (its outcome stays for wait_until_finished)."""
-        with self._async_lock:
-            pending = list(self._pending)
-        for future in pending:
-            future.exception()
+        """Wait for the background save before a collective call (their exchanges must
+        not interleave); its outcome stays for wait_until_finished."""
+        self._saver.wait_for_queued()
 
     def _prepare(
         self,
@@ -339,124 +485,8 @@ compression, load_limits, on_older_batch
 
     def _commit(self, prepared: _Prepared | CheckpointError) -> Path:
         started = time.perf_counter()
-        staging: layout.StagingDir | None = None
-        committed = False
-
-        def report() -> Any:
-            if isinstance(prepared, CheckpointError):
-                raise prepared
-            return (prepared.batch_idx, _loss_key(prepared.loss), prepared.described)
-
-        def plan(reports: list[Any]) -> dict[str, Any]:
-            nonlocal staging
-            err = first_failure(reports)
-            if err is not None:
-                raise err
-            batches = sorted({r[0] for r in reports})
-            if len(batches) > 1:
-                raise CheckpointValueError(
-                    f"batch_idx differs between ranks: {[r[0] for r in reports]}",
-                    {"batch_idx": [r[0] for r in reports]},
-                )
-            if len({r[1] for r in reports}) > 1:
-                raise CheckpointValueError(
-                    "loss differs between ranks; pass the same (reduced) loss on every rank",
-                    {"batch_idx": batches[0]},
-                )
-            if self.on_older_batch == "raise":
-                self._refuse_older(batches[0])
-            values = classify([r[2] for r in reports])
-            staging = layout.StagingDir(
-                self.checkpoint_dir, layout.step_name(self.prefix, batches[0])
-            )
-            return {"values": values, "staging": str(staging.path), "timestamp": time.time()}
-
-        try:
-            decided = self._ch.decide(report, plan, "saving a checkpoint (agreeing on the step)")
-            assert isinstance(prepared, _Prepared)
-            world = self.world_size
-
-            def write() -> tuple[int, bytes]:
-                replicated = {
-                    tuple(v["path"]) for v in decided["values"] if v["kind"] == REPLICATED
-                }
-                leaves = []
-                for path, v in prepared.leaves:
-                    if isinstance(v, Sharded):
-                        v = v.block
-                    elif self.rank != 0 and path in replicated:
-                        v = _placeholder(path, v)  # stored once, in rank 0's shard
-                    leaves.append((path, v))
-                tree = unflatten(leaves)
-                header, size = write_file(
-                    Path(decided["staging"]) / layout.shard_name(self.rank, world),
-                    batch_idx=prepared.batch_idx,
-                    loss=prepared.loss,
-                    timestamp=decided["timestamp"],
-                    parameters=tree["parameters"],
-                    optimizer_state=tree["optimizer_state"],
-                    metadata=tree["metadata"],
-                    compression=self.compression,
-                    allow_pickle=self.allow_pickle,
-                    hmac_key=self._hmac_key,
-                    durable=self.durable,
-                )
-                return size, bytes(header.payload_digest)
-
-            def seal(reports: list[Any]) -> str:
-                nonlocal committed
-                err = first_failure(reports)
-                if err is not None:
-                    raise err
-                assert staging is not None
-                manifest = Manifest(
-                    prepared.batch_idx,
-                    prepared.loss,
-                    decided["timestamp"],
-                    _native.__version__,
-                    world,
-                    [
-                        {"name": layout.shard_name(r, world), "size": s, "payload_digest": d}
-                        for r, (s, d) in enumerate(reports)
-                    ],
-                    decided["values"],
-                )
-                write_manifest(
-                    staging.path, manifest, hmac_key=self._hmac_key, durable=self.durable
-                )
-                with self._lock.held():
-                    # Again under the lock: another job may have saved meanwhile.
-                    if self.on_older_batch == "raise":
-                        self._refuse_older(prepared.batch_idx)
-                    else:
-                        newer = self._newer_steps(prepared.batch_idx)
-                        set_aside(
-                            self.checkpoint_dir,
-                            newer,
-                            prepared.batch_idx,
-                            lambda path: self._known.pop(path.name, None),
-                        )
-                    staging.commit(self.durable)
-                    committed = True
-                final = staging.final
-                self._known[final.name] = (
-                    _identity(final),
-                    StepInfo(
-                        final,
-                        prepared.batch_idx,
-                        prepared.loss,
-                        decided["timestamp"],
-                        world,
-                        _tree_bytes(final),
-                        "complete",
-                    ),
-                )
-                return str(final)
-
-            final = Path(self._ch.decide(write, seal, "saving a checkpoint (committing the step)"))
-        finally:
-            if staging is not None and not committed:
-                staging.discard()
+        final = _Commit(self, prepared).run()
+        assert isinstance(prepared, _Prepared)  # an error was raised on every rank
         if self.rank == 0:
             logger.info(
                 "sharded checkpoint saved: batch=%d loss=%.6g step=%s (%d ranks) in %.3fs",
@@ -472,6 +502,82 @@ compression, load_limits, on_older_batch
                 except CheckpointError as exc:
                     logger.warning("retention after saving %s failed: %s", final.name, exc)
         return final
+
+    def _make_room(self, batch_idx: int) -> None:
+        """Under the lock, just before a step of ``batch_idx`` is committed: refuse or
+        set aside the steps of higher batches, by ``on_older_batch``."""
+        if self.on_older_batch == "raise":
+            self._refuse_older(batch_idx)
+        else:
+            self._set_aside_locked(batch_idx)
+
+    def _set_aside_locked(self, batch_idx: int) -> Path | None:
+        return set_aside(
+            self.checkpoint_dir,
+            self._newer_steps(batch_idx),
+            batch_idx,
+            lambda path: self._known.pop(path.name, None),
+        )
+
+    def set_aside_newer_than(self, batch_idx: int) -> Path | None:
+        """Move every step of a batch above ``batch_idx`` into a subdirectory; collective.
+
+        For a deliberate rollback (resume from ``batch_idx``) or, with ``-1``, a fresh
+        start in a used directory. Rank 0 moves the step directories unchanged, newest
+        first, complete or not, into a new ``abandoned-<UTC time>-<token>/`` of the
+        checkpoint directory, which no manager lists, loads or deletes, and fsyncs
+        both directories. Asynchronous saves queued before this call commit first.
+
+        Parameters
+        ----------
+        batch_idx : int
+            The batch the run goes on from, the same on every rank; ``-1`` sets every
+            step aside.
+
+        Returns
+        -------
+        Path or None
+            The subdirectory, or None when no step was above ``batch_idx``; the same
+            on every rank.
+
+        Raises
+        ------
+        CheckpointError
+            The same on every rank: ``batch_idx`` is not a batch index or differs
+            between ranks, the manager is ``read_only``, or a step could not be moved
+            (those moved before stay moved).
+        """
+        self._single._refuse_if_read_only("set checkpoints aside")
+        self._drain()
+        aside = self._ch.decide(
+            partial(_rollback_batch, batch_idx), self._set_aside_agreed, "setting steps aside"
+        )
+        return None if aside is None else Path(aside)
+
+    def _set_aside_agreed(self, reports: list[Any]) -> str | None:
+        raise_first_failure(reports)
+        if len(set(reports)) > 1:
+            raise CheckpointValueError(
+                f"batch_idx differs between ranks: {reports}", {"batch_idx": reports}
+            )
+        with self._lock.held():
+            aside = self._set_aside_locked(reports[0])
+        return None if aside is None else str(aside)
+
+    def _remember(self, final: Path, manifest: Manifest) -> None:
+        """A step this manager just committed is complete: retention need not hash it."""
+        self._known[final.name] = (
+            _identity(final),
+            StepInfo(
+                final,
+                manifest.batch_idx,
+                manifest.loss,
+                manifest.timestamp,
+                manifest.world_size,
+                _tree_bytes(final),
+                "complete",
+            ),
+        )
 
     def _newer_steps(self, batch_idx: int) -> list[Path]:
         return [p for b, p in layout.list_steps(self.checkpoint_dir, self.prefix) if b > batch_idx]
@@ -536,70 +642,23 @@ compression, load_limits, on_older_batch
         return None if loaded is None else apply_like(loaded, like)
 
     def _restore(self, mode: str | None, hook: RankLocalHook | None) -> Any:
-        def manifest_of(step: Path, batch: int) -> Manifest | str:
-            try:
-                return read_manifest(step, self._hmac_key, batch)
-            except CheckpointError as exc:
-                return str(exc)
-
-        def manifest_decision(step: Path, batch: int) -> Callable[[list[Any]], Manifest | str]:
-            return lambda _: manifest_of(step, batch)
-
-        def candidates(_: list[Any]) -> tuple[list[tuple[int, str]], Manifest | str | None]:
-            steps = layout.list_steps(self.checkpoint_dir, self.prefix)[::-1]
-            # The newest manifest comes with the listing: one exchange fewer on a resume.
-            first = manifest_of(steps[0][1], steps[0][0]) if steps else None
-            return [(b, p.name) for b, p in steps], first
-
-        names, first = self._ch.decide(lambda: None, candidates, "restoring (listing the steps)")
+        names, first = self._ch.decide(
+            lambda: None, self._list_for_restore, "restoring (listing the steps)"
+        )
         skipped: list[str] = []
         for index, (batch, name) in enumerate(names):
             step = self.checkpoint_dir / name
-            if index == 0:
-                manifest = first
-            else:
-                manifest = self._ch.decide(
-                    lambda: None,
-                    manifest_decision(step, batch),
-                    "restoring (reading a manifest)",
-                )
+            manifest = first if index == 0 else self._agreed_manifest(step, batch)
             if isinstance(manifest, str):
                 skipped.append(manifest)
                 continue
             same = mode == "load" and manifest.world_size == self.world_size
             loaded: dict[str, Any] = {}
-
-            def check(
-                step: Path = step,
-                manifest: Manifest = manifest,
-                same: bool = same,
-                loaded: dict[str, Any] = loaded,
-            ) -> Any:
-                if same:
-                    try:
-                        header, result = load_file(
-                            step / manifest.shards[self.rank]["name"],
-                            self._hmac_key,
-                            self.allow_pickle,
-                            self.load_limits,
-                        )
-                    except (CheckpointCorruptError, CheckpointNotFoundError) as exc:
-                        return [str(exc)]
-                    why = shard_mismatch(step, manifest, self.rank, header)
-                    if why is not None:
-                        return [why]
-                    loaded.update(result)
-                    return []
-                mine = [i for i in range(manifest.world_size) if i % self.world_size == self.rank]
-                return check_shards(step, manifest, mine, self._hmac_key)
-
-            def verdict(reports: list[Any]) -> list[str]:
-                err = first_failure(reports)
-                if err is not None:
-                    raise err
-                return [why for rep in reports for why in rep]
-
-            bad = self._ch.decide(check, verdict, "restoring (checking the shards)")
+            bad = self._ch.decide(
+                partial(self._check_step, step, manifest, same, loaded),
+                _reasons,
+                "restoring (checking the shards)",
+            )
             if bad:
                 skipped.append(f"{step}: " + "; ".join(bad))
                 continue
@@ -614,6 +673,56 @@ compression, load_limits, on_older_batch
         self._warn_skipped(skipped)
         return None
 
+    def _manifest_of(self, step: Path, batch: int) -> Manifest | str:
+        """The step's manifest, or why it has none that can be used."""
+        try:
+            return read_manifest(step, self._hmac_key, batch)
+        except CheckpointError as exc:
+            return str(exc)
+
+    def _list_for_restore(
+        self, _: list[Any]
+    ) -> tuple[list[tuple[int, str]], Manifest | str | None]:
+        """Rank 0's decision: the steps, newest first, and the newest one's manifest."""
+        steps = layout.list_steps(self.checkpoint_dir, self.prefix)[::-1]
+        # The newest manifest comes with the listing: one exchange fewer on a resume.
+        first = self._manifest_of(steps[0][1], steps[0][0]) if steps else None
+        return [(b, p.name) for b, p in steps], first
+
+    def _agreed_manifest(self, step: Path, batch: int) -> Manifest | str:
+        """Rank 0 reads the manifest of an older step; every rank gets what it read."""
+        return self._ch.decide(
+            lambda: None,
+            lambda _: self._manifest_of(step, batch),
+            "restoring (reading a manifest)",
+        )
+
+    def _check_step(
+        self, step: Path, manifest: Manifest, same: bool, loaded: dict[str, Any]
+    ) -> list[str]:
+        """This rank's part of checking a step: why it cannot be restored (none: it can).
+
+        With the world size of the save each rank loads (into ``loaded``) and checks
+        its own shard; otherwise the ranks share out hashing the old shards.
+        """
+        if not same:
+            mine = old_ranks_of(self.rank, self.world_size, manifest.world_size)
+            return check_shards(step, manifest, mine, self._hmac_key)
+        try:
+            header, result = load_verified(
+                step / manifest.shards[self.rank]["name"],
+                self._hmac_key,
+                self.allow_pickle,
+                self.load_limits,
+            )
+        except (CheckpointCorruptError, CheckpointNotFoundError) as exc:
+            return [str(exc)]
+        why = shard_mismatch(step, manifest, self.rank, header)
+        if why is not None:
+            return [why]
+        loaded.update(result)
+        return []
+
     def _warn_skipped(self, skipped: list[str]) -> None:
         if skipped and self.rank == 0:
             logger.warning(
@@ -622,7 +731,7 @@ compression, load_limits, on_older_batch
 
     def _fill_replicated(self, manifest: Manifest, loaded: dict[str, Any]) -> dict[str, Any]:
         paths = [v["path"] for v in manifest.of_kind(REPLICATED)]
-        tree = {k: loaded[k] for k in ("parameters", "optimizer_state", "metadata")}
+        tree = {k: loaded[k] for k in ROOTS}
         if paths and self.world_size > 1:
             values = self._ch.bcast(
                 [get_at(tree, p) for p in paths] if self.rank == 0 else None,
@@ -636,98 +745,24 @@ compression, load_limits, on_older_batch
     def _resplit(
         self, step: Path, manifest: Manifest, hook: RankLocalHook | None
     ) -> dict[str, Any]:
-        old_world = manifest.world_size
-        local_values = manifest.of_kind(RANK_LOCAL)
-        if local_values and hook is None:
-            names = ", ".join(render(v["path"]) for v in local_values)
-            raise CheckpointValueError(
-                f"{step} was saved by {old_world} rank(s) and holds rank-local values "
-                f"({names}); this job has {self.world_size}. Pass "
-                "load_latest(rank_local=fn) to map them to the new ranks.",
-                {"path": str(step), "keys": [render(v["path"]) for v in local_values]},
-            )
-        need: set[int] = set()
-        wants: dict[KeyPath, tuple[int, int]] = {}
-        for v in manifest.of_kind(SHARDED):
-            axis = v["axis"]
-            want = split_ranges(v["global_shape"][axis], self.world_size)[self.rank]
-            wants[v["path"]] = want
-            for r, (a, b) in enumerate(v["ranges"]):
-                if a < want[1] and want[0] < b:
-                    need.add(r)
-        if self.rank == 0 and manifest.of_kind(REPLICATED):
-            need.add(0)
-        mine = {i for i in range(old_world) if i % self.world_size == self.rank}
-        if local_values:
-            need |= mine
-        pieces: dict[KeyPath, Any] = {}
-
-        def load() -> tuple[list[Any] | None, dict[int, dict[KeyPath, Any]]]:
-            trees = {}
-            for r in sorted(need):
-                header, result = load_file(
-                    step / manifest.shards[r]["name"],
-                    self._hmac_key,
-                    self.allow_pickle,
-                    self.load_limits,
-                )
-                why = shard_mismatch(step, manifest, r, header)
-                if why is not None:
-                    raise CheckpointCorruptError(f"{step}: {why}", {"path": str(step)})
-                trees[r] = {k: result[k] for k in ("parameters", "optimizer_state", "metadata")}
-            for v in manifest.of_kind(SHARDED):
-                p = v["path"]
-                blocks = [(tuple(v["ranges"][r]), get_at(t, p)) for r, t in trees.items()]
-                pieces[p] = take_range(
-                    blocks, wants[p], v["axis"], np.dtype(v["dtype"]), v["global_shape"]
-                )
-            replicated = None
-            if self.rank == 0:
-                replicated = [get_at(trees[0], v["path"]) for v in manifest.of_kind(REPLICATED)]
-            contributed = {
-                r: {v["path"]: get_at(trees[r], v["path"]) for v in local_values if r in v["ranks"]}
-                for r in mine
-                if local_values
-            }
-            return replicated, contributed
-
-        def merge(reports: list[Any]) -> dict[str, Any]:
-            err = first_failure(reports)
-            if err is not None:
-                raise err
-            by_rank: dict[int, dict[KeyPath, Any]] = {}
-            for _, contributed in reports:
-                by_rank.update(contributed)
-            return {"replicated": reports[0][0], "rank_local": by_rank}
-
-        shared = self._ch.decide(load, merge, "restoring (reading shards for the new world size)")
-
-        def build() -> dict[str, Any]:
-            replicated = iter(shared["replicated"] or [])
-            leaves = []
-            for v in manifest.values:
-                p = v["path"]
-                if v["kind"] == SHARDED:
-                    leaves.append((p, pieces[p]))
-                elif v["kind"] == REPLICATED:
-                    leaves.append((p, next(replicated)))
-                else:
-                    olds = [shared["rank_local"].get(r, {}).get(p) for r in range(old_world)]
-                    assert hook is not None
-                    leaves.append((p, hook(render(p), olds, self.rank, self.world_size)))
-            return unflatten(leaves)
-
+        read = partial(
+            read_shard,
+            step,
+            manifest,
+            hmac_key=self._hmac_key,
+            allow_pickle=self.allow_pickle,
+            limits=self.load_limits,
+        )
+        job = Resplit(step, manifest, self.rank, self.world_size, read, hook)
+        shared = self._ch.decide(
+            job.load, merge_loaded, "restoring (reading shards for the new world size)"
+        )
         tree: dict[str, Any] = {}
-
-        def built() -> None:
-            tree.update(build())
-
-        def fine(reports: list[Any]) -> None:
-            err = first_failure(reports)
-            if err is not None:
-                raise err
-
-        self._ch.decide(built, fine, "restoring (mapping rank-local values)")
+        self._ch.decide(
+            lambda: tree.update(job.build(shared)),
+            raise_first_failure,
+            "restoring (mapping rank-local values)",
+        )
         return _result(manifest, tree)
 
     # -- single-process views ----------------------------------------------------------
@@ -764,6 +799,7 @@ compression, load_limits, on_older_batch
         list of Path
             The deleted step directories, on every rank.
         """
+        self._single._refuse_if_read_only("delete checkpoints")
         self._drain()
         deleted = self._ch.decide(
             lambda: None,
@@ -814,14 +850,21 @@ compression, load_limits, on_older_batch
     # -- lifetime -------------------------------------------------------------------
 
     def close(self) -> None:
-        """Finish the background save and release the thread."""
+        """Finish the background save and release the thread.
+
+        Not collective: the duplicated communicator stays until MPI is finalized.
+        """
         try:
             self.wait_until_finished()
         finally:
-            with self._async_lock:
-                executor, self._executor = self._executor, None
-            if executor is not None:
-                executor.shutdown(wait=True)
+            self._saver.shutdown()
+        # The duplicate of comm is not freed here. MPI_Comm_free is collective in the
+        # standard (an implementation may make it wait for every rank), and close is
+        # not: __exit__ calls it on a rank whose block raised while the others go on,
+        # and ranks close at different points of their code, where freeing would
+        # join the order of collective calls the program must keep. MPICH and Open
+        # MPI do free it locally, but nothing promises that; the cost of keeping it
+        # is one communicator a manager, released by MPI_Finalize.
 
     def __enter__(self) -> ShardedCheckpointManager:
         return self
@@ -840,6 +883,11 @@ compression, load_limits, on_older_batch
             f"ShardedCheckpointManager({str(self.checkpoint_dir)!r}, rank={self.rank}, "
             f"world_size={self.world_size}, prefix={self.prefix!r})"
         )
+
+
+def _rollback_batch(batch_idx: Any) -> int:
+    """``set_aside_newer_than``'s argument: a batch index, or -1 for all."""
+    return -1 if isinstance(batch_idx, int) and batch_idx == -1 else batch_index(batch_idx)
 
 
 def _placeholder(path: KeyPath, value: Any) -> Any:
@@ -905,15 +953,11 @@ def load_global(
     trees = []
     for r, entry in enumerate(manifest.shards):
         try:
-            header, result = load_file(step / entry["name"], key, allow_pickle, limits)
+            trees.append(read_shard(step, manifest, r, key, allow_pickle, limits))
         except CheckpointNotFoundError as exc:
             raise CheckpointNotFoundError(
                 f"{step}: shard {entry['name']} is missing (an incomplete step)", exc.error_context
             ) from exc
-        why = shard_mismatch(step, manifest, r, header)
-        if why is not None:
-            raise CheckpointCorruptError(f"{step}: {why}", {"path": str(step)})
-        trees.append({k: result[k] for k in ("parameters", "optimizer_state", "metadata")})
     leaves: list[tuple[KeyPath, Any]] = []
     for v in manifest.values:
         p = v["path"]

@@ -19,10 +19,11 @@ import numpy as np
 from .. import _native
 from ..errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError
 from ..limits import LoadLimits
-from ..payload import read_payload, write_sealed
-from ..reading import read_verified
+from ..payload import write_sealed
+from ..reading import load_verified
 from ..staging import new_file_mode, staged_file
 from .layout import MANIFEST_NAME, is_step_dir, list_steps, parse_shard_name, shard_name
+from .values import ROOTS
 
 __all__ = [
     "MANIFEST_FORMAT",
@@ -30,8 +31,8 @@ __all__ = [
     "StepInfo",
     "check_shards",
     "list_step_infos",
-    "load_file",
     "read_manifest",
+    "read_shard",
     "write_file",
 ]
 
@@ -52,13 +53,16 @@ def write_file(
     allow_pickle: bool,
     hmac_key: bytes | None,
     durable: bool,
+    file_mode: int | None = None,
 ) -> tuple[_native.Header, int]:
     """Write one h5ckpt file at ``final`` (temp file, seal, fsync, rename, fsync dir).
 
-    It gets the mode any new file gets under the process umask, as single files do.
+    It gets ``file_mode``, or without it the mode any new file gets under the
+    process umask, as single files do.
     """
     failure, context = f"cannot write {final}", {"path": str(final)}
-    with staged_file(final, new_file_mode(), failure=failure, context=context) as staged:
+    mode = file_mode if file_mode is not None else new_file_mode()
+    with staged_file(final, mode, failure=failure, context=context) as staged:
         header = write_sealed(
             staged.fd,
             batch_idx=batch_idx,
@@ -76,22 +80,6 @@ def write_file(
         size = os.fstat(staged.fd).st_size
         staged.commit(durable, _native.fsync_directory)
     return header, size
-
-
-def load_file(
-    path: Path, hmac_key: bytes | None, allow_pickle: bool, limits: LoadLimits
-) -> tuple[_native.Header, dict[str, Any]]:
-    """Verify every byte of one h5ckpt file, then parse it."""
-    header, data = read_verified(path, hmac_key, limits)
-    try:
-        result = read_payload(data, header, allow_pickle=allow_pickle, limits=limits)
-    except CheckpointError as exc:
-        exc.error_context.setdefault("path", str(path))
-        if str(path) not in exc.message:
-            exc.message = f"{path}: {exc.message}"
-            exc.args = (exc.message,)
-        raise
-    return header, result
 
 
 @dataclass
@@ -120,7 +108,12 @@ class Manifest:
 
 
 def write_manifest(
-    step_dir: Path, manifest: Manifest, *, hmac_key: bytes | None, durable: bool
+    step_dir: Path,
+    manifest: Manifest,
+    *,
+    hmac_key: bytes | None,
+    durable: bool,
+    file_mode: int | None = None,
 ) -> None:
     write_file(
         step_dir / MANIFEST_NAME,
@@ -134,6 +127,7 @@ def write_manifest(
         allow_pickle=False,
         hmac_key=hmac_key,
         durable=durable,
+        file_mode=file_mode,
     )
 
 
@@ -149,7 +143,7 @@ def read_manifest(step_dir: Path, hmac_key: bytes | None, batch_idx: int | None 
             f"{step_dir}: no {MANIFEST_NAME} (an incomplete step)",
             {"path": str(step_dir), "reason": "incomplete"},
         )
-    _, result = load_file(path, hmac_key, False, LoadLimits())
+    _, result = load_verified(path, hmac_key, False, LoadLimits())
     c = result["optimizer_state"]
     try:
         if not isinstance(c, dict) or c.get("format") != MANIFEST_FORMAT:
@@ -207,6 +201,25 @@ def shard_mismatch(
     if size != int(entry["size"]):
         return f"{entry['name']} has {size} bytes, the manifest says {entry['size']}"
     return None
+
+
+def read_shard(
+    step_dir: Path,
+    manifest: Manifest,
+    rank: int,
+    hmac_key: bytes | None,
+    allow_pickle: bool,
+    limits: LoadLimits,
+) -> dict[str, Any]:
+    """Shard ``rank`` of a step, verified and checked against the manifest, as its
+    tree of ``parameters``, ``optimizer_state`` and ``metadata``."""
+    header, result = load_verified(
+        step_dir / manifest.shards[rank]["name"], hmac_key, allow_pickle, limits
+    )
+    why = shard_mismatch(step_dir, manifest, rank, header)
+    if why is not None:
+        raise CheckpointCorruptError(f"{step_dir}: {why}", {"path": str(step_dir)})
+    return {k: result[k] for k in ROOTS}
 
 
 def check_shards(

@@ -201,5 +201,13 @@ def first_failure(reports: list[Any]) -> CheckpointError | None:
     return None
 
 
+def raise_first_failure(reports: list[Any]) -> None:
+    """Raise :func:`first_failure` of ``reports`` if there is one: the decision of a
+    step that only has to know that every rank succeeded."""
+    err = first_failure(reports)
+    if err is not None:
+        raise err
+
+
 def is_failed(report: Any) -> bool:
     return isinstance(report, _Failed)

@@ -150,39 +150,58 @@ def value_digest(value: Any) -> bytes:
         t = type(v)
         name = f"{t.__module__}.{t.__qualname__}".encode()
         h.update(struct.pack("<I", len(name)) + name)
-        if t is np.ndarray:
-            h.update(f"{v.dtype.str}|{v.dtype.descr}|{v.shape}".encode())
-            if v.dtype.hasobject:
-                h.update(_pickled(v))
-                continue
-            a = np.ascontiguousarray(v)
-            h.update(_native.tree_digest(a) if a.nbytes >= _BIG else a.tobytes())
-        elif isinstance(v, np.generic):
-            h.update(v.dtype.str.encode() + v.tobytes())
-        elif t in (dict,):
-            h.update(struct.pack("<Q", len(v)))
-            for k, x in reversed(list(v.items())):
-                stack.append(x)
-                stack.append(k)
-        elif t in (list, tuple):
-            h.update(struct.pack("<Q", len(v)))
-            stack.extend(reversed(v))
-        elif t is float:
-            h.update(struct.pack("<d", v))
-        elif t is complex:
-            h.update(struct.pack("<dd", v.real, v.imag))
-        elif t in (int, bool):
-            h.update(str(int(v)).encode())
-        elif t is str:
-            b = v.encode("utf-8", "surrogatepass")
-            h.update(struct.pack("<Q", len(b)) + b)
-        elif t in (bytes, bytearray):
-            h.update(struct.pack("<Q", len(v)) + bytes(v))
-        elif v is None:
-            pass
-        else:
-            h.update(_pickled(v))
+        stack.extend(_hash_node(h, v))
     return h.digest()
+
+
+def _hash_node(h: Any, v: Any) -> list[Any]:
+    """Feed ``v``'s own bytes to ``h``; its children, to push in this order (so that
+    they are taken first to last)."""
+    t = type(v)
+    if t is np.ndarray:
+        h.update(_array_bytes(v))
+        return []
+    if isinstance(v, np.generic):
+        h.update(v.dtype.str.encode() + v.tobytes())
+        return []
+    if t is dict:
+        h.update(struct.pack("<Q", len(v)))
+        children = []
+        for k, x in reversed(list(v.items())):
+            children += [x, k]  # the key is taken before its value
+        return children
+    if t in (list, tuple):
+        h.update(struct.pack("<Q", len(v)))
+        return list(reversed(v))
+    scalar = _SCALAR_BYTES.get(t)
+    h.update(_pickled(v) if scalar is None else scalar(v))
+    return []
+
+
+def _array_bytes(v: np.ndarray) -> bytes:
+    head = f"{v.dtype.str}|{v.dtype.descr}|{v.shape}".encode()
+    if v.dtype.hasobject:
+        return head + _pickled(v)
+    a = np.ascontiguousarray(v)
+    return head + (_native.tree_digest(a) if a.nbytes >= _BIG else a.tobytes())
+
+
+def _text_bytes(v: str) -> bytes:
+    b = v.encode("utf-8", "surrogatepass")
+    return struct.pack("<Q", len(b)) + b
+
+
+#: The bytes hashed for a scalar, by its exact type (bool and int alike: by value).
+_SCALAR_BYTES: dict[type, Any] = {
+    float: lambda v: struct.pack("<d", v),
+    complex: lambda v: struct.pack("<dd", v.real, v.imag),
+    int: lambda v: str(int(v)).encode(),
+    bool: lambda v: str(int(v)).encode(),
+    str: _text_bytes,
+    bytes: lambda v: struct.pack("<Q", len(v)) + bytes(v),
+    bytearray: lambda v: struct.pack("<Q", len(v)) + bytes(v),
+    type(None): lambda v: b"",
+}
 
 
 def _pickled(v: Any) -> bytes:
