@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import io
+import itertools
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+from h5py import h5a, h5f, h5g, h5p, h5s, h5t
 
 from . import _native, codec
 from ._native import (
@@ -41,7 +43,7 @@ from .errors import (
 )
 from .limits import LoadLimits
 from .staging import oserror_to_checkpoint, sigint_deferred
-from .tree import ByteBudget, file_budget, read_value, write_value
+from .tree import ByteBudget, file_budget, read_value, write_array, write_value
 
 __all__ = [
     "FORMAT_VERSION",
@@ -63,6 +65,9 @@ _TYPE_ATTR = "h5ckpt_type"
 #: Chunks compressed per call into the Rust core: enough to keep every core busy,
 #: few enough that their compressed copies stay small next to the array.
 _CHUNKS_PER_BATCH = 8
+#: A checkpoint whose arrays are each smaller than ``codec.SMALL_ARRAY_BYTES`` (so
+#: stored raw, by HDF5) and that total at most this is built in memory.
+SMALL_PAYLOAD_BYTES = 1 << 20
 
 
 @dataclass
@@ -215,7 +220,25 @@ def write_sealed(
     h5py writes the HDF5 layout; the Rust core then writes the large raw arrays
     (through a private buffer it hashes, so the digest covers exactly what was
     written), the header with the digests and, when ``durable``, fsyncs.
+
+    A small checkpoint (see :func:`build_image`) is built in memory instead and
+    handed to the Rust core whole, as one segment: it writes, hashes and fsyncs it
+    in one pass, and HDF5 never touches the file.
     """
+    if not allow_pickle:  # a pickle's size is known only once it is made
+        image = build_image(
+            batch_idx=batch_idx,
+            loss=loss,
+            timestamp=timestamp,
+            parameters=parameters,
+            optimizer_state=optimizer_state,
+            metadata=metadata,
+            version=version,
+        )
+        if image is not None:
+            os.ftruncate(fd, HEADER_SIZE + len(image))
+            whole = [(HEADER_SIZE, image)]
+            return _native.finalize(fd, whole, batch_idx, loss, timestamp, hmac_key, durable)
     with WritebackFile(fd, writeback=durable) as raw:
         segments = write_payload(
             raw,
@@ -288,6 +311,130 @@ def _write_payload(
     if sink.error is not None:
         raise sink.error
     return segments
+
+
+class _NotSmall(Exception):
+    """Internal: the checkpoint being built in memory holds an array too large for it."""
+
+
+class _SmallArrays:
+    """``put_array`` of a checkpoint built in memory: each array written by HDF5,
+    as the file-backed writer writes small ones (no filters); refuses (``_NotSmall``)
+    any array the file-backed writer would treat as large, and arrays past
+    ``SMALL_PAYLOAD_BYTES`` in all."""
+
+    #: Tells the tree writer that the datasets made here need no checking.
+    keeps_dtype_and_shape = True
+
+    def __init__(self) -> None:
+        self.left = SMALL_PAYLOAD_BYTES
+
+    def take(self, arr: np.ndarray) -> None:
+        self.left -= arr.nbytes
+        if arr.nbytes >= codec.SMALL_ARRAY_BYTES or self.left < 0:
+            raise _NotSmall
+
+    def __call__(self, group: h5py.Group, name: str, arr: np.ndarray) -> h5py.Dataset:
+        self.take(arr)
+        return h5py.Dataset(write_array(group.id, name, arr))
+
+
+class _ImageLists:
+    """The property lists of a file built in memory, made once per process: those
+    ``h5py.File(..., track_order=True, libver=("v110", "latest"))`` makes, with a
+    512-byte user block, on HDF5's in-memory driver without a backing file."""
+
+    def __init__(self) -> None:
+        order = h5p.CRT_ORDER_TRACKED | h5p.CRT_ORDER_INDEXED
+        self.fcpl = h5p.create(h5p.FILE_CREATE)
+        self.fcpl.set_userblock(HEADER_SIZE)
+        self.fcpl.set_link_creation_order(order)
+        self.fcpl.set_attr_creation_order(order)
+        self.fcpl.set_obj_track_times(False)
+        self.fapl = h5p.create(h5p.FILE_ACCESS)
+        self.fapl.set_libver_bounds(h5f.LIBVER_V110, h5f.LIBVER_LATEST)
+        self.fapl.set_file_locking(False, True)
+        # Closing the file closes whatever is still open in it: an error half way
+        # leaves no open object that would keep its memory.
+        self.fapl.set_fclose_degree(h5f.CLOSE_STRONG)
+        self.fapl.set_fapl_core(8192, False)  # grows 8 KiB at a time, no file
+        self.scalar = h5s.create(h5s.SCALAR)
+        self.i64 = h5t.py_create(np.dtype("<i8"))
+        self.f64 = h5t.py_create(np.dtype("<f8"))
+        self.tag_type, self.tag_data = _fixed_text("ndarray")
+
+
+_IMAGE_LISTS: _ImageLists | None = None
+#: The in-memory driver tells files apart by name: each build gets its own.
+_IMAGE_NAMES = itertools.count()
+
+
+def _fixed_text(text: str) -> tuple[h5t.TypeID, np.ndarray]:
+    """A fixed-length, null-padded ASCII string type exactly as long as ``text``,
+    and ``text`` in it (what ``attrs[...] = np.bytes_(text)`` writes)."""
+    data = np.array(text.encode("ascii"), dtype=f"S{max(1, len(text))}")
+    return h5t.py_create(data.dtype), data
+
+
+def build_image(
+    *,
+    batch_idx: int,
+    loss: float,
+    timestamp: float,
+    parameters: np.ndarray,
+    optimizer_state: Any,
+    metadata: Any,
+    version: str,
+) -> bytes | None:
+    """The HDF5 part of a small checkpoint without pickles, built in memory (the
+    file from ``HEADER_SIZE`` on), or ``None`` when it holds an array too large for
+    that (see :class:`_SmallArrays`): then nothing is left of the attempt.
+
+    The same objects as :func:`write_payload` writes, written through h5py's
+    low-level API; the image is what HDF5 would have written to a file. An
+    interrupt (``KeyboardInterrupt``) is raised once HDF5 is done.
+    """
+    global _IMAGE_LISTS
+    arrays = _SmallArrays()
+    try:
+        arrays.take(parameters)
+    except _NotSmall:
+        return None
+    lists = _IMAGE_LISTS
+    if lists is None:
+        lists = _IMAGE_LISTS = _ImageLists()
+    name = f"h5ckpt-image-{os.getpid()}-{next(_IMAGE_NAMES)}".encode()
+    with sigint_deferred():
+        fid = h5f.create(name, h5f.ACC_TRUNC, fcpl=lists.fcpl, fapl=lists.fapl)
+        try:
+            root = h5g.open(fid, b"/")
+            for key, text in ((b"h5ckpt_format", FORMAT_VERSION), (b"h5ckpt_version", version)):
+                tid, data = _fixed_text(text)
+                h5a.create(root, key, tid, lists.scalar).write(data, mtype=tid)
+            for key, tid, value in (
+                (b"batch_idx", lists.i64, np.array(batch_idx, dtype="<i8")),
+                (b"loss", lists.f64, np.array(loss, dtype="<f8")),
+                (b"timestamp", lists.f64, np.array(timestamp, dtype="<f8")),
+            ):
+                h5a.create(root, key, tid, lists.scalar).write(value, mtype=tid)
+            if not parameters.flags.c_contiguous:
+                parameters = parameters.copy(order="C")
+            dset = write_array(root, "parameters", parameters)
+            h5a.create(dset, _TYPE_ATTR.encode(), lists.tag_type, lists.scalar).write(
+                lists.tag_data, mtype=lists.tag_type
+            )
+            parent = h5py.Group(root)
+            write_value(
+                parent, "optimizer_state", optimizer_state, allow_pickle=False, put_array=arrays
+            )
+            write_value(parent, "metadata", metadata, allow_pickle=False, put_array=arrays)
+            # The image is what the driver holds: HDF5's caches are written to it first.
+            h5f.flush(fid)
+            return fid.get_file_image()
+        except _NotSmall:
+            return None
+        finally:
+            fid.close()
 
 
 class _ErrorKeepingFile:

@@ -52,6 +52,7 @@ __all__ = [
     "read_value",
     "unescape_key",
     "values_equal",
+    "write_array",
     "write_value",
 ]
 
@@ -508,12 +509,17 @@ def _tag_type(tag: str) -> tuple[h5t.TypeID, np.ndarray]:
 
 _TAG_TYPES = {tag: _tag_type(tag) for tag in TAGS}
 
+#: Arrays up to this size are written with the compact layout (inside their object
+#: header: no separate allocation to make or, when loading, to read).
+_COMPACT_ARRAY_BYTES = 4096
 
-class _Writer:
-    """HDF5 handles shared by one write_value call."""
 
-    def __init__(self, put_array: PutArray) -> None:
-        self.put_array = put_array
+class _Handles:
+    """The HDF5 property lists, dataspaces and types every write uses, made once per
+    process: making them is a good part of the cost of writing a small tree, and
+    none of them belongs to a file."""
+
+    def __init__(self) -> None:
         self.scalar_space = h5s.create(h5s.SCALAR)
         self.null_space = h5s.create(h5s.NULL)
         self.lcpl = h5p.create(h5p.LINK_CREATE)
@@ -527,18 +533,55 @@ class _Writer:
         self.compact = h5p.create(h5p.DATASET_CREATE)
         self.compact.set_obj_track_times(False)
         self.compact.set_layout(h5d.COMPACT)
+        # (file type, memory type) of the fixed-type scalars.
+        native_bool = h5t.py_create(np.dtype(np.bool_))
         self.types = {
-            _INT: h5t.STD_I64LE,
-            _FLOAT: h5t.IEEE_F64LE,
-            _BOOL: h5t.py_create(np.dtype(np.bool_)),
+            _INT: (h5t.STD_I64LE, h5t.py_create(np.dtype(np.int64))),
+            _FLOAT: (h5t.IEEE_F64LE, h5t.py_create(np.dtype(np.float64))),
+            _BOOL: (native_bool, native_bool),
         }
+        self.dtype_types: dict[np.dtype, h5t.TypeID] = {}
+
+    def type_of(self, dtype: np.dtype) -> h5t.TypeID:
+        """:func:`hdf5_type` of ``dtype``, remembered (it is also its memory type)."""
+        tid = self.dtype_types.get(dtype)
+        if tid is None:
+            tid = self.dtype_types[dtype] = hdf5_type(dtype)
+        return tid
+
+
+_HANDLES: _Handles | None = None
+
+
+def _handles() -> _Handles:
+    global _HANDLES
+    if _HANDLES is None:
+        _HANDLES = _Handles()
+    return _HANDLES
+
+
+class _Writer:
+    """Writes the nodes of one write_value call.
+
+    Without a ``put_array`` it writes arrays itself (compact when small, else
+    contiguous); a ``put_array`` of h5ckpt's own with a true ``keeps_dtype_and_shape``
+    attribute is trusted to create the dataset it is asked for, any other is checked.
+    """
+
+    def __init__(self, put_array: PutArray | None) -> None:
+        self.put_array = put_array
+        self.trusted = put_array is None or getattr(put_array, "keeps_dtype_and_shape", False)
+        h = self.h = _handles()
+        self.scalar_space = h.scalar_space
+        self.lcpl = h.lcpl
+        self.types = h.types
 
     def tag(self, obj: Any, tag: str) -> None:
         tid, buf = _TAG_TYPES[tag]
-        h5a.create(obj, _TYPE_ATTR_B, tid, self.scalar_space).write(buf)
+        h5a.create(obj, _TYPE_ATTR_B, tid, self.scalar_space).write(buf, mtype=tid)
 
     def group(self, gid: h5g.GroupID, name: str, tag: str) -> h5g.GroupID:
-        group = h5g.create(gid, name.encode("utf-8"), lcpl=self.lcpl, gcpl=self.gcpl)
+        group = h5g.create(gid, name.encode("utf-8"), lcpl=self.lcpl, gcpl=self.h.gcpl)
         self.tag(group, tag)
         return group
 
@@ -550,14 +593,19 @@ class _Writer:
         data: np.ndarray,
         tag: str,
         compact: bool = True,
+        mtype: h5t.TypeID | None = None,
     ) -> None:
-        dcpl = self.compact if compact else self.contiguous
+        dcpl = self.h.compact if compact else self.h.contiguous
         dset = h5d.create(
             gid, name.encode("utf-8"), tid, self.scalar_space, dcpl=dcpl, lcpl=self.lcpl
         )
-        # Numbers: the memory type follows the native array; text: same as the file.
-        dset.write(h5s.ALL, h5s.ALL, data, mtype=tid if data.dtype.kind == "S" else None)
+        # The memory type describes ``data`` (native order); text: the file's type.
+        dset.write(h5s.ALL, h5s.ALL, data, mtype=mtype or tid)
         self.tag(dset, tag)
+
+    def number(self, gid: h5g.GroupID, name: str, data: np.ndarray, tag: str) -> None:
+        tid, mtype = self.types[tag]
+        self.scalar(gid, name, tid, data, tag, mtype=mtype)
 
     def text(self, gid: h5g.GroupID, name: str, text: str, tag: str) -> None:
         # A fixed-length string: variable-length ones live in the global heap, and
@@ -576,28 +624,50 @@ class _Writer:
             gid,
             name.encode("utf-8"),
             h5t.STD_U8LE,
-            self.null_space,
-            dcpl=self.contiguous,
+            self.h.null_space,
+            dcpl=self.h.contiguous,
             lcpl=self.lcpl,
         )
         self.tag(dset, _NONE)
 
     def array(self, gid: h5g.GroupID, name: str, arr: np.ndarray, tag: str) -> None:
         arr = np.require(arr, requirements=("C", "A"))
+        if self.put_array is None:
+            self.tag(self.own_array(gid, name, arr), tag)
+            return
         dset = self.put_array(h5py.Group(gid), name, arr)
         if not isinstance(dset, h5py.Dataset):
             raise CheckpointValueError(
                 f"put_array must return the h5py.Dataset it created, not {type(dset).__name__}"
             )
-        stored = dset.id.get_type().dtype
-        if stored != arr.dtype or dset.id.shape != arr.shape:
-            raise CheckpointValueError(
-                f"put_array stored {name!r} as dtype {stored.str} shape {dset.id.shape} for an "
-                f"array of dtype {arr.dtype.str} shape {arr.shape}; it must keep the array's "
-                "dtype (byte order included) and shape, 0-d arrays too",
-                {"name": name},
-            )
+        if not self.trusted:
+            stored = dset.id.get_type().dtype
+            if stored != arr.dtype or dset.id.shape != arr.shape:
+                raise CheckpointValueError(
+                    f"put_array stored {name!r} as dtype {stored.str} shape {dset.id.shape} "
+                    f"for an array of dtype {arr.dtype.str} shape {arr.shape}; it must keep "
+                    "the array's dtype (byte order included) and shape, 0-d arrays too",
+                    {"name": name},
+                )
         self.tag(dset.id, tag)
+
+    def own_array(self, gid: h5g.GroupID, name: str, arr: np.ndarray) -> h5d.DatasetID:
+        return write_array(gid, name, arr)
+
+
+def write_array(gid: h5g.GroupID, name: str, arr: np.ndarray) -> h5d.DatasetID:
+    """Create the dataset ``name`` (a link name, used as given) of the group ``gid``
+    holding the C-contiguous ``arr``, as :func:`write_value` writes arrays without
+    ``put_array``: contiguous, compact up to 4 KiB, no filters, data written.
+    """
+    h = _handles()
+    tid = h.type_of(arr.dtype)
+    space = h.scalar_space if arr.ndim == 0 else h5s.create_simple(arr.shape)
+    dcpl = h.compact if 0 < arr.nbytes <= _COMPACT_ARRAY_BYTES else h.contiguous
+    dset = h5d.create(gid, name.encode("utf-8"), tid, space, dcpl=dcpl, lcpl=h.lcpl)
+    if arr.size:
+        dset.write(h5s.ALL, h5s.ALL, arr, mtype=tid)
+    return dset
 
 
 def write_value(
@@ -633,8 +703,10 @@ def write_value(
         must have exactly ``arr``'s dtype (byte order included, i.e. the HDF5 type
         :func:`hdf5_type` gives) and shape (``()`` for 0-d arrays: do not pass them
         through ``np.ascontiguousarray``, which makes them 1-d); chunking, filters
-        and writing the data later are up to it. Default: :func:`default_put_array`.
-        Scalars, strings and containers are written directly.
+        and writing the data later are up to it. Default: the arrays are written
+        here, contiguous (compact up to 4 KiB), without filters, as
+        :func:`default_put_array` would but faster. Scalars, strings and
+        containers are written directly.
 
     Raises
     ------
@@ -642,7 +714,7 @@ def write_value(
         For an unsupported value (with its key path), or when ``put_array`` does
         not return a dataset of ``arr``'s dtype and shape.
     """
-    w = _Writer(put_array or default_put_array)
+    w = _Writer(put_array)
     stack: list[tuple[h5g.GroupID, str, Any, _Path]] = [(parent.id, name, value, None)]
     while stack:
         gid, nm, v, node = stack.pop()
@@ -670,11 +742,11 @@ def write_value(
             children.reverse()
             stack.extend(children)
         elif tag is _INT:
-            w.scalar(gid, nm, w.types[_INT], np.array(v, dtype=np.int64), tag)
+            w.number(gid, nm, np.array(v, dtype=np.int64), tag)
         elif tag is _FLOAT:
-            w.scalar(gid, nm, w.types[_FLOAT], np.array(v, dtype=np.float64), tag)
+            w.number(gid, nm, np.array(v, dtype=np.float64), tag)
         elif tag is _BOOL:
-            w.scalar(gid, nm, w.types[_BOOL], np.array(v, dtype=np.bool_), tag)
+            w.number(gid, nm, np.array(v, dtype=np.bool_), tag)
         elif tag is _NONE:
             w.none(gid, nm)
         elif tag is _STR:
@@ -683,7 +755,7 @@ def write_value(
             w.text(gid, nm, hex(v), tag)
         elif tag is _NP_SCALAR:
             scalar = np.array(v)
-            w.scalar(gid, nm, hdf5_type(scalar.dtype), scalar, tag)
+            w.scalar(gid, nm, w.h.type_of(scalar.dtype), scalar, tag)
         elif tag is _NDARRAY:
             w.array(gid, nm, v, tag)
         elif tag is _STR_BYTES:
