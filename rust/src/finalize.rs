@@ -15,7 +15,6 @@ use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use crate::digest::{check_segments, chunk_range, read_error, root, Hash, Segment};
@@ -136,24 +135,21 @@ fn write_and_digest_in(
     piece: usize,
 ) -> Result<Hash> {
     let n = crate::header::chunk_count(len, chunk_log2);
-    let digests = (0..n)
-        .into_par_iter()
-        .map(|i| {
-            let (start, end) = chunk_range(offset, len, chunk_log2, i);
-            BUFFER.with_borrow_mut(|buf| {
-                let mut chunk = ChunkSealer {
-                    file,
-                    path,
-                    buf,
-                    piece,
-                    writeback,
-                    hasher: Sha256::new(),
-                };
-                chunk.seal(start, end, segments)?;
-                Ok(chunk.hasher.finalize().into())
-            })
+    let digests = crate::parallel::map_collect((0..n).collect(), 2, |i| {
+        let (start, end) = chunk_range(offset, len, chunk_log2, i);
+        BUFFER.with_borrow_mut(|buf| {
+            let mut chunk = ChunkSealer {
+                file,
+                path,
+                buf,
+                piece,
+                writeback,
+                hasher: Sha256::new(),
+            };
+            chunk.seal(start, end, segments)?;
+            Ok::<Hash, Error>(chunk.hasher.finalize().into())
         })
-        .collect::<Result<Vec<Hash>>>()?;
+    })?;
     Ok(root(chunk_log2, &digests))
 }
 

@@ -153,6 +153,18 @@ where
         .map_err(|e| to_pyerr(py, e))
 }
 
+/// [`detach`] for work that runs on the calling thread: `f` uses no rayon of its
+/// own, or only through `crate::parallel`, which takes work to the pool when there
+/// is enough of it. A small file is then verified or sealed without waking a pool
+/// thread and waiting for it.
+pub(crate) fn detach_here<T, F>(py: Python<'_>, f: F) -> PyResult<T>
+where
+    F: FnOnce() -> Result<T, Error> + Send,
+    T: Send,
+{
+    py.detach(f).map_err(|e| to_pyerr(py, e))
+}
+
 // ---------------------------------------------------------------------------
 // Arguments
 
@@ -603,7 +615,7 @@ fn tree_digest<'py>(
 fn parse_header<'py>(py: Python<'py>, data: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyHeader>> {
     let buf = ByteBuffer::get(data, "data")?;
     let bytes = buf.bytes();
-    let header = detach(py, || header::parse(bytes))?;
+    let header = detach_here(py, || header::parse(bytes))?;
     py_header(py, header)
 }
 
@@ -643,7 +655,7 @@ fn verify_fds<'py>(
         return Err(value_error(py, "fds and paths must have the same length"));
     }
     let key = key_bytes(hmac_key)?;
-    let results = detach(py, || Ok(verify::verify_fds(&fds, &paths, key.as_deref())))?;
+    let results = detach_here(py, || Ok(verify::verify_fds(&fds, &paths, key.as_deref())))?;
     results
         .into_iter()
         .map(|r| match r {
@@ -765,7 +777,7 @@ fn read_verified_fd<'py>(
     let key = key_bytes(hmac_key)?;
     let mut dst = ByteBuffer::get_writable(out, "out")?;
     let buf = dst.bytes_mut();
-    let header = detach(py, || {
+    let header = detach_here(py, || {
         verify::read_verified_fd(fd, path.as_deref(), key.as_deref(), buf)
     })?;
     py_header(py, header)
@@ -820,7 +832,7 @@ fn finalize<'py>(
         durable,
         chunk_log2,
     };
-    let header = detach(py, || crate::finalize::finalize_fd(fd, &segs, &seal))?;
+    let header = detach_here(py, || crate::finalize::finalize_fd(fd, &segs, &seal))?;
     drop(segs);
     drop(buffers);
     py_header(py, header)
@@ -995,7 +1007,7 @@ fn plan_retention<'py>(
 #[pyfunction]
 fn fsync_directory(py: Python<'_>, path: &Bound<'_, PyAny>) -> PyResult<()> {
     let path = path_arg(path, "path")?;
-    detach(py, || crate::finalize::fsync_directory(&path))
+    detach_here(py, || crate::finalize::fsync_directory(&path))
 }
 
 /// Rust core of h5ckpt: hashing, headers, verification, scanning and retention.
