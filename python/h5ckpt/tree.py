@@ -772,6 +772,10 @@ class _Corrupt(Exception):
     """Internal: a malformed node; turned into CheckpointCorruptError with its path."""
 
 
+#: numpy dtypes of the fixed-length tag sizes, made once.
+_TAG_DTYPES = [np.dtype(f"S{n}") for n in range(_MAX_TAG_BYTES + 1)]
+
+
 def _read_tag(obj: Any) -> str:
     try:
         attr = h5a.open(obj, _TYPE_ATTR_B)
@@ -791,7 +795,9 @@ def _read_tag(obj: Any) -> str:
         size = tid.get_size()
         if size > _MAX_TAG_BYTES:
             raise _Corrupt(f"has a {TYPE_ATTR} attribute of {size} bytes")
-        buf = np.empty((), dtype=f"S{size}")
+        # The dataspace is known to be scalar: h5py does not check that the
+        # attribute fits the buffer.
+        buf = np.empty((), dtype=_TAG_DTYPES[size])
         attr.read(buf, mtype=tid)
     raw = buf[()]
     tag = raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw)
@@ -813,6 +819,25 @@ class ByteBudget:
 #: Checking only (``structure_only``): strings up to this size are still read, to
 #: check that they decode; larger ones, arrays and blobs are not read.
 _CHECKED_TEXT_BYTES = 1 << 20
+
+
+def _memory_type(dt: np.dtype) -> h5t.TypeID:
+    """The HDF5 memory type of an array of ``dt`` (what h5py would make for each
+    read), made once per dtype."""
+    return _handles().type_of(dt)
+
+
+def _fixed_scalar(file_type: h5t.TypeID, dt: np.dtype, convert: Any) -> tuple[Any, ...]:
+    return (file_type, dt, h5t.py_create(dt), convert)
+
+
+#: tag -> (the file type h5ckpt writes, numpy dtype read into, memory type,
+#: conversion to the Python value) of the scalars of a fixed type.
+_FIXED_SCALARS = {
+    _INT: _fixed_scalar(h5t.STD_I64LE, np.dtype(np.int64), int),
+    _FLOAT: _fixed_scalar(h5t.IEEE_F64LE, np.dtype(np.float64), float),
+    _BOOL: _fixed_scalar(h5t.py_create(np.dtype(np.bool_)), np.dtype(np.bool_), bool),
+}
 
 
 class _Reader:
@@ -867,7 +892,7 @@ class _Reader:
                     continue
                 obj = h5o.open(gid, name)
             self.obj = obj
-            if h5o.get_info(obj).num_attrs > self.limits.max_attributes:
+            if h5a.get_num_attrs(obj) > self.limits.max_attributes:
                 raise self.limit(
                     node,
                     f"an HDF5 object has more than max_attributes={self.limits.max_attributes} "
@@ -968,6 +993,12 @@ class _Reader:
                 raise _Corrupt("is tagged none but its dataspace is not null")
             return None
         tid = dset.get_type()
+        fixed = _FIXED_SCALARS.get(tag)
+        if fixed is not None and kind == h5s.SCALAR and tid == fixed[0]:
+            # The type h5ckpt writes for an int, float or bool: no dtype to work out.
+            number = np.empty((), dtype=fixed[1])
+            dset.read(h5s.ALL, h5s.ALL, number, mtype=fixed[2])
+            return fixed[3](number[()])
         if tag in (_STR, _BIGINT):
             if kind != h5s.SCALAR:
                 raise _Corrupt(f"is tagged {tag} but is not a scalar")
@@ -997,7 +1028,7 @@ class _Reader:
                 return None
             data = bytearray(size)
             if size:
-                dset.read(h5s.ALL, h5s.ALL, np.frombuffer(data, dtype=_U8))
+                dset.read(h5s.ALL, h5s.ALL, np.frombuffer(data, dtype=_U8), mtype=_memory_type(dt))
             if tag == _BYTEARRAY:
                 return data
             if tag == _BYTES:
@@ -1019,7 +1050,7 @@ class _Reader:
             if out is None:
                 out = np.empty(shape, dtype=dt)
                 if out.size:
-                    dset.read(h5s.ALL, h5s.ALL, out)
+                    dset.read(h5s.ALL, h5s.ALL, out, mtype=_memory_type(dt))
             return out
         # Scalars: int, float, bool, np_scalar.
         if kind != h5s.SCALAR:
@@ -1035,7 +1066,7 @@ class _Reader:
         if not ok:
             raise _Corrupt(f"is tagged {tag} but has the dtype {dt}")
         out = np.empty((), dtype=dt)
-        dset.read(h5s.ALL, h5s.ALL, out)
+        dset.read(h5s.ALL, h5s.ALL, out, mtype=_memory_type(dt))
         if tag == _INT:
             return int(out[()])
         if tag == _FLOAT:
@@ -1054,7 +1085,7 @@ def _hdf5_name(obj: Any) -> str | None:
 
 
 def read_value(
-    node: h5py.Group | h5py.Dataset,
+    node: h5py.Group | h5py.Dataset | h5g.GroupID | h5d.DatasetID,
     *,
     allow_pickle: bool,
     limits: LoadLimits,
@@ -1074,7 +1105,7 @@ def read_value(
 
     Parameters
     ----------
-    node : h5py.Group or h5py.Dataset
+    node : h5py.Group, h5py.Dataset, or the low-level GroupID or DatasetID of one
         The node written by ``write_value``.
     allow_pickle : bool
         Whether pickled nodes may be unpickled. Only for trusted files.
@@ -1121,11 +1152,17 @@ def read_value(
         raise CheckpointValueError(f"limits must be a LoadLimits, not {type(limits).__name__}")
     reader: _Reader | None = None
     try:
-        if budget is None:
-            budget = ByteBudget(file_budget(limits, node.file))
+        if isinstance(node, (h5g.GroupID, h5d.DatasetID)):
+            oid: Any = node
+            if budget is None:
+                budget = ByteBudget(file_budget(limits, h5py.File(h5i.get_file_id(oid))))
+        else:
+            # A File's id is a FileID; its root group is a GroupID.
+            oid = node["/"].id if isinstance(node, h5py.File) else node.id
+            if budget is None:
+                budget = ByteBudget(file_budget(limits, node.file))
         reader = _Reader(allow_pickle, limits, path, budget, get_array, structure_only)
-        # A File's id is a FileID; its root group is a GroupID.
-        return reader.run(node["/"].id if isinstance(node, h5py.File) else node.id)
+        return reader.run(oid)
     except CheckpointError:
         raise
     except MemoryError as exc:
