@@ -222,8 +222,8 @@ def write_sealed(
     written), the header with the digests and, when ``durable``, fsyncs.
 
     A small checkpoint (see :func:`build_image`) is built in memory instead and
-    handed to the Rust core whole, as one segment: it writes, hashes and fsyncs it
-    in one pass, and HDF5 never touches the file.
+    handed to the Rust core whole: it hashes it, writes header and payload in one
+    write and fsyncs; HDF5 never touches the file.
     """
     if not allow_pickle:  # a pickle's size is known only once it is made
         image = build_image(
@@ -236,9 +236,7 @@ def write_sealed(
             version=version,
         )
         if image is not None:
-            os.ftruncate(fd, HEADER_SIZE + len(image))
-            whole = [(HEADER_SIZE, image)]
-            return _native.finalize(fd, whole, batch_idx, loss, timestamp, hmac_key, durable)
+            return _native.seal_image(fd, image, batch_idx, loss, timestamp, hmac_key, durable)
     with WritebackFile(fd, writeback=durable) as raw:
         segments = write_payload(
             raw,

@@ -838,6 +838,49 @@ fn finalize<'py>(
     py_header(py, header)
 }
 
+/// Write a whole checkpoint (header, then the payload `image`) into the empty file
+/// `fd` in one write, and seal it.
+#[pyfunction]
+#[pyo3(signature = (
+    fd, image, batch_idx, loss, timestamp, hmac_key = None, durable = true,
+    chunk_size = None,
+))]
+#[allow(clippy::too_many_arguments)]
+fn seal_image<'py>(
+    py: Python<'py>,
+    fd: &Bound<'py, PyAny>,
+    image: &Bound<'py, PyBytes>,
+    batch_idx: &Bound<'py, PyAny>,
+    loss: &Bound<'py, PyAny>,
+    timestamp: &Bound<'py, PyAny>,
+    hmac_key: Option<&Bound<'py, PyAny>>,
+    durable: bool,
+    chunk_size: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyHeader>> {
+    let fd: i32 = int_in(fd, "fd", FD)?;
+    let chunk_log2 = match chunk_size {
+        Some(c) => chunk_log2(py, c)?,
+        None => header::DEFAULT_CHUNK_LOG2,
+    };
+    let seal = Seal {
+        batch_idx: u64_arg(batch_idx, "batch_idx")?,
+        loss: f64_arg(loss, "loss")?,
+        timestamp: f64_arg(timestamp, "timestamp")?,
+        key: None,
+        durable,
+        chunk_log2,
+    };
+    let key = key_bytes(hmac_key)?;
+    let seal = Seal {
+        key: key.as_deref(),
+        ..seal
+    };
+    // `bytes` is immutable: what is hashed is what is written.
+    let image = image.as_bytes();
+    let header = detach_here(py, || crate::finalize::seal_image_fd(fd, image, &seal))?;
+    py_header(py, header)
+}
+
 /// Byte-shuffle + LZ4 Blosc frames of consecutive `chunk_bytes` pieces of `data`
 /// (the last padded with zeros), compressed on all cores: frame `i` goes to
 /// `out[i * slot..]` with `slot = blosc_max_frame_len(chunk_bytes)`. Returns the
@@ -1044,6 +1087,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(read_verified, m)?)?;
     m.add_function(wrap_pyfunction!(read_verified_fd, m)?)?;
     m.add_function(wrap_pyfunction!(finalize, m)?)?;
+    m.add_function(wrap_pyfunction!(seal_image, m)?)?;
     m.add_function(wrap_pyfunction!(start_writeback, m)?)?;
     m.add_function(wrap_pyfunction!(blosc_compress_chunks, m)?)?;
     m.add_function(wrap_pyfunction!(blosc_ratio, m)?)?;
