@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import h5py
 import numpy as np
-from h5py import h5a, h5f, h5g, h5o, h5p, h5s, h5t
+from h5py import h5a, h5d, h5f, h5g, h5o, h5p, h5s, h5t
 
 from . import _native, codec
 from ._native import (
@@ -321,9 +321,6 @@ class _SmallArrays:
     any array the file-backed writer would treat as large, and arrays past
     ``SMALL_PAYLOAD_BYTES`` in all."""
 
-    #: Tells the tree writer that the datasets made here need no checking.
-    keeps_dtype_and_shape = True
-
     def __init__(self) -> None:
         self.left = SMALL_PAYLOAD_BYTES
 
@@ -333,8 +330,12 @@ class _SmallArrays:
             raise _NotSmall
 
     def __call__(self, group: h5py.Group, name: str, arr: np.ndarray) -> h5py.Dataset:
+        return h5py.Dataset(self.put_id(group.id, name, arr))
+
+    def put_id(self, gid: h5g.GroupID, name: str, arr: np.ndarray) -> h5d.DatasetID:
+        """What the tree writer calls: the new dataset's low-level id."""
         self.take(arr)
-        return h5py.Dataset(write_array(group.id, name, arr))
+        return write_array(gid, name, arr)
 
 
 class _ImageLists:
@@ -387,9 +388,19 @@ _IMAGE_NAMES = itertools.count()
 
 def _fixed_text(text: str) -> tuple[h5t.TypeID, np.ndarray]:
     """A fixed-length, null-padded ASCII string type exactly as long as ``text``,
-    and ``text`` in it (what ``attrs[...] = np.bytes_(text)`` writes)."""
-    data = np.array(text.encode("ascii"), dtype=f"S{max(1, len(text))}")
-    return h5t.py_create(data.dtype), data
+    and ``text`` in it (what ``attrs[...] = np.bytes_(text)`` writes); remembered
+    (the format and the version are the same in every file)."""
+    made = _FIXED_TEXTS.get(text)
+    if made is None:
+        data = np.array(text.encode("ascii"), dtype=f"S{max(1, len(text))}")
+        data.flags.writeable = False
+        made = (h5t.py_create(data.dtype), data)
+        if len(_FIXED_TEXTS) < 16:
+            _FIXED_TEXTS[text] = made
+    return made
+
+
+_FIXED_TEXTS: dict[str, tuple[h5t.TypeID, np.ndarray]] = {}
 
 
 def build_image(

@@ -564,13 +564,14 @@ class _Writer:
     """Writes the nodes of one write_value call.
 
     Without a ``put_array`` it writes arrays itself (compact when small, else
-    contiguous); a ``put_array`` of h5ckpt's own with a true ``keeps_dtype_and_shape``
-    attribute is trusted to create the dataset it is asked for, any other is checked.
+    contiguous). A ``put_array`` of h5ckpt's own may offer ``put_id(gid, name, arr)
+    -> DatasetID``, used instead, without high-level h5py objects, and trusted to
+    create the dataset it is asked for; what any other returns is checked.
     """
 
     def __init__(self, put_array: PutArray | None) -> None:
         self.put_array = put_array
-        self.trusted = put_array is None or getattr(put_array, "keeps_dtype_and_shape", False)
+        self.put_id = getattr(put_array, "put_id", None)
         h = self.h = _handles()
         self.scalar_space = h.scalar_space
         self.lcpl = h.lcpl
@@ -633,26 +634,25 @@ class _Writer:
     def array(self, gid: h5g.GroupID, name: str, arr: np.ndarray, tag: str) -> None:
         arr = np.require(arr, requirements=("C", "A"))
         if self.put_array is None:
-            self.tag(self.own_array(gid, name, arr), tag)
+            self.tag(write_array(gid, name, arr), tag)
+            return
+        if self.put_id is not None:
+            self.tag(self.put_id(gid, name, arr), tag)
             return
         dset = self.put_array(h5py.Group(gid), name, arr)
         if not isinstance(dset, h5py.Dataset):
             raise CheckpointValueError(
                 f"put_array must return the h5py.Dataset it created, not {type(dset).__name__}"
             )
-        if not self.trusted:
-            stored = dset.id.get_type().dtype
-            if stored != arr.dtype or dset.id.shape != arr.shape:
-                raise CheckpointValueError(
-                    f"put_array stored {name!r} as dtype {stored.str} shape {dset.id.shape} "
-                    f"for an array of dtype {arr.dtype.str} shape {arr.shape}; it must keep "
-                    "the array's dtype (byte order included) and shape, 0-d arrays too",
-                    {"name": name},
-                )
+        stored = dset.id.get_type().dtype
+        if stored != arr.dtype or dset.id.shape != arr.shape:
+            raise CheckpointValueError(
+                f"put_array stored {name!r} as dtype {stored.str} shape {dset.id.shape} for an "
+                f"array of dtype {arr.dtype.str} shape {arr.shape}; it must keep the array's "
+                "dtype (byte order included) and shape, 0-d arrays too",
+                {"name": name},
+            )
         self.tag(dset.id, tag)
-
-    def own_array(self, gid: h5g.GroupID, name: str, arr: np.ndarray) -> h5d.DatasetID:
-        return write_array(gid, name, arr)
 
 
 def write_array(gid: h5g.GroupID, name: str, arr: np.ndarray) -> h5d.DatasetID:
