@@ -541,6 +541,8 @@ class _Handles:
             _BOOL: (native_bool, native_bool),
         }
         self.dtype_types: dict[np.dtype, h5t.TypeID] = {}
+        self.spaces: dict[tuple[int, ...], h5s.SpaceID] = {}
+        self.text_types: dict[int, h5t.TypeID] = {}
 
     def type_of(self, dtype: np.dtype) -> h5t.TypeID:
         """:func:`hdf5_type` of ``dtype``, remembered (it is also its memory type)."""
@@ -548,6 +550,32 @@ class _Handles:
         if tid is None:
             tid = self.dtype_types[dtype] = hdf5_type(dtype)
         return tid
+
+    def space_of(self, shape: tuple[int, ...]) -> h5s.SpaceID:
+        """The simple dataspace of ``shape``; those of the first shapes asked for
+        are remembered (a run saves the same shapes again and again)."""
+        space = self.spaces.get(shape)
+        if space is None:
+            space = h5s.create_simple(shape)
+            if len(self.spaces) < _REMEMBERED:
+                self.spaces[shape] = space
+        return space
+
+    def text_type(self, size: int) -> h5t.TypeID:
+        """The fixed-length, null-padded UTF-8 string type of ``size`` bytes."""
+        tid = self.text_types.get(size)
+        if tid is None:
+            tid = h5t.C_S1.copy()
+            tid.set_size(size)
+            tid.set_strpad(h5t.STR_NULLPAD)
+            tid.set_cset(h5t.CSET_UTF8)
+            if len(self.text_types) < _REMEMBERED:
+                self.text_types[size] = tid
+        return tid
+
+
+#: How many dataspaces and string types the writer keeps for reuse.
+_REMEMBERED = 256
 
 
 _HANDLES: _Handles | None = None
@@ -613,10 +641,7 @@ class _Writer:
         # HDF5 can loop forever reading a damaged global heap.
         raw = text.encode("utf-8")
         size = max(len(raw), 1)  # HDF5 strings have at least one byte; NUL pads
-        tid = h5t.C_S1.copy()
-        tid.set_size(size)
-        tid.set_strpad(h5t.STR_NULLPAD)
-        tid.set_cset(h5t.CSET_UTF8)
+        tid = self.h.text_type(size)
         data = np.array(raw, dtype=f"S{size}")
         self.scalar(gid, name, tid, data, tag, compact=size <= _COMPACT_TEXT_BYTES)
 
@@ -662,7 +687,7 @@ def write_array(gid: h5g.GroupID, name: str, arr: np.ndarray) -> h5d.DatasetID:
     """
     h = _handles()
     tid = h.type_of(arr.dtype)
-    space = h.scalar_space if arr.ndim == 0 else h5s.create_simple(arr.shape)
+    space = h.scalar_space if arr.ndim == 0 else h.space_of(arr.shape)
     dcpl = h.compact if 0 < arr.nbytes <= _COMPACT_ARRAY_BYTES else h.contiguous
     dset = h5d.create(gid, name.encode("utf-8"), tid, space, dcpl=dcpl, lcpl=h.lcpl)
     if arr.size:
