@@ -867,11 +867,12 @@ def _root_attributes(root: h5g.GroupID) -> dict[str, Any]:
         out[key] = _as_str(buf[()])
     for key, convert in (("batch_idx", int), ("loss", float), ("timestamp", float)):
         attr = _scalar_attribute(root, key)
+        # Exactly the type h5ckpt writes: HDF5's conversions from others (a NaN to
+        # an integer, say) are not Python's, which the general check applies.
+        if attr.get_type() != (lists.i64 if convert is int else lists.f64):
+            raise _Unusual
         number = np.empty((), dtype=np.int64 if convert is int else np.float64)
-        try:  # HDF5 converts any number; a text attribute fails to
-            attr.read(number, mtype=lists.native_i64 if convert is int else lists.native_f64)
-        except (TypeError, ValueError, RuntimeError, OSError):
-            raise _Unusual from None
+        attr.read(number, mtype=lists.native_i64 if convert is int else lists.native_f64)
         out[key] = convert(number[()])
     return out
 
