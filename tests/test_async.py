@@ -27,19 +27,23 @@ def _fail_batch(m: CheckpointManager, batch_idx: int) -> None:
 
 
 class _Gate:
-    """Holds every background save at the start of writing until opened."""
+    """Holds every background save at the start of writing until opened: small
+    checkpoints are built in memory (``build_image``), others written by HDF5 into
+    the temp file (``write_payload``)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.entered = threading.Event()
         self.opened = threading.Event()
-        real = payload_module.write_payload
+        for name in ("build_image", "write_payload"):
+            monkeypatch.setattr(payload_module, name, self._gated(getattr(payload_module, name)))
 
+    def _gated(self, real):
         def gated(*args, **kwargs):
             self.entered.set()
             assert self.opened.wait(30), "the test never opened the gate"
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(payload_module, "write_payload", gated)
+        return gated
 
 
 def test_returns_a_future_of_the_path(ckpt_dir: Path):

@@ -336,7 +336,7 @@ def test_show_json(run_dir: Path):
         "dtype": "float64",
         "shape": [6],
         "nbytes": 48,
-        "storage": "raw",
+        "storage": "compact",  # a small checkpoint: built in memory, small arrays compact
         "values": [0.0, 30.0, 60.0, 90.0, 120.0, 150.0],
     }
     state = tree["optimizer_state"]

@@ -18,6 +18,7 @@ import pytest
 import h5ckpt
 from h5ckpt import CheckpointManager
 from h5ckpt.tree import values_equal
+from test_format import small_state
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -242,6 +243,10 @@ def test_reader_alone_reads_raw_and_compressed_files(tmp_path: Path):
         expected_filter = {"raw": None, "gzip": h5py.h5z.FILTER_DEFLATE}.get(name, 32001)
         assert (expected_filter in filters) if expected_filter else not filters, name
         loaded[str(path)] = manager.load_checkpoint(path)
+    # A small checkpoint, built in memory and written whole.
+    small = CheckpointManager(tmp_path / "small")
+    path = small.save_checkpoint(4, *small_state(4))
+    loaded[str(path)] = small.load_checkpoint(path)
     script = tmp_path / "read_alone.py"
     script.write_text(READER_ALONE, encoding="utf-8")
     proc = subprocess.run(
@@ -298,6 +303,27 @@ def test_reader_detects_what_h5ckpt_detects(tmp_path: Path, read_checkpoint):
         read_checkpoint(path)
     path.write_bytes(original + b"\0")  # a byte too many
     with pytest.raises(ValueError):
+        read_checkpoint(path)
+
+
+def test_reader_reads_and_checks_small_files(tmp_path: Path, read_checkpoint):
+    """A checkpoint of a few KB (built in memory and written in one piece) reads as
+    any other, and the reader detects what h5ckpt detects in it."""
+    for name, kwargs in {"plain": {}, "keyed": {"hmac_key": b"key"}}.items():
+        manager = CheckpointManager(tmp_path / name, **kwargs)
+        path = manager.save_checkpoint(9, *small_state(9))
+        got, want = read_checkpoint(path), manager.load_checkpoint(path)
+        assert got["batch_idx"] == 9 and got["loss"] == want["loss"]
+        assert got["timestamp"] == want["timestamp"]
+        assert values_equal(got["parameters"], want["parameters"])
+        original = path.read_bytes()
+        assert len(original) < 16384
+        for offset in range(0, len(original), 97):
+            flip_byte(path, offset)
+            assert not manager.validate_checkpoint(path)
+            with pytest.raises(ValueError):
+                read_checkpoint(path)
+            path.write_bytes(original)
         read_checkpoint(path)
 
 

@@ -13,7 +13,12 @@ import h5py
 import numpy as np
 import pytest
 
-from h5ckpt import CheckpointCorruptError, CheckpointError, CheckpointManager
+from h5ckpt import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointManager,
+    CheckpointVersionError,
+)
 
 MAGIC = b"\x89H5C\r\n\x1a\n"
 
@@ -46,9 +51,29 @@ def independent_verify(path: Path, key: bytes | None = None) -> dict:
     return {"batch_idx": batch_idx, "loss": loss, "timestamp": timestamp, "minor": minor}
 
 
-@pytest.fixture
-def sample_file(ckpt_dir: Path) -> Path:
+def small_state(batch: int) -> tuple[np.ndarray, dict, float, dict]:
+    """The state of a streaming least-squares fit (7 parameters): a checkpoint of a
+    few KB, which is built in memory and written whole."""
+    rng = np.random.default_rng(batch)
+    j = rng.standard_normal((64, 7))
+    state = {
+        "jtj": j.T @ j,
+        "jtr": j.T @ rng.standard_normal(64),
+        "n_points": 64 * (batch + 1),
+        "step": batch,
+        "lm_lambda": 1e-3,
+        "history": rng.standard_normal(256),
+    }
+    meta = {"run": "xpcs-fit", "q_bins": 7, "batch_size": 4096, "started": 1.7e9}
+    return rng.standard_normal(7), state, 0.375, meta
+
+
+@pytest.fixture(params=["large", "small"])
+def sample_file(ckpt_dir: Path, request: pytest.FixtureRequest) -> Path:
     m = CheckpointManager(ckpt_dir)
+    if request.param == "small":
+        params, state, _, meta = small_state(3)
+        return m.save_checkpoint(42, params, state, 0.375, meta)
     rng = np.random.default_rng(5)
     params = rng.standard_normal(300_000)  # > 1 chunk, written raw by the Rust core
     state = {
@@ -63,10 +88,11 @@ def sample_file(ckpt_dir: Path) -> Path:
 def test_file_matches_the_documented_format(sample_file: Path):
     fields = independent_verify(sample_file)
     assert fields["batch_idx"] == 42 and fields["loss"] == 0.375
+    assert fields["minor"] == 0
     with h5py.File(sample_file, "r") as f:  # an ordinary HDF5 file for h5py
         assert f.userblock_size == 512
         assert int(f.attrs["batch_idx"]) == 42
-        assert f["parameters"].shape == (300_000,)
+        assert f["parameters"].shape in ((300_000,), (7,))
 
 
 def test_keyed_file_matches_the_documented_format(ckpt_dir: Path):
@@ -80,11 +106,18 @@ def test_keyed_file_matches_the_documented_format(ckpt_dir: Path):
 def _regions(path: Path) -> dict[str, tuple[int, int]]:
     """Byte ranges of the parts of a checkpoint file."""
     regions = {"header": (0, 512), "superblock": (512, 512 + 48)}
+    raw = path.read_bytes()
     with h5py.File(path, "r") as f:
 
         def visit(name, obj):
             if isinstance(obj, h5py.Dataset) and obj.id.get_storage_size():
-                if obj.chunks is None:
+                if obj.id.get_create_plist().get_layout() == h5py.h5d.COMPACT:
+                    # In the object header: found by its bytes.
+                    data = obj[()].tobytes()
+                    off = raw.find(data, 512) if len(data) >= 16 else -1
+                    if off > 0:
+                        regions[f"compact dataset {name}"] = (off, off + len(data))
+                elif obj.chunks is None:
                     off = obj.id.get_offset()
                     if off is not None:
                         regions[f"dataset {name}"] = (off, off + obj.id.get_storage_size())
@@ -96,7 +129,6 @@ def _regions(path: Path) -> dict[str, tuple[int, int]]:
                     )
 
         f.visititems(visit)
-    raw = path.read_bytes()
     for attr in (b"h5ckpt_version", b"batch_idx", b"timestamp"):
         pos = raw.find(attr, 512)
         assert pos > 0
@@ -123,6 +155,27 @@ def test_every_region_detects_a_flipped_bit(sample_file: Path, tmp_path: Path):
     sample_file.write_bytes(original)
     assert m.validate_checkpoint(sample_file)
     assert checked > 50
+
+
+def test_every_byte_of_a_small_file_is_covered(ckpt_dir: Path):
+    """A small checkpoint is built in memory and written whole: a flipped bit in any
+    byte of it, header or payload, makes it invalid, and it does not load."""
+    m = CheckpointManager(ckpt_dir, keep_last_n=None)
+    path = m.save_checkpoint(5, *small_state(5))
+    original = path.read_bytes()
+    assert 512 < len(original) < 16384
+    for off in range(len(original)):
+        bad = bytearray(original)
+        bad[off] ^= 1 << (off % 8)
+        path.write_bytes(bytes(bad))
+        assert m.validate_checkpoint(path) is False, off
+        # A changed major version (bytes 8-9) may read as a newer format.
+        expected = (CheckpointCorruptError, CheckpointVersionError) if off in (8, 9) else None
+        with pytest.raises(expected or CheckpointCorruptError):
+            m.load_checkpoint(path)
+    path.write_bytes(original)
+    assert m.validate_checkpoint(path)
+    independent_verify(path)
 
 
 @pytest.mark.parametrize("change", ["truncate", "append", "delete_byte", "insert_byte"])

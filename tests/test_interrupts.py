@@ -22,6 +22,7 @@ import textwrap
 import threading
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -125,6 +126,44 @@ def test_sigint_at_a_known_point(ckpt_dir: Path, monkeypatch, default_sigint, po
         assert fresh.load_latest()["batch_idx"] == 1
     # The manager (and HDF5) are fine afterwards.
     assert m.save_checkpoint(3, np.ones(3), state, 3.0).exists()
+    assert fresh.load_latest()["batch_idx"] == 3
+
+
+#: point of a small save (built in memory, written whole) -> (object, attribute, wrap)
+SMALL_POINTS = {
+    # The interrupt lands in the in-memory build; it is raised once HDF5 is done.
+    "in the in-memory build": (payload_module, "write_value", _before),
+    "after the in-memory build": (payload_module, "build_image", _after),
+    "after seal_image": (h5ckpt._native, "seal_image", _after),
+}
+
+
+@pytest.mark.parametrize("point", list(SMALL_POINTS))
+def test_sigint_at_a_known_point_of_a_small_save(
+    ckpt_dir: Path, monkeypatch, default_sigint, point
+):
+    owner, attr, wrap = SMALL_POINTS[point]
+    m = CheckpointManager(ckpt_dir, keep_last_n=1)
+    state = {"jtj": np.eye(7), "step": 1, "history": np.zeros(256)}
+    old = m.save_checkpoint(1, np.ones(7), state, 1.0)
+    monkeypatch.setattr(owner, attr, wrap(getattr(owner, attr)))
+    with pytest.raises(KeyboardInterrupt) as caught:
+        m.save_checkpoint(2, np.ones(7), state, 2.0)
+    monkeypatch.undo()
+    assert type(caught.value) is KeyboardInterrupt
+    assert temp_files(ckpt_dir) == []
+    assert fds_into(ckpt_dir) == []
+    assert lock_is_free(ckpt_dir)
+    assert sorted(p.name for p in ckpt_dir.glob("*.h5")) == [old.name]
+    # No in-memory HDF5 file was left open by the interrupted build.
+    assert not [
+        i
+        for i in h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE)
+        if h5py.h5f.get_name(i).startswith(b"h5ckpt-")
+    ]
+    fresh = CheckpointManager(ckpt_dir, keep_last_n=None)
+    assert fresh.load_latest()["batch_idx"] == 1
+    assert m.save_checkpoint(3, np.ones(7), state, 3.0).exists()
     assert fresh.load_latest()["batch_idx"] == 3
 
 

@@ -443,6 +443,60 @@ def test_finalize_leaves_fd_open(tmp_path):
     verify(p)
 
 
+@pytest.mark.parametrize(("chunk_size", "key"), [(4096, None), (C_DEFAULT, b"secret")])
+def test_seal_image_writes_the_whole_file(tmp_path, chunk_size, key):
+    image = (np.arange(3 * 4096 + 77) % 251).astype(np.uint8).tobytes()
+    p = tmp_path / "img.h5"
+    fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        h = native.seal_image(fd, image, 12, 0.5, 99.0, hmac_key=key, chunk_size=chunk_size)
+        os.fstat(fd)  # still open
+    finally:
+        os.close(fd)
+    data = p.read_bytes()
+    assert data[512:] == image
+    if key is None:
+        assert data[:512] == spec_header(
+            image, batch_idx=12, loss=0.5, timestamp=99.0, chunk_log2=chunk_size.bit_length() - 1
+        )
+    (verified,) = native.verify_files([p], key)
+    assert verified.to_dict() == h.to_dict()
+    assert h.payload_length == len(image) and h.chunk_size == chunk_size
+
+
+def test_seal_image_refuses_a_file_it_cannot_write_whole(tmp_path):
+    p = tmp_path / "f.h5"
+    p.write_bytes(b"already here")
+    fd = os.open(p, os.O_RDWR)
+    try:
+        with pytest.raises(CheckpointValueError, match="must be empty"):
+            native.seal_image(fd, b"x" * 100, 1, 0.0, 0.0)
+    finally:
+        os.close(fd)
+    assert p.read_bytes() == b"already here"
+    p.write_bytes(b"")
+    ro = os.open(p, os.O_RDONLY)
+    try:
+        with pytest.raises(CheckpointError) as info:
+            native.seal_image(ro, b"x" * 100, 1, 0.0, 0.0)
+        assert info.value.error_context.get("errno") == errno.EBADF
+    finally:
+        os.close(ro)
+    with pytest.raises(CheckpointValueError):
+        native.seal_image(-1, b"x", 1, 0.0, 0.0)
+    fd = os.open(p, os.O_RDWR)
+    try:
+        with pytest.raises(CheckpointValueError):
+            native.seal_image(fd, b"x", 1, 0.0, 0.0, chunk_size=1000)
+        with pytest.raises(CheckpointValueError):
+            native.seal_image(fd, b"x", 1, 0.0, 0.0, hmac_key=b"")
+        with pytest.raises(TypeError):
+            native.seal_image(fd, bytearray(b"x"), 1, 0.0, 0.0)  # only immutable bytes
+    finally:
+        os.close(fd)
+    assert p.read_bytes() == b""
+
+
 # --- HMAC -----------------------------------------------------------------------------
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "plan_retention",
     "read_header",
     "read_verified_fd",
+    "seal_image",
     "start_writeback",
     "tree_digest",
     "verify_fds",
@@ -220,6 +221,23 @@ def finalize(
     ``fd`` stays open (the caller owns it); it must be open for reading and writing,
     not in append mode. Segments are C-contiguous buffers read as raw bytes; they must
     lie inside ``[512, file length)`` without overlapping.
+    """
+
+def seal_image(
+    fd: int,
+    image: bytes,
+    batch_idx: int,
+    loss: float,
+    timestamp: float,
+    hmac_key: bytes | None = None,
+    durable: bool = True,
+    chunk_size: int | None = None,
+) -> Header:
+    """Write a whole checkpoint into the empty file ``fd``: the header, then
+    ``image`` (the payload: the file from offset 512 on), in one write, digests
+    computed from ``image``; when ``durable``, fsync ``fd``.
+
+    ``fd`` stays open (the caller owns it) and must be writable.
     """
 
 def plan_retention(

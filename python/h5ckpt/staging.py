@@ -75,11 +75,15 @@ def process_umask() -> int:
     ``/proc/self/status`` instead. The set-and-restore is only the fallback.
     """
     try:
-        with open("/proc/self/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
+        # Read with one system call (the line is near the top): every save asks.
+        fd = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            head = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+        start = head.index(b"\nUmask:") + len(b"\nUmask:")
+        return int(head[start : head.index(b"\n", start)], 8)
+    except (OSError, ValueError):
         pass
     mask = os.umask(0o077)
     os.umask(mask)

@@ -53,6 +53,7 @@ __all__ = [
     "read_value",
     "unescape_key",
     "values_equal",
+    "write_array",
     "write_value",
 ]
 
@@ -569,12 +570,17 @@ def _tag_type(tag: str) -> tuple[h5t.TypeID, np.ndarray]:
 
 _TAG_TYPES = {tag: _tag_type(tag) for tag in TAGS}
 
+#: Arrays up to this size are written with the compact layout (inside their object
+#: header: no separate allocation to make or, when loading, to read).
+_COMPACT_ARRAY_BYTES = 4096
 
-class _Writer:
-    """HDF5 handles shared by one write_value call."""
 
-    def __init__(self, put_array: PutArray) -> None:
-        self.put_array = put_array
+class _Handles:
+    """The HDF5 property lists, dataspaces and types every write uses, made once per
+    process: making them is a good part of the cost of writing a small tree, and
+    none of them belongs to a file."""
+
+    def __init__(self) -> None:
         self.scalar_space = h5s.create(h5s.SCALAR)
         self.null_space = h5s.create(h5s.NULL)
         self.lcpl = h5p.create(h5p.LINK_CREATE)
@@ -588,18 +594,84 @@ class _Writer:
         self.compact = h5p.create(h5p.DATASET_CREATE)
         self.compact.set_obj_track_times(False)
         self.compact.set_layout(h5d.COMPACT)
+        # (file type, memory type) of the fixed-type scalars.
+        native_bool = h5t.py_create(np.dtype(np.bool_))
         self.types = {
-            _INT: h5t.STD_I64LE,
-            _FLOAT: h5t.IEEE_F64LE,
-            _BOOL: h5t.py_create(np.dtype(np.bool_)),
+            _INT: (h5t.STD_I64LE, h5t.py_create(np.dtype(np.int64))),
+            _FLOAT: (h5t.IEEE_F64LE, h5t.py_create(np.dtype(np.float64))),
+            _BOOL: (native_bool, native_bool),
         }
+        self.dtype_types: dict[np.dtype, h5t.TypeID] = {}
+        self.spaces: dict[tuple[int, ...], h5s.SpaceID] = {}
+        self.text_types: dict[int, h5t.TypeID] = {}
+
+    def type_of(self, dtype: np.dtype) -> h5t.TypeID:
+        """:func:`hdf5_type` of ``dtype``, remembered (it is also its memory type)."""
+        tid = self.dtype_types.get(dtype)
+        if tid is None:
+            tid = self.dtype_types[dtype] = hdf5_type(dtype)
+        return tid
+
+    def space_of(self, shape: tuple[int, ...]) -> h5s.SpaceID:
+        """The simple dataspace of ``shape``; those of the first shapes asked for
+        are remembered (a run saves the same shapes again and again)."""
+        space = self.spaces.get(shape)
+        if space is None:
+            space = h5s.create_simple(shape)
+            if len(self.spaces) < _REMEMBERED:
+                self.spaces[shape] = space
+        return space
+
+    def text_type(self, size: int) -> h5t.TypeID:
+        """The fixed-length, null-padded UTF-8 string type of ``size`` bytes."""
+        tid = self.text_types.get(size)
+        if tid is None:
+            tid = h5t.C_S1.copy()
+            tid.set_size(size)
+            tid.set_strpad(h5t.STR_NULLPAD)
+            tid.set_cset(h5t.CSET_UTF8)
+            if len(self.text_types) < _REMEMBERED:
+                self.text_types[size] = tid
+        return tid
+
+
+#: How many dataspaces and string types the writer keeps for reuse.
+_REMEMBERED = 256
+
+
+_HANDLES: _Handles | None = None
+
+
+def _handles() -> _Handles:
+    global _HANDLES
+    if _HANDLES is None:
+        _HANDLES = _Handles()
+    return _HANDLES
+
+
+class _Writer:
+    """Writes the nodes of one write_value call.
+
+    Without a ``put_array`` it writes arrays itself (compact when small, else
+    contiguous). A ``put_array`` of h5ckpt's own may offer ``put_id(gid, name, arr)
+    -> DatasetID``, used instead, without high-level h5py objects, and trusted to
+    create the dataset it is asked for; what any other returns is checked.
+    """
+
+    def __init__(self, put_array: PutArray | None) -> None:
+        self.put_array = put_array
+        self.put_id = getattr(put_array, "put_id", None)
+        h = self.h = _handles()
+        self.scalar_space = h.scalar_space
+        self.lcpl = h.lcpl
+        self.types = h.types
 
     def tag(self, obj: Any, tag: str) -> None:
         tid, buf = _TAG_TYPES[tag]
-        h5a.create(obj, _TYPE_ATTR_B, tid, self.scalar_space).write(buf)
+        h5a.create(obj, _TYPE_ATTR_B, tid, self.scalar_space).write(buf, mtype=tid)
 
     def group(self, gid: h5g.GroupID, name: str, tag: str) -> h5g.GroupID:
-        group = h5g.create(gid, name.encode("utf-8"), lcpl=self.lcpl, gcpl=self.gcpl)
+        group = h5g.create(gid, name.encode("utf-8"), lcpl=self.lcpl, gcpl=self.h.gcpl)
         self.tag(group, tag)
         return group
 
@@ -611,13 +683,14 @@ class _Writer:
         data: np.ndarray,
         tag: str,
         compact: bool = True,
+        mtype: h5t.TypeID | None = None,
     ) -> h5d.DatasetID:
-        dcpl = self.compact if compact else self.contiguous
+        dcpl = self.h.compact if compact else self.h.contiguous
         dset = h5d.create(
             gid, name.encode("utf-8"), tid, self.scalar_space, dcpl=dcpl, lcpl=self.lcpl
         )
-        # Numbers: the memory type follows the native array; text: same as the file.
-        dset.write(h5s.ALL, h5s.ALL, data, mtype=tid if data.dtype.kind == "S" else None)
+        # The memory type describes ``data`` (native order); text: the file's type.
+        dset.write(h5s.ALL, h5s.ALL, data, mtype=mtype or tid)
         self.tag(dset, tag)
         return dset
 
@@ -625,22 +698,20 @@ class _Writer:
         """A fixed-length, NUL-padded UTF-8 string attribute (no global heap)."""
         raw = text.encode("utf-8")
         size = max(len(raw), 1)
-        tid = h5t.C_S1.copy()
-        tid.set_size(size)
-        tid.set_strpad(h5t.STR_NULLPAD)
-        tid.set_cset(h5t.CSET_UTF8)
+        tid = self.h.text_type(size)
         attr = h5a.create(obj, name.encode("ascii"), tid, self.scalar_space)
         attr.write(np.array(raw, dtype=f"S{size}"), mtype=tid)
+
+    def number(self, gid: h5g.GroupID, name: str, data: np.ndarray, tag: str) -> None:
+        tid, mtype = self.types[tag]
+        self.scalar(gid, name, tid, data, tag, mtype=mtype)
 
     def text(self, gid: h5g.GroupID, name: str, text: str, tag: str) -> None:
         # A fixed-length string: variable-length ones live in the global heap, and
         # HDF5 can loop forever reading a damaged global heap.
         raw = text.encode("utf-8")
         size = max(len(raw), 1)  # HDF5 strings have at least one byte; NUL pads
-        tid = h5t.C_S1.copy()
-        tid.set_size(size)
-        tid.set_strpad(h5t.STR_NULLPAD)
-        tid.set_cset(h5t.CSET_UTF8)
+        tid = self.h.text_type(size)
         data = np.array(raw, dtype=f"S{size}")
         self.scalar(gid, name, tid, data, tag, compact=size <= _COMPACT_TEXT_BYTES)
 
@@ -649,14 +720,19 @@ class _Writer:
             gid,
             name.encode("utf-8"),
             h5t.STD_U8LE,
-            self.null_space,
-            dcpl=self.contiguous,
+            self.h.null_space,
+            dcpl=self.h.contiguous,
             lcpl=self.lcpl,
         )
         self.tag(dset, _NONE)
 
     def array(self, gid: h5g.GroupID, name: str, arr: np.ndarray, tag: str) -> h5d.DatasetID:
         arr = np.require(arr, requirements=("C", "A"))
+        if self.put_array is None or self.put_id is not None:
+            put = write_array if self.put_array is None else self.put_id
+            dset_id = put(gid, name, arr)
+            self.tag(dset_id, tag)
+            return dset_id
         dset = self.put_array(h5py.Group(gid), name, arr)
         if not isinstance(dset, h5py.Dataset):
             raise CheckpointValueError(
@@ -705,6 +781,21 @@ class _Writer:
             self.text_attr(dset, interop.ARRAY_HINT_ATTR, hint)
 
 
+def write_array(gid: h5g.GroupID, name: str, arr: np.ndarray) -> h5d.DatasetID:
+    """Create the dataset ``name`` (a link name, used as given) of the group ``gid``
+    holding the C-contiguous ``arr``, as :func:`write_value` writes arrays without
+    ``put_array``: contiguous, compact up to 4 KiB, no filters, data written.
+    """
+    h = _handles()
+    tid = h.type_of(arr.dtype)
+    space = h.scalar_space if arr.ndim == 0 else h.space_of(arr.shape)
+    dcpl = h.compact if 0 < arr.nbytes <= _COMPACT_ARRAY_BYTES else h.contiguous
+    dset = h5d.create(gid, name.encode("utf-8"), tid, space, dcpl=dcpl, lcpl=h.lcpl)
+    if arr.size:
+        dset.write(h5s.ALL, h5s.ALL, arr, mtype=tid)
+    return dset
+
+
 def write_value(
     parent: h5py.Group,
     name: str,
@@ -738,8 +829,10 @@ def write_value(
         must have exactly ``arr``'s dtype (byte order included, i.e. the HDF5 type
         :func:`hdf5_type` gives) and shape (``()`` for 0-d arrays: do not pass them
         through ``np.ascontiguousarray``, which makes them 1-d); chunking, filters
-        and writing the data later are up to it. Default: :func:`default_put_array`.
-        Scalars, strings and containers are written directly.
+        and writing the data later are up to it. Default: the arrays are written
+        here, contiguous (compact up to 4 KiB), without filters, as
+        :func:`default_put_array` would but faster. Scalars, strings and
+        containers are written directly.
 
     Raises
     ------
@@ -747,7 +840,7 @@ def write_value(
         For an unsupported value (with its key path), or when ``put_array`` does
         not return a dataset of ``arr``'s dtype and shape.
     """
-    w = _Writer(put_array or default_put_array)
+    w = _Writer(put_array)
     stack: list[tuple[h5g.GroupID, str, Any, _Path]] = [(parent.id, name, value, None)]
     while stack:
         gid, nm, v, node = stack.pop()
@@ -775,11 +868,11 @@ def write_value(
             children.reverse()
             stack.extend(children)
         elif tag is _INT:
-            w.scalar(gid, nm, w.types[_INT], np.array(v, dtype=np.int64), tag)
+            w.number(gid, nm, np.array(v, dtype=np.int64), tag)
         elif tag is _FLOAT:
-            w.scalar(gid, nm, w.types[_FLOAT], np.array(v, dtype=np.float64), tag)
+            w.number(gid, nm, np.array(v, dtype=np.float64), tag)
         elif tag is _BOOL:
-            w.scalar(gid, nm, w.types[_BOOL], np.array(v, dtype=np.bool_), tag)
+            w.number(gid, nm, np.array(v, dtype=np.bool_), tag)
         elif tag is _NONE:
             w.none(gid, nm)
         elif tag is _STR:
@@ -788,7 +881,7 @@ def write_value(
             w.text(gid, nm, hex(v), tag)
         elif tag is _NP_SCALAR:
             scalar = np.array(v)
-            w.scalar(gid, nm, hdf5_type(scalar.dtype), scalar, tag)
+            w.scalar(gid, nm, w.h.type_of(scalar.dtype), scalar, tag)
         elif tag is _NDARRAY and type(v) is np.ndarray:
             w.array(gid, nm, v, tag)
         elif tag is _NDARRAY or tag is _ML_NDARRAY:
@@ -835,6 +928,10 @@ class _Corrupt(Exception):
     """Internal: a malformed node; turned into CheckpointCorruptError with its path."""
 
 
+#: numpy dtypes of the fixed-length tag sizes, made once.
+_TAG_DTYPES = [np.dtype(f"S{n}") for n in range(_MAX_TAG_BYTES + 1)]
+
+
 def _read_tag(obj: Any) -> str:
     try:
         attr = h5a.open(obj, _TYPE_ATTR_B)
@@ -854,7 +951,9 @@ def _read_tag(obj: Any) -> str:
         size = tid.get_size()
         if size > _MAX_TAG_BYTES:
             raise _Corrupt(f"has a {TYPE_ATTR} attribute of {size} bytes")
-        buf = np.empty((), dtype=f"S{size}")
+        # The dataspace is known to be scalar: h5py does not check that the
+        # attribute fits the buffer.
+        buf = np.empty((), dtype=_TAG_DTYPES[size])
         attr.read(buf, mtype=tid)
     raw = buf[()]
     tag = raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw)
@@ -898,6 +997,25 @@ class ByteBudget:
 #: Checking only (``structure_only``): strings up to this size are still read, to
 #: check that they decode; larger ones, arrays and blobs are not read.
 _CHECKED_TEXT_BYTES = 1 << 20
+
+
+def _memory_type(dt: np.dtype) -> h5t.TypeID:
+    """The HDF5 memory type of an array of ``dt`` (what h5py would make for each
+    read), made once per dtype."""
+    return _handles().type_of(dt)
+
+
+def _fixed_scalar(file_type: h5t.TypeID, dt: np.dtype, convert: Any) -> tuple[Any, ...]:
+    return (file_type, dt, h5t.py_create(dt), convert)
+
+
+#: tag -> (the file type h5ckpt writes, numpy dtype read into, memory type,
+#: conversion to the Python value) of the scalars of a fixed type.
+_FIXED_SCALARS = {
+    _INT: _fixed_scalar(h5t.STD_I64LE, np.dtype(np.int64), int),
+    _FLOAT: _fixed_scalar(h5t.IEEE_F64LE, np.dtype(np.float64), float),
+    _BOOL: _fixed_scalar(h5t.py_create(np.dtype(np.bool_)), np.dtype(np.bool_), bool),
+}
 
 
 class _Reader:
@@ -953,7 +1071,7 @@ class _Reader:
                     continue
                 obj = h5o.open(gid, name)
             self.obj = obj
-            if h5o.get_info(obj).num_attrs > self.limits.max_attributes:
+            if h5a.get_num_attrs(obj) > self.limits.max_attributes:
                 raise self.limit(
                     node,
                     f"an HDF5 object has more than max_attributes={self.limits.max_attributes} "
@@ -1101,6 +1219,12 @@ class _Reader:
                 raise _Corrupt("is tagged none but its dataspace is not null")
             return None
         tid = dset.get_type()
+        fixed = _FIXED_SCALARS.get(tag)
+        if fixed is not None and kind == h5s.SCALAR and tid == fixed[0]:
+            # The type h5ckpt writes for an int, float or bool: no dtype to work out.
+            number = np.empty((), dtype=fixed[1])
+            dset.read(h5s.ALL, h5s.ALL, number, mtype=fixed[2])
+            return fixed[3](number[()])
         if tag in (_STR, _BIGINT):
             if kind != h5s.SCALAR:
                 raise _Corrupt(f"is tagged {tag} but is not a scalar")
@@ -1130,7 +1254,7 @@ class _Reader:
                 return None
             data = bytearray(size)
             if size:
-                dset.read(h5s.ALL, h5s.ALL, np.frombuffer(data, dtype=_U8))
+                dset.read(h5s.ALL, h5s.ALL, np.frombuffer(data, dtype=_U8), mtype=_memory_type(dt))
             if tag == _BYTEARRAY:
                 return data
             if tag == _BYTES:
@@ -1152,7 +1276,7 @@ class _Reader:
             if out is None:
                 out = np.empty(shape, dtype=dt)
                 if out.size:
-                    dset.read(h5s.ALL, h5s.ALL, out)
+                    dset.read(h5s.ALL, h5s.ALL, out, mtype=_memory_type(dt))
             return out
         # Scalars: int, float, bool, np_scalar.
         if kind != h5s.SCALAR:
@@ -1168,7 +1292,7 @@ class _Reader:
         if not ok:
             raise _Corrupt(f"is tagged {tag} but has the dtype {dt}")
         out = np.empty((), dtype=dt)
-        dset.read(h5s.ALL, h5s.ALL, out)
+        dset.read(h5s.ALL, h5s.ALL, out, mtype=_memory_type(dt))
         if tag == _INT:
             return int(out[()])
         if tag == _FLOAT:
@@ -1187,7 +1311,7 @@ def _hdf5_name(obj: Any) -> str | None:
 
 
 def read_value(
-    node: h5py.Group | h5py.Dataset,
+    node: h5py.Group | h5py.Dataset | h5g.GroupID | h5d.DatasetID,
     *,
     allow_pickle: bool,
     limits: LoadLimits,
@@ -1207,7 +1331,7 @@ def read_value(
 
     Parameters
     ----------
-    node : h5py.Group or h5py.Dataset
+    node : h5py.Group, h5py.Dataset, or the low-level GroupID or DatasetID of one
         The node written by ``write_value``.
     allow_pickle : bool
         Whether pickled nodes may be unpickled. Only for trusted files.
@@ -1254,11 +1378,17 @@ def read_value(
         raise CheckpointValueError(f"limits must be a LoadLimits, not {type(limits).__name__}")
     reader: _Reader | None = None
     try:
-        if budget is None:
-            budget = ByteBudget(file_budget(limits, node.file))
+        if isinstance(node, (h5g.GroupID, h5d.DatasetID)):
+            oid: Any = node
+            if budget is None:
+                budget = ByteBudget(file_budget(limits, h5py.File(h5i.get_file_id(oid))))
+        else:
+            # A File's id is a FileID; its root group is a GroupID.
+            oid = node["/"].id if isinstance(node, h5py.File) else node.id
+            if budget is None:
+                budget = ByteBudget(file_budget(limits, node.file))
         reader = _Reader(allow_pickle, limits, path, budget, get_array, structure_only)
-        # A File's id is a FileID; its root group is a GroupID.
-        return reader.run(node["/"].id if isinstance(node, h5py.File) else node.id)
+        return reader.run(oid)
     except CheckpointError:
         raise
     except MemoryError as exc:

@@ -96,17 +96,22 @@ pub fn tree_digest_file(
 ) -> Result<Hash> {
     region_end(offset, len)?;
     let n = crate::header::chunk_count(len, chunk_log2);
-    let digests = (0..n)
-        .into_par_iter()
-        .map_init(Vec::<u8>::new, |buf, i| {
-            let (start, end) = chunk_range(offset, len, chunk_log2, i);
+    let digests = crate::parallel::map_collect((0..n).collect(), 2, |i| {
+        let (start, end) = chunk_range(offset, len, chunk_log2, i);
+        READ_BUFFER.with_borrow_mut(|buf| {
             buf.resize((end - start) as usize, 0);
             file.read_exact_at(buf, start)
                 .map_err(|e| read_error(path, e))?;
             Ok(sha256(buf))
         })
-        .collect::<Result<Vec<Hash>>>()?;
+    })?;
     Ok(root(chunk_log2, &digests))
+}
+
+thread_local! {
+    /// A thread's buffer for the chunks it reads back, kept from chunk to chunk and
+    /// call to call: a fresh one per chunk would fault in new memory each time.
+    static READ_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Bytes to be placed at file offset `offset`.

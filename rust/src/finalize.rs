@@ -14,7 +14,6 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
-use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use crate::digest::{check_segments, chunk_range, read_error, region_end, root, Hash, Segment};
@@ -92,6 +91,58 @@ pub fn finalize(
     header::parse(&bytes).map_err(|e| e.with_path(path))
 }
 
+/// Writes a whole checkpoint into the empty file `file`: the header, then `image`
+/// (the payload, the file from offset 512 on), in one write, and fsyncs when
+/// `seal.durable`. The digest is computed from `image`, which must not change while
+/// this runs (an immutable buffer: the file image of a checkpoint built in memory).
+/// `path` is for messages.
+///
+/// One write of the whole file: writing the payload and then the header into its
+/// first page (as [`finalize`] does) makes a durable save write that page twice.
+pub fn seal_image(file: &File, path: &Path, image: &[u8], seal: &Seal<'_>) -> Result<Header> {
+    header::check_key(seal.key)?;
+    header::check_chunk_log2(seal.chunk_log2)?;
+    let len = file
+        .metadata()
+        .map_err(|e| Error::io("stat", path, e))?
+        .len();
+    if len != 0 {
+        return Err(Error::invalid(format!(
+            "{}: the file must be empty, it is {len} bytes long",
+            path.display()
+        )));
+    }
+    let chunk = 1usize << seal.chunk_log2;
+    let chunks: Vec<&[u8]> = image.chunks(chunk).collect();
+    let digests = crate::parallel::map_all(chunks, 2, crate::digest::sha256);
+    let fields = HeaderFields {
+        payload_length: image.len() as u64,
+        chunk_log2: seal.chunk_log2,
+        batch_idx: seal.batch_idx,
+        loss: seal.loss,
+        timestamp: seal.timestamp,
+        payload_digest: root(seal.chunk_log2, &digests),
+    };
+    let head = header::encode(&fields, seal.key)?;
+    let mut whole = Vec::with_capacity(head.len() + image.len());
+    whole.extend_from_slice(&head);
+    whole.extend_from_slice(image);
+    file.write_all_at(&whole, 0)
+        .map_err(|e| Error::io("write", path, e))?;
+    if seal.durable {
+        file.sync_all().map_err(|e| Error::io("fsync", path, e))?;
+    }
+    header::parse(&head).map_err(|e| e.with_path(path))
+}
+
+/// [`seal_image`] on a raw descriptor the caller keeps owning: it is neither closed
+/// nor otherwise changed, except for the bytes written. A descriptor that cannot be
+/// written fails the write.
+pub fn seal_image_fd(fd: RawFd, image: &[u8], seal: &Seal<'_>) -> Result<Header> {
+    let path = fd::path_of(fd);
+    fd::with_borrowed_file(fd, &path, |file| seal_image(file, &path, image, seal))
+}
+
 /// Bytes copied, hashed and written at a time: a worker's private buffer holds one
 /// piece (whatever the digest chunk size), and the copy is still in the CPU cache
 /// when it is hashed and written.
@@ -120,24 +171,21 @@ fn write_and_digest(
 ) -> Result<Hash> {
     region_end(offset, len)?;
     let n = crate::header::chunk_count(len, chunk_log2);
-    let digests = (0..n)
-        .into_par_iter()
-        .map(|i| {
-            let (start, end) = chunk_range(offset, len, chunk_log2, i);
-            BUFFER.with_borrow_mut(|buf| {
-                let mut chunk = ChunkSealer {
-                    file,
-                    path,
-                    buf,
-                    piece,
-                    writeback,
-                    hasher: Sha256::new(),
-                };
-                chunk.seal(start, end, segments)?;
-                Ok(chunk.hasher.finalize().into())
-            })
+    let digests = crate::parallel::map_collect((0..n).collect(), 2, |i| {
+        let (start, end) = chunk_range(offset, len, chunk_log2, i);
+        BUFFER.with_borrow_mut(|buf| {
+            let mut chunk = ChunkSealer {
+                file,
+                path,
+                buf,
+                piece,
+                writeback,
+                hasher: Sha256::new(),
+            };
+            chunk.seal(start, end, segments)?;
+            Ok::<Hash, Error>(chunk.hasher.finalize().into())
         })
-        .collect::<Result<Vec<Hash>>>()?;
+    })?;
     Ok(root(chunk_log2, &digests))
 }
 
@@ -457,6 +505,42 @@ mod tests {
             assert!(raced >= 3, "the updates never overlapped a save");
         });
         assert!(rounds.load(Ordering::Relaxed) > 0);
+    }
+
+    #[test]
+    fn seals_an_image_in_one_write() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("ck.h5");
+        let image: Vec<u8> = (0..3 * 4096 + 77).map(|i| (i * 7 % 253) as u8).collect();
+        for (chunk_log2, key) in [(12, None), (20, Some(&b"k"[..]))] {
+            std::fs::write(&p, b"").unwrap();
+            let f = open_rw(&p);
+            let mut s = seal(key);
+            s.chunk_log2 = chunk_log2;
+            let h = seal_image_fd(f.as_raw_fd(), &image, &s).unwrap();
+            assert_eq!(h.payload_length, image.len() as u64);
+            assert_eq!(h.payload_digest, tree_digest(&image, chunk_log2));
+            let bytes = std::fs::read(&p).unwrap();
+            assert_eq!(&bytes[512..], &image[..]);
+            assert_eq!(verify_file(&p, key).unwrap(), h);
+        }
+        // Only into an empty file, and one that can be written.
+        let e = seal_image(&open_rw(&p), &p, &image, &seal(None)).unwrap_err();
+        assert!(e.to_string().contains("must be empty"), "{e}");
+        std::fs::write(&p, b"").unwrap();
+        let ro = File::open(&p).unwrap();
+        let e = seal_image_fd(ro.as_raw_fd(), &image, &seal(None)).unwrap_err();
+        assert_eq!(e.errno(), Some(libc::EBADF), "{e}");
+        assert!(matches!(
+            seal_image_fd(-1, &image, &seal(None)),
+            Err(Error::InvalidArgument(_))
+        ));
+        let mut s = seal(None);
+        s.chunk_log2 = 11;
+        assert!(matches!(
+            seal_image(&open_rw(&p), &p, &image, &s),
+            Err(Error::InvalidArgument(_))
+        ));
     }
 
     #[test]

@@ -53,11 +53,48 @@ fn pool() -> Option<&'static ThreadPool> {
     }
 }
 
-/// Runs `f` (and every rayon call inside it) in this process's pool.
+/// Runs `f` (and every rayon call inside it) in this process's pool. From a thread
+/// of the pool, `f` runs right there.
 pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     match pool() {
         Some(pool) => pool.install(f),
         None => f(),
+    }
+}
+
+/// `items` mapped in order, stopping at the first error: in this process's pool
+/// when there are at least `min_parallel` of them, else on the calling thread.
+/// Handing small work to a pool thread and waiting for it costs two thread
+/// wake-ups (on a busy machine, a wait for a core as well), more than hashing a
+/// small file or checking a few directory entries.
+pub fn map_collect<T, R, E>(
+    items: Vec<T>,
+    min_parallel: usize,
+    f: impl Fn(T) -> Result<R, E> + Sync + Send,
+) -> Result<Vec<R>, E>
+where
+    T: Send,
+    R: Send,
+    E: Send,
+{
+    use rayon::prelude::*;
+    if items.len() < min_parallel.max(2) {
+        return items.into_iter().map(f).collect();
+    }
+    install(|| items.into_par_iter().map(f).collect())
+}
+
+/// [`map_collect`] of a function that cannot fail.
+pub fn map_all<T: Send, R: Send>(
+    items: Vec<T>,
+    min_parallel: usize,
+    f: impl Fn(T) -> R + Sync + Send,
+) -> Vec<R> {
+    match map_collect(items, min_parallel, |x| {
+        Ok::<R, std::convert::Infallible>(f(x))
+    }) {
+        Ok(out) => out,
+        Err(never) => match never {},
     }
 }
 
@@ -76,5 +113,30 @@ mod tests {
         });
         assert!(names.iter().all(|n| n.starts_with("h5ckpt-")), "{names:?}");
         assert_eq!(install(|| 7), 7);
+    }
+
+    #[test]
+    fn map_collect_keeps_order_and_runs_one_item_here() {
+        let here = std::thread::current().id();
+        let thread = |x: u32| Ok::<_, ()>((x * 2, std::thread::current().id()));
+        assert_eq!(map_collect(vec![5], 2, thread), Ok(vec![(10, here)]));
+        let below: Vec<_> = map_collect((0..7).collect(), 8, thread).unwrap();
+        assert!(below.iter().all(|&(_, id)| id == here));
+        let many: Result<Vec<u32>, ()> = map_collect((0..100).collect(), 2, |x| Ok(x + 1));
+        assert_eq!(many, Ok((1..101).collect()));
+        let names: Result<Vec<String>, ()> = map_collect((0..64).collect(), 2, |_: u32| {
+            Ok(std::thread::current().name().unwrap_or("").to_string())
+        });
+        assert!(names.unwrap().iter().all(|n| n.starts_with("h5ckpt-")));
+        for min_parallel in [2, 100] {
+            let failed: Result<Vec<u32>, u32> = map_collect((0..10).collect(), min_parallel, |x| {
+                if x == 7 {
+                    Err(x)
+                } else {
+                    Ok(x)
+                }
+            });
+            assert_eq!(failed, Err(7));
+        }
     }
 }

@@ -8,8 +8,6 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use rayon::prelude::*;
-
 use crate::error::{Error, Result};
 use crate::header::{self, Header, HDF5_SIGNATURE, HEADER_SIZE, MAGIC};
 use crate::verify::{check_length, read_prefix};
@@ -184,15 +182,17 @@ where
     }
     // Sorted before the parallel pass, whose collect keeps the order.
     names.sort_unstable();
-    Ok(names
-        .into_par_iter()
-        .filter_map(|(batch_idx, name)| match known(batch_idx, &name) {
+    // Few files: one stat each (a header read for a new one), quicker here than
+    // handed to the pool.
+    let found = crate::parallel::map_all(names, 16, |(batch_idx, name)| {
+        match known(batch_idx, &name) {
             Some((token, identity)) if lstat_in(&dir, &name) == Some(identity) => {
                 Some(Found::Unchanged(token))
             }
             _ => examine(&dir, directory, name, batch_idx).map(|e| Found::Read(Box::new(e))),
-        })
-        .collect())
+        }
+    });
+    Ok(found.into_iter().flatten().collect())
 }
 
 /// The entry of one file of `directory` named like a checkpoint of `prefix`, read

@@ -147,10 +147,8 @@ pub fn verify_fds<P: AsRef<Path> + Sync>(
     paths: &[P],
     key: Option<&[u8]>,
 ) -> Vec<Result<Header>> {
-    fds.par_iter()
-        .zip(paths.par_iter())
-        .map(|(&fd, p)| verify_fd(fd, p.as_ref(), key))
-        .collect()
+    let jobs: Vec<(RawFd, &P)> = fds.iter().copied().zip(paths).collect();
+    crate::parallel::map_all(jobs, 2, |(fd, p)| verify_fd(fd, p.as_ref(), key))
 }
 
 fn verify_opened(file: &File, len: u64, path: &Path, key: Option<&[u8]>) -> Result<Header> {
@@ -199,15 +197,12 @@ fn read_verified_into(
     check_key(&header, head, key, path)?;
     let chunk = 1usize << header.chunk_log2;
     let offset = header.payload_offset;
-    let digests = payload
-        .par_chunks_mut(chunk)
-        .enumerate()
-        .map(|(i, dst)| {
-            file.read_exact_at(dst, offset + (i as u64) * chunk as u64)
-                .map_err(|e| read_error(path, e))?;
-            Ok(sha256(dst))
-        })
-        .collect::<Result<Vec<Hash>>>()?;
+    let chunks: Vec<(usize, &mut [u8])> = payload.chunks_mut(chunk).enumerate().collect();
+    let digests = crate::parallel::map_collect(chunks, 2, |(i, dst)| {
+        file.read_exact_at(dst, offset + (i as u64) * chunk as u64)
+            .map_err(|e| read_error(path, e))?;
+        Ok(sha256(dst))
+    })?;
     check_payload(&header, &root(header.chunk_log2, &digests), path)?;
     Ok(header)
 }

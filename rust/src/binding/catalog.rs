@@ -387,7 +387,7 @@ impl PyCatalog {
         // (version, data unless an info object of that version exists, needs summary)
         let state = self.state(py);
         let snaps = self.with_catalog(py, |catalog, state| {
-            crate::parallel::install(|| catalog.refresh())?;
+            catalog.refresh()?;
             let keyed = catalog.keyed();
             let infos = locked(&state.infos);
             Ok(catalog

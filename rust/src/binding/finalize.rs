@@ -1,10 +1,11 @@
 //! Sealing and syncing files: `finalize`, `start_writeback` and `fsync_directory`.
 
 use pyo3::prelude::*;
+use pyo3::types::PyBytes;
 
 use super::args::{chunk_log2_arg, f64_arg, fd_arg, key_bytes, path_arg, u64_arg};
 use super::buffer::ByteBuffer;
-use super::errors::detach;
+use super::errors::detach_on_this_thread;
 use super::header::{py_header, PyHeader};
 use crate::digest::Segment;
 use crate::finalize::Seal;
@@ -55,9 +56,48 @@ fn finalize<'py>(
         durable,
         chunk_log2,
     };
-    let header = detach(py, || crate::finalize::finalize_fd(fd, &segs, &seal))?;
+    let header = detach_on_this_thread(py, || crate::finalize::finalize_fd(fd, &segs, &seal))?;
     drop(segs);
     drop(buffers);
+    py_header(py, header)
+}
+
+/// Write a whole checkpoint (header, then the payload `image`) into the empty file
+/// `fd` in one write, and seal it.
+#[pyfunction]
+#[pyo3(signature = (
+    fd, image, batch_idx, loss, timestamp, hmac_key = None, durable = true,
+    chunk_size = None,
+))]
+#[allow(clippy::too_many_arguments)]
+fn seal_image<'py>(
+    py: Python<'py>,
+    fd: &Bound<'py, PyAny>,
+    image: &Bound<'py, PyBytes>,
+    batch_idx: &Bound<'py, PyAny>,
+    loss: &Bound<'py, PyAny>,
+    timestamp: &Bound<'py, PyAny>,
+    hmac_key: Option<&Bound<'py, PyAny>>,
+    durable: bool,
+    chunk_size: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyHeader>> {
+    let fd = fd_arg(fd, "fd")?;
+    let chunk_log2 = chunk_log2_arg(py, chunk_size)?;
+    let batch_idx = u64_arg(batch_idx, "batch_idx")?;
+    let loss = f64_arg(loss, "loss")?;
+    let timestamp = f64_arg(timestamp, "timestamp")?;
+    let key = key_bytes(hmac_key)?;
+    let seal = Seal {
+        batch_idx,
+        loss,
+        timestamp,
+        key: key.as_deref(),
+        durable,
+        chunk_log2,
+    };
+    // `bytes` is immutable: what is hashed is what is written.
+    let image = image.as_bytes();
+    let header = detach_on_this_thread(py, || crate::finalize::seal_image_fd(fd, image, &seal))?;
     py_header(py, header)
 }
 
@@ -83,11 +123,12 @@ fn start_writeback(
 #[pyfunction]
 fn fsync_directory(py: Python<'_>, path: &Bound<'_, PyAny>) -> PyResult<()> {
     let path = path_arg(path, "path")?;
-    detach(py, || crate::finalize::fsync_directory(&path))
+    detach_on_this_thread(py, || crate::finalize::fsync_directory(&path))
 }
 
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(finalize, m)?)?;
+    m.add_function(wrap_pyfunction!(seal_image, m)?)?;
     m.add_function(wrap_pyfunction!(start_writeback, m)?)?;
     m.add_function(wrap_pyfunction!(fsync_directory, m)?)?;
     Ok(())

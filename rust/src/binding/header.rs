@@ -4,7 +4,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
 use super::buffer::ByteBuffer;
-use super::errors::detach;
+use super::errors::detach_on_this_thread;
 use crate::header::{self, Header};
 
 /// A parsed, self-consistent h5ckpt header (its header digest checked).
@@ -116,7 +116,7 @@ pub(super) fn py_header(py: Python<'_>, header: Header) -> PyResult<Bound<'_, Py
 fn parse_header<'py>(py: Python<'py>, data: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyHeader>> {
     let buf = ByteBuffer::get(data, "data")?;
     let bytes = buf.bytes();
-    let header = detach(py, || header::parse(bytes))?;
+    let header = detach_on_this_thread(py, || header::parse(bytes))?;
     py_header(py, header)
 }
 

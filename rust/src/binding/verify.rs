@@ -7,7 +7,7 @@ use pyo3::prelude::*;
 
 use super::args::{fd_arg, key_bytes, opt_path_arg, path_arg};
 use super::buffer::ByteBuffer;
-use super::errors::{detach, error_instance, value_error};
+use super::errors::{detach, detach_on_this_thread, error_instance, value_error};
 use super::header::{py_header, PyHeader};
 use crate::error::Error;
 use crate::header::Header;
@@ -40,7 +40,8 @@ fn verify_fds<'py>(
         .collect::<PyResult<Vec<_>>>()?;
     let paths = path_args(&paths)?;
     let key = key_bytes(hmac_key)?;
-    let results = detach(py, || Ok(verify::verify_fds(&fds, &paths, key.as_deref())))?;
+    let results =
+        detach_on_this_thread(py, || Ok(verify::verify_fds(&fds, &paths, key.as_deref())))?;
     outcomes(py, results)
 }
 
@@ -95,7 +96,7 @@ fn read_verified_fd<'py>(
     let key = key_bytes(hmac_key)?;
     let mut dst = ByteBuffer::get_writable(out, "out")?;
     let buf = dst.bytes_mut();
-    let header = detach(py, || {
+    let header = detach_on_this_thread(py, || {
         verify::read_verified_fd(fd, path.as_deref(), key.as_deref(), buf)
     })?;
     py_header(py, header)
