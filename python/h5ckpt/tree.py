@@ -728,9 +728,12 @@ class _Writer:
 
     def array(self, gid: h5g.GroupID, name: str, arr: np.ndarray, tag: str) -> h5d.DatasetID:
         arr = np.require(arr, requirements=("C", "A"))
-        if self.put_array is None or self.put_id is not None:
-            put = write_array if self.put_array is None else self.put_id
-            dset_id = put(gid, name, arr)
+        if self.put_array is None:
+            dset_id = write_array(gid, name, arr)
+            self.tag(dset_id, tag)
+            return dset_id
+        if self.put_id is not None:
+            dset_id = self.put_id(gid, name, arr)
             self.tag(dset_id, tag)
             return dset_id
         dset = self.put_array(h5py.Group(gid), name, arr)
