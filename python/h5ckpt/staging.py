@@ -76,11 +76,10 @@ def process_umask() -> int:
     """
     try:
         # Read with one system call (the line is near the top): every save asks.
-        fd = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            head = os.read(fd, 4096)
-        finally:
-            os.close(fd)
+        # A file object, not a bare descriptor: an interrupt that lands between the
+        # open and the close drops the object, and dropping it closes the file.
+        with open("/proc/self/status", "rb", buffering=0) as status:
+            head = status.read(4096)
         start = head.index(b"\nUmask:") + len(b"\nUmask:")
         return int(head[start : head.index(b"\n", start)], 8)
     except (OSError, ValueError):
