@@ -33,6 +33,17 @@ pub struct Seal<'a> {
     pub chunk_log2: u32,
 }
 
+/// Checks the seal's key and chunk size before anything is written, and returns
+/// the length of `file`.
+fn checked_length(file: &File, path: &Path, seal: &Seal<'_>) -> Result<u64> {
+    header::check_key(seal.key)?;
+    header::check_chunk_log2(seal.chunk_log2)?;
+    Ok(file
+        .metadata()
+        .map_err(|e| Error::io("stat", path, e))?
+        .len())
+}
+
 /// Completes the checkpoint in `file` (open for reading and writing): writes each
 /// segment at its offset and computes the tree digest of `[512, file length)` as
 /// written (see [`write_and_digest`]), writes the header at offset 0 and fsyncs
@@ -45,12 +56,7 @@ pub fn finalize(
     segments: &[Segment<'_>],
     seal: &Seal<'_>,
 ) -> Result<Header> {
-    header::check_key(seal.key)?;
-    header::check_chunk_log2(seal.chunk_log2)?;
-    let len = file
-        .metadata()
-        .map_err(|e| Error::io("stat", path, e))?
-        .len();
+    let len = checked_length(file, path, seal)?;
     if len < PAYLOAD_OFFSET {
         return Err(Error::invalid(format!(
             "{}: the file is {len} bytes long, shorter than the {PAYLOAD_OFFSET}-byte user block \
@@ -100,12 +106,7 @@ pub fn finalize(
 /// One write of the whole file: writing the payload and then the header into its
 /// first page (as [`finalize`] does) makes a durable save write that page twice.
 pub fn seal_image(file: &File, path: &Path, image: &[u8], seal: &Seal<'_>) -> Result<Header> {
-    header::check_key(seal.key)?;
-    header::check_chunk_log2(seal.chunk_log2)?;
-    let len = file
-        .metadata()
-        .map_err(|e| Error::io("stat", path, e))?
-        .len();
+    let len = checked_length(file, path, seal)?;
     if len != 0 {
         return Err(Error::invalid(format!(
             "{}: the file must be empty, it is {len} bytes long",

@@ -1,5 +1,7 @@
 //! Sealing and syncing files: `finalize`, `start_writeback` and `fsync_directory`.
 
+use std::os::fd::RawFd;
+
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
@@ -9,6 +11,50 @@ use super::errors::detach_on_this_thread;
 use super::header::{py_header, PyHeader};
 use crate::digest::Segment;
 use crate::finalize::Seal;
+
+/// The arguments `finalize` and `seal_image` share, converted to owned values.
+struct SealArgs {
+    fd: RawFd,
+    batch_idx: u64,
+    loss: f64,
+    timestamp: f64,
+    key: Option<Vec<u8>>,
+    durable: bool,
+    chunk_log2: u32,
+}
+
+impl SealArgs {
+    fn convert(
+        fd: &Bound<'_, PyAny>,
+        batch_idx: &Bound<'_, PyAny>,
+        loss: &Bound<'_, PyAny>,
+        timestamp: &Bound<'_, PyAny>,
+        hmac_key: Option<&Bound<'_, PyAny>>,
+        durable: bool,
+        chunk_size: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        Ok(Self {
+            fd: fd_arg(fd, "fd")?,
+            chunk_log2: chunk_log2_arg(fd.py(), chunk_size)?,
+            batch_idx: u64_arg(batch_idx, "batch_idx")?,
+            loss: f64_arg(loss, "loss")?,
+            timestamp: f64_arg(timestamp, "timestamp")?,
+            key: key_bytes(hmac_key)?,
+            durable,
+        })
+    }
+
+    fn seal(&self) -> Seal<'_> {
+        Seal {
+            batch_idx: self.batch_idx,
+            loss: self.loss,
+            timestamp: self.timestamp,
+            key: self.key.as_deref(),
+            durable: self.durable,
+            chunk_log2: self.chunk_log2,
+        }
+    }
+}
 
 /// Complete a payload written by HDF5 and seal it with a header.
 #[pyfunction]
@@ -28,12 +74,9 @@ fn finalize<'py>(
     durable: bool,
     chunk_size: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyHeader>> {
-    let fd = fd_arg(fd, "fd")?;
-    let chunk_log2 = chunk_log2_arg(py, chunk_size)?;
-    let batch_idx = u64_arg(batch_idx, "batch_idx")?;
-    let loss = f64_arg(loss, "loss")?;
-    let timestamp = f64_arg(timestamp, "timestamp")?;
-    let key = key_bytes(hmac_key)?;
+    let args = SealArgs::convert(
+        fd, batch_idx, loss, timestamp, hmac_key, durable, chunk_size,
+    )?;
     // The exported buffers stay alive (and their memory in place) until the end of
     // this function, past the GIL-free section that reads them.
     let mut buffers = Vec::with_capacity(segments.len());
@@ -48,15 +91,8 @@ fn finalize<'py>(
             data: buf.bytes(),
         })
         .collect();
-    let seal = Seal {
-        batch_idx,
-        loss,
-        timestamp,
-        key: key.as_deref(),
-        durable,
-        chunk_log2,
-    };
-    let header = detach_on_this_thread(py, || crate::finalize::finalize_fd(fd, &segs, &seal))?;
+    let seal = args.seal();
+    let header = detach_on_this_thread(py, || crate::finalize::finalize_fd(args.fd, &segs, &seal))?;
     drop(segs);
     drop(buffers);
     py_header(py, header)
@@ -81,23 +117,14 @@ fn seal_image<'py>(
     durable: bool,
     chunk_size: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyHeader>> {
-    let fd = fd_arg(fd, "fd")?;
-    let chunk_log2 = chunk_log2_arg(py, chunk_size)?;
-    let batch_idx = u64_arg(batch_idx, "batch_idx")?;
-    let loss = f64_arg(loss, "loss")?;
-    let timestamp = f64_arg(timestamp, "timestamp")?;
-    let key = key_bytes(hmac_key)?;
-    let seal = Seal {
-        batch_idx,
-        loss,
-        timestamp,
-        key: key.as_deref(),
-        durable,
-        chunk_log2,
-    };
+    let args = SealArgs::convert(
+        fd, batch_idx, loss, timestamp, hmac_key, durable, chunk_size,
+    )?;
+    let seal = args.seal();
     // `bytes` is immutable: what is hashed is what is written.
     let image = image.as_bytes();
-    let header = detach_on_this_thread(py, || crate::finalize::seal_image_fd(fd, image, &seal))?;
+    let header =
+        detach_on_this_thread(py, || crate::finalize::seal_image_fd(args.fd, image, &seal))?;
     py_header(py, header)
 }
 
