@@ -78,18 +78,22 @@ def test_shard_files_get_the_umask_mode_as_single_files_do(tmp_path):
     import numpy as np
 
     from h5ckpt.mpi.manifest import write_file
+    from h5ckpt.payload import Contents
 
     old = os.umask(0o027)
     try:
         path = tmp_path / "shard_00000_of_00001.h5"
-        write_file(
-            path,
+        contents = Contents(
             batch_idx=3,
             loss=0.5,
             timestamp=1.0,
             parameters=np.arange(4.0),
             optimizer_state={},
             metadata={},
+        )
+        write_file(
+            path,
+            contents,
             compression=None,
             allow_pickle=False,
             hmac_key=None,

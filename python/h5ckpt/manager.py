@@ -35,7 +35,7 @@ from .legacy import load_legacy
 from .limits import LoadLimits
 from .opening import checkpoint_kind
 from .options import KEYWORD_DEFAULTS, CheckpointManagerOptions, options_from
-from .payload import write_sealed
+from .payload import Contents, write_sealed
 from .reading import load_verified
 from .reclaim import Reclaimer
 from .retention import Retention, RetentionPolicy, set_aside
@@ -327,21 +327,22 @@ compression, load_limits, on_older_batch, read_only, file_mode, key_from_environ
         batch_idx = args.batch_idx
         final = self.checkpoint_path(batch_idx)
         mode = self.file_mode if self.file_mode is not None else new_file_mode()
-        timestamp = time.time()
         failure = f"failed to save checkpoint of batch {batch_idx}"
         context = {"batch_idx": batch_idx, "checkpoint_path": str(final)}
         with staged_file(final, mode, failure=failure, context=context) as staged:
-            write_sealed(
-                staged.fd,
+            contents = Contents(
                 batch_idx=batch_idx,
                 loss=args.loss,
-                timestamp=timestamp,
+                timestamp=time.time(),
                 parameters=args.parameters,
                 optimizer_state=args.optimizer_state,
                 metadata=args.metadata,
+            )
+            write_sealed(
+                staged.fd,
+                contents,
                 compression=self.compression,
                 allow_pickle=self.allow_pickle,
-                version=_native.__version__,
                 hmac_key=self._hmac_key,
                 durable=self.durable,
             )

@@ -49,6 +49,7 @@ __all__ = [
     "FORMAT_VERSION",
     "MAX_ATTRIBUTES_WRITTEN",
     "ArrayWriter",
+    "Contents",
     "DescriptorFile",
     "WritebackFile",
     "check_payload",
@@ -208,18 +209,26 @@ def as_parameters(parameters: object) -> np.ndarray:
     return arr
 
 
+@dataclass(frozen=True)
+class Contents:
+    """What one checkpoint file holds: the header's fields and the three values."""
+
+    batch_idx: int
+    loss: float
+    timestamp: float
+    parameters: np.ndarray
+    optimizer_state: Any
+    metadata: Any
+    #: The h5ckpt version that writes the file.
+    version: str = _native.__version__
+
+
 def write_sealed(
     fd: int,
+    contents: Contents,
     *,
-    batch_idx: int,
-    loss: float,
-    timestamp: float,
-    parameters: np.ndarray,
-    optimizer_state: Any,
-    metadata: Any,
     compression: str | None,
     allow_pickle: bool,
-    version: str,
     hmac_key: bytes | None,
     durable: bool,
 ) -> Header:
@@ -233,54 +242,28 @@ def write_sealed(
     handed to the Rust core whole: it hashes it, writes header and payload in one
     write and fsyncs; HDF5 never touches the file.
     """
+    seal = (contents.batch_idx, contents.loss, contents.timestamp, hmac_key, durable)
     if not allow_pickle:  # a pickle's size is known only once it is made
-        image = build_image(
-            batch_idx=batch_idx,
-            loss=loss,
-            timestamp=timestamp,
-            parameters=parameters,
-            optimizer_state=optimizer_state,
-            metadata=metadata,
-            version=version,
-        )
+        image = build_image(contents)
         if image is not None:
-            return _native.seal_image(fd, image, batch_idx, loss, timestamp, hmac_key, durable)
+            return _native.seal_image(fd, image, *seal)
     with WritebackFile(fd, writeback=durable) as raw:
-        segments = write_payload(
-            raw,
-            batch_idx=batch_idx,
-            loss=loss,
-            timestamp=timestamp,
-            parameters=parameters,
-            optimizer_state=optimizer_state,
-            metadata=metadata,
-            compression=compression,
-            allow_pickle=allow_pickle,
-            version=version,
-        )
-    return _native.finalize(fd, segments, batch_idx, loss, timestamp, hmac_key, durable)
+        segments = write_payload(raw, contents, compression=compression, allow_pickle=allow_pickle)
+    return _native.finalize(fd, segments, *seal)
 
 
-def write_payload(fileobj: io.RawIOBase, **fields: Any) -> list[tuple[int, np.ndarray]]:
-    """Write the HDF5 part of a checkpoint into ``fileobj`` (fields as for
+def write_payload(
+    fileobj: io.RawIOBase, contents: Contents, *, compression: str | None, allow_pickle: bool
+) -> list[tuple[int, np.ndarray]]:
+    """Write the HDF5 part of a checkpoint into ``fileobj`` (see
     :func:`_write_payload`); an interrupt that lands inside HDF5 is raised once HDF5
     has let go of the file."""
     with sigint_deferred(), _ErrorKeepingFile(fileobj) as sink:
-        return _write_payload(sink, **fields)
+        return _write_payload(sink, contents, compression, allow_pickle)
 
 
 def _write_payload(
-    sink: _ErrorKeepingFile,
-    *,
-    batch_idx: int,
-    loss: float,
-    timestamp: float,
-    parameters: np.ndarray,
-    optimizer_state: Any,
-    metadata: Any,
-    compression: str | None,
-    allow_pickle: bool,
-    version: str,
+    sink: _ErrorKeepingFile, contents: Contents, compression: str | None, allow_pickle: bool
 ) -> list[tuple[int, np.ndarray]]:
     """Write the HDF5 part of a checkpoint into ``sink``.
 
@@ -303,10 +286,11 @@ def _write_payload(
         # Fixed-length strings: variable-length ones live in HDF5's global heap, whose
         # parsing of damaged files can hang libhdf5.
         f.attrs["h5ckpt_format"] = np.bytes_(FORMAT_VERSION)
-        f.attrs["h5ckpt_version"] = np.bytes_(version)
-        f.attrs["batch_idx"] = np.int64(batch_idx)
-        f.attrs["loss"] = np.float64(loss)
-        f.attrs["timestamp"] = np.float64(timestamp)
+        f.attrs["h5ckpt_version"] = np.bytes_(contents.version)
+        f.attrs["batch_idx"] = np.int64(contents.batch_idx)
+        f.attrs["loss"] = np.float64(contents.loss)
+        f.attrs["timestamp"] = np.float64(contents.timestamp)
+        parameters = contents.parameters
         ml = interop.ml_name(parameters.dtype)
         if ml is None:
             ds = writer(f, "parameters", parameters)
@@ -315,10 +299,9 @@ def _write_payload(
             ds = writer(f, "parameters", parameters.view(interop.bits_dtype(parameters.dtype)))
             ds.attrs[_TYPE_ATTR] = np.bytes_("ml_ndarray")
             ds.attrs[interop.DTYPE_ATTR] = np.bytes_(ml)
-        write_value(
-            f, "optimizer_state", optimizer_state, allow_pickle=allow_pickle, put_array=writer
-        )
-        write_value(f, "metadata", metadata, allow_pickle=allow_pickle, put_array=writer)
+        for name in ("optimizer_state", "metadata"):
+            value = getattr(contents, name)
+            write_value(f, name, value, allow_pickle=allow_pickle, put_array=writer)
         segments = writer.segments()
     if sink.error is not None:
         raise sink.error
@@ -417,16 +400,7 @@ def _fixed_text(text: str) -> tuple[h5t.TypeID, np.ndarray]:
 _FIXED_TEXTS: dict[str, tuple[h5t.TypeID, np.ndarray]] = {}
 
 
-def build_image(
-    *,
-    batch_idx: int,
-    loss: float,
-    timestamp: float,
-    parameters: np.ndarray,
-    optimizer_state: Any,
-    metadata: Any,
-    version: str,
-) -> bytes | None:
+def build_image(contents: Contents) -> bytes | None:
     """The HDF5 part of a small checkpoint without pickles, built in memory (the
     file from ``HEADER_SIZE`` on), or ``None`` when it holds an array too large for
     that (see :class:`_SmallArrays`): then nothing is left of the attempt.
@@ -435,6 +409,7 @@ def build_image(
     low-level API; the image is what HDF5 would have written to a file. An
     interrupt (``KeyboardInterrupt``) is raised once HDF5 is done.
     """
+    parameters = contents.parameters
     arrays = _SmallArrays()
     try:
         arrays.take(parameters)
@@ -446,13 +421,14 @@ def build_image(
         fid = h5f.create(name, h5f.ACC_TRUNC, fcpl=lists.fcpl, fapl=lists.fapl)
         try:
             root = h5g.open(fid, b"/")
-            for key, text in ((b"h5ckpt_format", FORMAT_VERSION), (b"h5ckpt_version", version)):
+            texts = ((b"h5ckpt_format", FORMAT_VERSION), (b"h5ckpt_version", contents.version))
+            for key, text in texts:
                 tid, data = _fixed_text(text)
                 h5a.create(root, key, tid, lists.scalar).write(data, mtype=tid)
             for key, tid, value in (
-                (b"batch_idx", lists.i64, np.array(batch_idx, dtype="<i8")),
-                (b"loss", lists.f64, np.array(loss, dtype="<f8")),
-                (b"timestamp", lists.f64, np.array(timestamp, dtype="<f8")),
+                (b"batch_idx", lists.i64, np.array(contents.batch_idx, dtype="<i8")),
+                (b"loss", lists.f64, np.array(contents.loss, dtype="<f8")),
+                (b"timestamp", lists.f64, np.array(contents.timestamp, dtype="<f8")),
             ):
                 h5a.create(root, key, tid, lists.scalar).write(value, mtype=tid)
             if not parameters.flags.c_contiguous:
@@ -474,10 +450,9 @@ def build_image(
                     dtype_data, mtype=dtype_type
                 )
             parent = h5py.Group(root)
-            write_value(
-                parent, "optimizer_state", optimizer_state, allow_pickle=False, put_array=arrays
-            )
-            write_value(parent, "metadata", metadata, allow_pickle=False, put_array=arrays)
+            for root_name in ("optimizer_state", "metadata"):
+                value = getattr(contents, root_name)
+                write_value(parent, root_name, value, allow_pickle=False, put_array=arrays)
             # The image is what the driver holds: HDF5's caches are written to it first.
             h5f.flush(fid)
             return fid.get_file_image()

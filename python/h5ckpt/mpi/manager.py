@@ -27,7 +27,7 @@ from ..errors import (
 )
 from ..limits import LoadLimits
 from ..manager import CheckpointManager
-from ..payload import as_parameters
+from ..payload import Contents, as_parameters
 from ..reading import load_verified
 from ..retention import set_aside
 from ..staging import DirectoryLock
@@ -161,14 +161,17 @@ class _Commit:
     def write(self) -> tuple[int, bytes]:
         p, m = self._checked(), self.m
         tree = unflatten(self._stored_leaves(p))
-        header, size = write_file(
-            Path(self.decided["staging"]) / layout.shard_name(m.rank, m.world_size),
+        contents = Contents(
             batch_idx=p.batch_idx,
             loss=p.loss,
             timestamp=self.decided["timestamp"],
             parameters=tree["parameters"],
             optimizer_state=tree["optimizer_state"],
             metadata=tree["metadata"],
+        )
+        header, size = write_file(
+            Path(self.decided["staging"]) / layout.shard_name(m.rank, m.world_size),
+            contents,
             compression=m.compression,
             allow_pickle=m.allow_pickle,
             hmac_key=m._hmac_key,

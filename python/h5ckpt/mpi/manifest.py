@@ -19,7 +19,7 @@ import numpy as np
 from .. import _native
 from ..errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError
 from ..limits import LoadLimits
-from ..payload import write_sealed
+from ..payload import Contents, write_sealed
 from ..reading import load_verified
 from ..staging import new_file_mode, staged_file
 from .layout import MANIFEST_NAME, is_step_dir, list_steps, parse_shard_name, shard_name
@@ -42,13 +42,8 @@ MANIFEST_VERSION = 1
 
 def write_file(
     final: Path,
+    contents: Contents,
     *,
-    batch_idx: int,
-    loss: float,
-    timestamp: float,
-    parameters: np.ndarray,
-    optimizer_state: Any,
-    metadata: Any,
     compression: str | None,
     allow_pickle: bool,
     hmac_key: bytes | None,
@@ -65,15 +60,9 @@ def write_file(
     with staged_file(final, mode, failure=failure, context=context) as staged:
         header = write_sealed(
             staged.fd,
-            batch_idx=batch_idx,
-            loss=loss,
-            timestamp=timestamp,
-            parameters=parameters,
-            optimizer_state=optimizer_state,
-            metadata=metadata,
+            contents,
             compression=compression,
             allow_pickle=allow_pickle,
-            version=_native.__version__,
             hmac_key=hmac_key,
             durable=durable,
         )
@@ -115,14 +104,17 @@ def write_manifest(
     durable: bool,
     file_mode: int | None = None,
 ) -> None:
-    write_file(
-        step_dir / MANIFEST_NAME,
+    contents = Contents(
         batch_idx=manifest.batch_idx,
         loss=manifest.loss,
         timestamp=manifest.timestamp,
         parameters=np.zeros(0, np.uint8),
         optimizer_state=manifest.content(),
         metadata={},
+    )
+    write_file(
+        step_dir / MANIFEST_NAME,
+        contents,
         compression=None,
         allow_pickle=False,
         hmac_key=hmac_key,
