@@ -186,21 +186,35 @@ def run_fit(
         loss = float(np.mean(resid**2))
         state["losses"].append(loss)
         state["steps"] += 1
-        if manager is not None and manager.should_save(batch):
-            t0 = time.perf_counter()
-            path = manager.save_checkpoint(
-                batch,
-                params,
-                state,
-                loss,
-                metadata={"model": "g2 = b + c exp(-2 r t)", "n_q": cfg.n_q},
-            )
-            run.save_seconds += time.perf_counter() - t0
-            run.checkpoints.append(path)
-        if cfg.batch_delay:
-            time.sleep(cfg.batch_delay)
+        _end_batch(cfg, manager, run, batch, params, state, loss)
     run.parameters = params
     return run
+
+
+def _end_batch(
+    cfg: FitConfig,
+    manager: CheckpointManager | None,
+    run: FitRun,
+    batch: int,
+    params: Any,
+    state: Any,
+    loss: float,
+    **metadata: str,
+) -> None:
+    """Save the batch's state when it is due, timing the save; then the batch delay."""
+    if manager is not None and manager.should_save(batch):
+        t0 = time.perf_counter()
+        path = manager.save_checkpoint(
+            batch,
+            params,
+            state,
+            loss,
+            metadata={"model": "g2 = b + c exp(-2 r t)", "n_q": cfg.n_q, **metadata},
+        )
+        run.save_seconds += time.perf_counter() - t0
+        run.checkpoints.append(path)
+    if cfg.batch_delay:
+        time.sleep(cfg.batch_delay)
 
 
 def _run_jax_fit(
@@ -222,19 +236,7 @@ def _run_jax_fit(
     for batch in range(start, cfg.n_batches):
         data = jnp.asarray(_batch_data(cfg, batch, truth, tau_np))
         params, state, loss = step(params, state, data, tau, batch)
-        if manager is not None and manager.should_save(batch):
-            t0 = time.perf_counter()
-            path = manager.save_checkpoint(
-                batch,
-                params,
-                state,
-                float(loss),
-                metadata={"model": "g2 = b + c exp(-2 r t)", "n_q": cfg.n_q, "backend": "jax"},
-            )
-            run.save_seconds += time.perf_counter() - t0
-            run.checkpoints.append(path)
-        if cfg.batch_delay:
-            time.sleep(cfg.batch_delay)
+        _end_batch(cfg, manager, run, batch, params, state, float(loss), backend="jax")
     run.parameters = np.asarray(params)
     return run
 
