@@ -1,7 +1,7 @@
 """Where the time of a save, a load and a validate goes, phase by phase.
 
     python benches/where_time_goes.py                # 100 MB, random and smooth, 7 repeats
-    python benches/where_time_goes.py--size 512M --kinds random --repeats 5
+    python benches/where_time_goes.py --size 512M --kinds random --repeats 5
 
 Each phase is timed by wrapping the function that does it (medians over the
 repeats), next to the raw baselines of benches/run.py measured in the same loop:
@@ -35,8 +35,9 @@ from typing import ClassVar
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import h5ckpt.codec as codec_module
-import h5ckpt.manager as manager_module
 import h5ckpt.payload as payload_module
+import h5ckpt.reading as reading_module
+import h5ckpt.retention as retention_module
 import h5ckpt.verification as verification_module
 from h5ckpt import CheckpointManager
 from run import loadavg, make_data, parse_size, raw_read_sha256, raw_write, size_label
@@ -61,6 +62,7 @@ class _NativeProxy:
 
     LABELS: ClassVar[dict[str, str]] = {
         "finalize": "save: finalize (write+hash+fsync)",
+        "seal_image": "save: seal_image (small files: hash+write+fsync)",
         "read_verified_fd": "load: read + verify",
         "verify_fds": "validate: verify_fds",
     }
@@ -75,17 +77,17 @@ class _NativeProxy:
 
 
 def instrument() -> None:
-    # Each module that makes one of the timed calls: finalize (payload), the
-    # verified read (manager), the validation's hashing (verification).
-    for module in (manager_module, payload_module, verification_module):
+    # Each module that makes one of the timed calls: finalize and seal_image
+    # (payload), the verified read (reading), the validation's hashing (verification).
+    for module in (payload_module, reading_module, verification_module):
         module._native = _NativeProxy(module._native)
     payload_module.write_payload = timed(
         "save: payload (HDF5 layout)", payload_module.write_payload
     )
-    manager_module.read_payload = timed("load: parse (h5py)", manager_module.read_payload)
+    reading_module.read_payload = timed("load: parse (h5py)", reading_module.read_payload)
     codec_module._sample_ratio = timed("save: codec sample", codec_module._sample_ratio)
-    cleanup = manager_module.CheckpointManager._cleanup_locked
-    manager_module.CheckpointManager._cleanup_locked = timed("save: retention", cleanup)
+    cleanup = retention_module.Retention.cleanup
+    retention_module.Retention.cleanup = timed("save: retention", cleanup)
 
 
 def main() -> int:
