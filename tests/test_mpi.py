@@ -117,3 +117,8 @@ def test_file_mode(tmp_path, n):
 @pytest.mark.parametrize("n", [2, 4])
 def test_read_only(tmp_path, n):
     scenario(n, "read_only", tmp_path)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_options_object(tmp_path, n):
+    scenario(n, "options", tmp_path)

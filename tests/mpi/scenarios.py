@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
-from h5ckpt import CheckpointError
+from h5ckpt import CheckpointError, CheckpointManagerOptions, CheckpointValueError
 from h5ckpt.mpi import (
     CheckpointTimeoutError,
     Sharded,
@@ -557,6 +557,30 @@ def read_only(d: str) -> None:
     save_state(writer, 30)
     manager(d)
     assert not dead.exists()
+
+
+def options(d: str) -> None:
+    """Settings given as one CheckpointManagerOptions act as the same keywords."""
+    opts = CheckpointManagerOptions(keep_last_n=2, prefix="run", checkpoint_frequency=5)
+    m = ShardedCheckpointManager(d, COMM, options=opts)
+    assert m.options is opts and m.keep_last_n == 2 and m.prefix == "run"
+    assert m.should_save(10) and not m.should_save(11)
+    for b in (10, 20, 30):
+        save_state(m, b)
+    # Retention by the options' keep_last_n, over complete steps, on the sharded side.
+    steps = sorted(p.name for p in Path(d).iterdir() if p.name.startswith("run_batch_"))
+    assert steps == ["run_batch_0020", "run_batch_0030"], steps
+    check_own(m.load_latest(), 30)
+    # Options and a keyword that differs from its default: refused on every rank.
+    err = expect_error(
+        CheckpointValueError, ShardedCheckpointManager, d, COMM, options=opts, keep_last_n=5
+    )
+    assert "not both" in str(err), err
+    reader = ShardedCheckpointManager(
+        d, COMM, options=CheckpointManagerOptions(prefix="run", read_only=True)
+    )
+    assert reader.read_only
+    check_own(reader.load_latest(), 30)
 
 
 def main() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -27,6 +28,7 @@ from ..errors import (
 )
 from ..limits import LoadLimits
 from ..manager import CheckpointManager
+from ..options import KEYWORD_DEFAULTS, CheckpointManagerOptions, options_from
 from ..payload import Contents, as_parameters
 from ..reading import load_verified
 from ..retention import set_aside
@@ -247,7 +249,7 @@ class ShardedCheckpointManager:
         on a duplicate of it, never matching the caller's own messages.
     checkpoint_frequency, keep_last_n, enable_compression, prefix, allow_pickle, \
 hmac_key, durable, keep_every, keep_best_n, best_mode, delete_invalid, auto_cleanup, \
-compression, load_limits, on_older_batch, file_mode
+compression, load_limits, on_older_batch, file_mode, options
         As for :class:`h5ckpt.CheckpointManager`; retention counts complete steps, and
         a save below the newest complete step is refused (``"raise"``) or first moves
         the newer steps into ``abandoned-<UTC time>-<token>/`` (``"set_aside"``, and
@@ -288,7 +290,10 @@ compression, load_limits, on_older_batch, file_mode
         read_only: bool = False,
         file_mode: int | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        options: CheckpointManagerOptions | None = None,
     ) -> None:
+        # Taken before any other local exists: the settings, by name.
+        keywords = {k: v for k, v in locals().items() if k in KEYWORD_DEFAULTS}
         from mpi4py import MPI
 
         if comm is None:
@@ -302,30 +307,13 @@ compression, load_limits, on_older_batch, file_mode
         self.rank = self._ch.rank
         self.world_size = self._ch.size
         self.timeout = float(timeout)
-        self.auto_cleanup = bool(auto_cleanup)
 
         def build() -> bool:
-            # The single-file manager checks every shared argument in one place.
-            self._single = CheckpointManager(
-                checkpoint_dir,
-                checkpoint_frequency,
-                keep_last_n,
-                enable_compression,
-                prefix=prefix,
-                allow_pickle=allow_pickle,
-                hmac_key=hmac_key,
-                durable=durable,
-                keep_every=keep_every,
-                keep_best_n=keep_best_n,
-                best_mode=best_mode,
-                delete_invalid=delete_invalid,
-                auto_cleanup=False,
-                compression=compression,
-                load_limits=load_limits,
-                on_older_batch=on_older_batch,
-                read_only=read_only,
-                file_mode=file_mode,
-            )
+            # The single-file manager checks every shared setting in one place; it
+            # never cleans up by itself (retention here counts complete steps).
+            self.options = options_from(options, keywords)
+            single = dataclasses.replace(self.options, auto_cleanup=False)
+            self._single = CheckpointManager(checkpoint_dir, options=single)
             return self._single.read_only
 
         def settle(reports: list[Any]) -> None:
@@ -342,6 +330,7 @@ compression, load_limits, on_older_batch, file_mode
         self._lock = DirectoryLock(Path(checkpoint_dir))
         self._ch.decide(build, settle, "creating the sharded checkpoint manager")
         s = self._single
+        self.auto_cleanup = self.options.auto_cleanup
         self.checkpoint_dir = s.checkpoint_dir
         self.checkpoint_frequency = s.checkpoint_frequency
         self.keep_last_n = s.keep_last_n
