@@ -1021,6 +1021,92 @@ _FIXED_SCALARS = {
 }
 
 
+#: What a scalar's dtype must be, by tag, when it is not the one h5ckpt writes
+#: (files from elsewhere): int and float 8 bytes of their kind, bool any bool.
+_SCALAR_DTYPE_OK: dict[str, Callable[[np.dtype], bool]] = {
+    _INT: lambda dt: dt.kind == "i" and dt.itemsize == 8,
+    _FLOAT: lambda dt: dt.kind == "f" and dt.itemsize == 8,
+    _BOOL: lambda dt: dt.kind == "b",
+    _NP_SCALAR: _dtype_storable,
+}
+
+#: The value of a blob's bytes, by tag.
+_BLOB_VALUES: dict[str, Callable[[bytearray], Any]] = {
+    _BYTEARRAY: lambda data: data,
+    _BYTES: bytes,
+    _STR_BYTES: lambda data: data.decode("utf-8", "surrogatepass"),
+    _PICKLE: lambda data: pickle.loads(data),
+}
+
+
+def _plain_dtype(tid: h5t.TypeID, tag: str) -> np.dtype:
+    """The numpy dtype of ``tid``, refused when h5py gives it metadata (a vlen
+    string, an enum other than bool, a reference...)."""
+    dt = tid.dtype
+    if dt.metadata is not None:
+        raise _Corrupt(f"is tagged {tag} but has the special dtype {dt}")
+    return dt
+
+
+def ordered_links(gid: h5g.GroupID) -> list[tuple[bytes, int]]:
+    """The links of the group ``gid`` as ``(raw name, link type)`` pairs.
+
+    In creation order, which h5ckpt tracks in every group it writes, so a dict
+    comes back in its insertion order; in name order for a group that does not
+    track it (written by another program).
+    """
+    links: list[tuple[bytes, int]] = []
+
+    def collect(link_name: bytes, info: Any) -> None:
+        links.append((link_name, info.type))
+
+    try:
+        gid.links.iterate(collect, idx_type=h5.INDEX_CRT_ORDER, info=True)
+    except RuntimeError:
+        links.clear()
+        gid.links.iterate(collect, idx_type=h5.INDEX_NAME, info=True)
+    return links
+
+
+class _Visit:
+    """A task of the reader: read the child ``name`` of the group ``gid`` into
+    ``target[key]``. (A class with slots: a NamedTuple costs measurably more to
+    make, once per node.)"""
+
+    __slots__ = ("depth", "gid", "key", "name", "node", "target")
+
+    def __init__(
+        self, gid: h5g.GroupID, name: bytes, depth: int, node: _Path, target: Any, key: Any
+    ) -> None:
+        self.gid = gid
+        self.name = name
+        self.depth = depth
+        self.node = node
+        self.target = target
+        self.key = key
+
+
+class _Finish:
+    """A task of the reader, queued below the children of a tuple, NamedTuple or
+    pytree node: once they are read, ``target[key] = make(items)``."""
+
+    __slots__ = ("items", "key", "make", "node", "target")
+
+    def __init__(
+        self,
+        items: list[Any],
+        make: Callable[[list[Any]], Any],
+        node: _Path,
+        target: Any,
+        key: Any,
+    ) -> None:
+        self.items = items
+        self.make = make
+        self.node = node
+        self.target = target
+        self.key = key
+
+
 class _Reader:
     def __init__(
         self,
@@ -1038,6 +1124,7 @@ class _Reader:
         self.budget = budget
         self.structure_only = structure_only
         self.nodes = 1
+        self.stack: list[_Visit | _Finish] = []
 
     def where(self, node: _Path) -> str:
         return _render(self.root, node)
@@ -1060,110 +1147,111 @@ class _Reader:
 
     def run(self, obj: Any) -> Any:
         result: list[Any] = [None]
-        # Tasks: (obj or None, parent gid, link name, depth, path, target, key) to
-        # visit a node; (None, None, items, constructor, ...) to finish a tuple
-        # (constructor: tuple, or that of a NamedTuple or pytree node).
-        stack: list[tuple] = [(obj, None, None, 0, None, result, 0)]
+        stack = self.stack
+        # ``node`` and ``obj`` name where the reader is, for the messages of errors.
         self.node: _Path = None
+        self.visit(obj, 0, None, result, 0)
         while stack:
-            obj, gid, name, depth, node, target, key = stack.pop()
-            self.node = node
-            if obj is None:
-                if gid is None:  # finish a tuple
-                    target[key] = depth(name)
-                    continue
-                obj = h5o.open(gid, name)
-            self.obj = obj
-            if h5a.get_num_attrs(obj) > self.limits.max_attributes:
-                raise self.limit(
-                    node,
-                    f"an HDF5 object has more than max_attributes={self.limits.max_attributes} "
-                    "attributes",
-                    max_attributes=self.limits.max_attributes,
-                )
-            tag = _read_tag(obj)
-            if isinstance(obj, h5g.GroupID):
-                if tag not in _CONTAINERS:
-                    raise _Corrupt(f"is a group with the leaf type tag {tag!r}")
-                self.container(obj, tag, depth, node, target, key, stack)
-            elif isinstance(obj, h5d.DatasetID):
-                if tag in _CONTAINERS:
-                    raise _Corrupt(f"is a dataset with the container type tag {tag!r}")
-                target[key] = self.leaf(obj, tag, node)
+            task = stack.pop()
+            self.node = task.node
+            if isinstance(task, _Finish):
+                task.target[task.key] = task.make(task.items)
             else:
-                raise _Corrupt("is neither a group nor a dataset")
+                obj = h5o.open(task.gid, task.name)
+                self.visit(obj, task.depth, task.node, task.target, task.key)
         return result[0]
 
-    def container(self, gid, tag, depth, node, target, key, stack) -> None:
+    def visit(self, obj: Any, depth: int, node: _Path, target: Any, key: Any) -> None:
+        """Read the object ``obj`` into ``target[key]``; queue its children."""
+        self.obj = obj
+        if h5a.get_num_attrs(obj) > self.limits.max_attributes:
+            raise self.limit(
+                node,
+                f"an HDF5 object has more than max_attributes={self.limits.max_attributes} "
+                "attributes",
+                max_attributes=self.limits.max_attributes,
+            )
+        tag = _read_tag(obj)
+        if isinstance(obj, h5g.GroupID):
+            if tag not in _CONTAINERS:
+                raise _Corrupt(f"is a group with the leaf type tag {tag!r}")
+            self.container(obj, tag, depth, node, target, key)
+        elif isinstance(obj, h5d.DatasetID):
+            if tag in _CONTAINERS:
+                raise _Corrupt(f"is a dataset with the container type tag {tag!r}")
+            target[key] = _LEAF_READERS[tag](self, obj, tag, node)
+        else:
+            raise _Corrupt("is neither a group nor a dataset")
+
+    # ------------------------------------------------------------- containers
+
+    def container(
+        self, gid: h5g.GroupID, tag: str, depth: int, node: _Path, target: Any, key: Any
+    ) -> None:
         n = len(gid)
         if n:
-            if depth >= self.limits.max_depth:
-                raise self.limit(
-                    node,
-                    f"the tree nests deeper than max_depth={self.limits.max_depth}",
-                    max_depth=self.limits.max_depth,
-                )
-            self.nodes += n
-            if self.nodes > self.limits.max_nodes:
-                raise self.limit(
-                    node,
-                    f"the tree has more than max_nodes={self.limits.max_nodes} nodes",
-                    max_nodes=self.limits.max_nodes,
-                )
-        child_depth = depth + 1
+            self.take_nodes(n, depth, node)
         if tag == _DICT:
-            value: dict[str, Any] = {}
-            target[key] = value
-            links: list[tuple[bytes, int]] = []
-
-            def collect(link_name: bytes, info: Any) -> None:
-                links.append((link_name, info.type))
-
-            try:
-                gid.links.iterate(collect, idx_type=h5.INDEX_CRT_ORDER, info=True)
-            except RuntimeError:
-                # Creation order not tracked (not written by h5ckpt): name order.
-                links.clear()
-                gid.links.iterate(collect, idx_type=h5.INDEX_NAME, info=True)
-            if len(links) != n:
-                raise _Corrupt("lists a different number of links than it holds")
-            tasks: list[tuple[Any, ...]] = []
-            for link_name, link_type in links:
-                try:
-                    k = unescape_key(link_name.decode("utf-8"))
-                except ValueError as exc:
-                    raise _Corrupt(f"has the malformed link name {link_name!r}") from exc
-                if link_type != h5l.TYPE_HARD:
-                    raise _Corrupt(f"has the soft or external link {link_name!r}")
-                tasks.append((None, gid, link_name, child_depth, (node, k), value, k))
-            tasks.reverse()
-            stack.extend(tasks)
-            return
-        items: list[Any] = [None] * n
-        keys: Any = range(n)
-        if tag == _TUPLE:
-            if not n:
-                target[key] = ()
-                return
-            stack.append((None, None, items, tuple, node, target, key))
-        elif tag in (_NAMEDTUPLE, _PYTREE):
-            try:
-                make, fields = interop.node_maker(
-                    tag == _NAMEDTUPLE,
-                    _read_text_attr(gid, interop.CLASS_ATTR, interop.MAX_CLASS_BYTES),
-                    _read_text_attr(gid, interop.FIELDS_ATTR, interop.MAX_FIELDS_BYTES),
-                    n,
-                )
-            except ValueError as exc:
-                raise _Corrupt(str(exc)) from None
-            if fields is not None:
-                keys = [interop.Field(f) for f in fields]
-            if not n:
-                target[key] = make([])
-                return
-            stack.append((None, None, items, make, node, target, key))
+            self.dict_children(gid, n, depth + 1, node, target, key)
         else:
+            self.sequence_children(gid, tag, n, depth + 1, node, target, key)
+
+    def take_nodes(self, n: int, depth: int, node: _Path) -> None:
+        """Count the ``n`` children of a group at ``depth`` against the limits."""
+        if depth >= self.limits.max_depth:
+            raise self.limit(
+                node,
+                f"the tree nests deeper than max_depth={self.limits.max_depth}",
+                max_depth=self.limits.max_depth,
+            )
+        self.nodes += n
+        if self.nodes > self.limits.max_nodes:
+            raise self.limit(
+                node,
+                f"the tree has more than max_nodes={self.limits.max_nodes} nodes",
+                max_nodes=self.limits.max_nodes,
+            )
+
+    def dict_children(
+        self, gid: h5g.GroupID, n: int, child_depth: int, node: _Path, target: Any, key: Any
+    ) -> None:
+        value: dict[str, Any] = {}
+        target[key] = value
+        links = ordered_links(gid)
+        if len(links) != n:
+            raise _Corrupt("lists a different number of links than it holds")
+        tasks = []
+        for link_name, link_type in links:
+            try:
+                k = unescape_key(link_name.decode("utf-8"))
+            except ValueError as exc:
+                raise _Corrupt(f"has the malformed link name {link_name!r}") from exc
+            if link_type != h5l.TYPE_HARD:
+                raise _Corrupt(f"has the soft or external link {link_name!r}")
+            tasks.append(_Visit(gid, link_name, child_depth, (node, k), value, k))
+        tasks.reverse()
+        self.stack.extend(tasks)
+
+    def sequence_children(
+        self,
+        gid: h5g.GroupID,
+        tag: str,
+        n: int,
+        child_depth: int,
+        node: _Path,
+        target: Any,
+        key: Any,
+    ) -> None:
+        """A list, tuple, NamedTuple or pytree node: children named 0 to n - 1."""
+        items: list[Any] = [None] * n
+        make, keys = self.sequence_maker(gid, tag, n)
+        if make is None:
             target[key] = items
+        elif not n:
+            target[key] = make([])
+            return
+        else:
+            self.stack.append(_Finish(items, make, node, target, key))
         tasks = []
         for i in range(n):
             link_name = str(i).encode("ascii")
@@ -1173,9 +1261,131 @@ class _Reader:
                 raise _Corrupt(f"has {n} links but none named {i}") from None
             if link_type != h5l.TYPE_HARD:
                 raise _Corrupt(f"has the soft or external link {i}")
-            tasks.append((None, gid, link_name, child_depth, (node, keys[i]), items, i))
+            tasks.append(_Visit(gid, link_name, child_depth, (node, keys[i]), items, i))
         tasks.reverse()
-        stack.extend(tasks)
+        self.stack.extend(tasks)
+
+    def sequence_maker(
+        self, gid: h5g.GroupID, tag: str, n: int
+    ) -> tuple[Callable[[list[Any]], Any] | None, Any]:
+        """What makes the value of a sequence node from its items (None: the list of
+        them is the value) and the keys of its children in key paths."""
+        if tag == _LIST:
+            return None, range(n)
+        if tag == _TUPLE:
+            return tuple, range(n)
+        try:
+            make, fields = interop.node_maker(
+                tag == _NAMEDTUPLE,
+                _read_text_attr(gid, interop.CLASS_ATTR, interop.MAX_CLASS_BYTES),
+                _read_text_attr(gid, interop.FIELDS_ATTR, interop.MAX_FIELDS_BYTES),
+                n,
+            )
+        except ValueError as exc:
+            raise _Corrupt(str(exc)) from None
+        return make, range(n) if fields is None else [interop.Field(f) for f in fields]
+
+    # ----------------------------------------------------------------- leaves
+    # One reader per tag (see _LEAF_READERS), each checking that the dataset is
+    # what its tag says before reading it.
+
+    def none_leaf(self, dset: h5d.DatasetID, tag: str, node: _Path) -> None:
+        if dset.get_space().get_simple_extent_type() != h5s.NULL:
+            raise _Corrupt("is tagged none but its dataspace is not null")
+
+    def number_leaf(self, dset: h5d.DatasetID, tag: str, node: _Path) -> Any:
+        """An int, float or bool."""
+        kind = dset.get_space().get_simple_extent_type()
+        tid = dset.get_type()
+        file_type, dt, mtype, convert = _FIXED_SCALARS[tag]
+        if kind == h5s.SCALAR and tid == file_type:
+            # The type h5ckpt writes for an int, float or bool: no dtype to work out.
+            number = np.empty((), dtype=dt)
+            dset.read(h5s.ALL, h5s.ALL, number, mtype=mtype)
+            return convert(number[()])
+        return convert(self.scalar(dset, tag, kind, tid))
+
+    def np_scalar_leaf(self, dset: h5d.DatasetID, tag: str, node: _Path) -> Any:
+        kind = dset.get_space().get_simple_extent_type()
+        return self.scalar(dset, tag, kind, dset.get_type())
+
+    def scalar(self, dset: h5d.DatasetID, tag: str, kind: int, tid: h5t.TypeID) -> Any:
+        """The numpy scalar of a scalar dataset of ``tid``, of a dtype its tag allows."""
+        dt = _plain_dtype(tid, tag)
+        if kind != h5s.SCALAR:
+            raise _Corrupt(f"is tagged {tag} but is not a scalar")
+        if not _SCALAR_DTYPE_OK[tag](dt):
+            raise _Corrupt(f"is tagged {tag} but has the dtype {dt}")
+        out = np.empty((), dtype=dt)
+        dset.read(h5s.ALL, h5s.ALL, out, mtype=_memory_type(dt))
+        return out[()]
+
+    def text_leaf(self, dset: h5d.DatasetID, tag: str, node: _Path) -> Any:
+        """A str or bigint: a scalar fixed-length UTF-8 string."""
+        kind = dset.get_space().get_simple_extent_type()
+        tid = dset.get_type()
+        if kind != h5s.SCALAR:
+            raise _Corrupt(f"is tagged {tag} but is not a scalar")
+        if not isinstance(tid, h5t.TypeStringID) or tid.is_variable_str():
+            raise _Corrupt(f"is tagged {tag} but is not a fixed-length string")
+        size = tid.get_size()
+        self.take_bytes(node, size)
+        if self.structure_only and size > _CHECKED_TEXT_BYTES:
+            return None
+        buf = np.empty((), dtype=f"S{size}")
+        dset.read(h5s.ALL, h5s.ALL, buf, mtype=tid)
+        text = buf.item().decode("utf-8")  # numpy drops the NUL padding
+        if tag == _STR:
+            return text
+        if _BIGINT_RE.fullmatch(text) is None:
+            raise _Corrupt(f"is tagged bigint but holds {text[:40]!r}")
+        return int(text, 16)
+
+    def pickle_leaf(self, dset: h5d.DatasetID, tag: str, node: _Path) -> Any:
+        if not self.allow_pickle and not self.structure_only:
+            where = self.where(node)
+            raise CheckpointPickleError(
+                f"{where} was saved with allow_pickle=True; pass allow_pickle=True to load "
+                "it — unpickling can run code, only do it for files you trust",
+                {"path": where},
+            )
+        return self.blob_leaf(dset, tag, node)
+
+    def blob_leaf(self, dset: h5d.DatasetID, tag: str, node: _Path) -> Any:
+        """bytes, bytearray, str_bytes or pickle: a 1-d uint8 dataset."""
+        space = dset.get_space()
+        kind = space.get_simple_extent_type()
+        dt = _plain_dtype(dset.get_type(), tag)
+        if kind != h5s.SIMPLE or space.get_simple_extent_ndims() != 1 or dt != _U8:
+            raise _Corrupt(f"is tagged {tag} but is not a 1-d uint8 dataset")
+        (size,) = space.get_simple_extent_dims()
+        self.take_bytes(node, size)
+        if self.structure_only:
+            return None
+        data = bytearray(size)
+        if size:
+            dset.read(h5s.ALL, h5s.ALL, np.frombuffer(data, dtype=_U8), mtype=_memory_type(dt))
+        return _BLOB_VALUES[tag](data)
+
+    def ndarray_leaf(self, dset: h5d.DatasetID, tag: str, node: _Path) -> Any:
+        space = dset.get_space()
+        kind = space.get_simple_extent_type()
+        dt = _plain_dtype(dset.get_type(), tag)
+        if kind not in (h5s.SCALAR, h5s.SIMPLE):
+            raise _Corrupt("is tagged ndarray but has a null dataspace")
+        if not _dtype_storable(dt):
+            raise _Corrupt(f"is tagged ndarray but has the unsupported dtype {dt}")
+        shape = space.get_simple_extent_dims() if kind == h5s.SIMPLE else ()
+        self.take_bytes(node, math.prod(shape) * dt.itemsize)
+        if self.structure_only:
+            # Stands for the array (no memory): the structure was all there was to check.
+            return np.broadcast_to(np.zeros((), dtype=dt), shape)
+        out = self.get_array(dset, shape, dt) if self.get_array is not None else None
+        if out is None:
+            out = np.empty(shape, dtype=dt)
+            if out.size:
+                dset.read(h5s.ALL, h5s.ALL, out, mtype=_memory_type(dt))
+        return out
 
     def ml_leaf(self, dset: h5d.DatasetID, tag: str, node: _Path) -> Any:
         """An ml_dtypes array or scalar: its bits, viewed as the dtype its attribute names."""
@@ -1189,7 +1399,10 @@ class _Reader:
         if kind != h5s.SCALAR and (tag == _ML_SCALAR or kind != h5s.SIMPLE):
             shape = "null" if kind == h5s.NULL else "non-scalar"
             raise _Corrupt(f"is tagged {tag} but has a {shape} dataspace")
-        bits = self.leaf(dset, _NDARRAY if tag == _ML_NDARRAY else _NP_SCALAR, node)
+        if tag == _ML_NDARRAY:
+            bits = self.ndarray_leaf(dset, _NDARRAY, node)
+        else:
+            bits = self.np_scalar_leaf(dset, _NP_SCALAR, node)
         if self.structure_only:
             return bits
         try:
@@ -1205,104 +1418,25 @@ class _Reader:
         out = bits.view(dtype)
         return out if tag == _ML_NDARRAY else out[()]
 
-    def leaf(self, dset: h5d.DatasetID, tag: str, node: _Path) -> Any:
-        if tag == _PICKLE and not self.allow_pickle and not self.structure_only:
-            where = self.where(node)
-            raise CheckpointPickleError(
-                f"{where} was saved with allow_pickle=True; pass allow_pickle=True to load "
-                "it — unpickling can run code, only do it for files you trust",
-                {"path": where},
-            )
-        if tag in (_ML_NDARRAY, _ML_SCALAR):
-            return self.ml_leaf(dset, tag, node)
-        space = dset.get_space()
-        kind = space.get_simple_extent_type()
-        if tag == _NONE:
-            if kind != h5s.NULL:
-                raise _Corrupt("is tagged none but its dataspace is not null")
-            return None
-        tid = dset.get_type()
-        fixed = _FIXED_SCALARS.get(tag)
-        if fixed is not None and kind == h5s.SCALAR and tid == fixed[0]:
-            # The type h5ckpt writes for an int, float or bool: no dtype to work out.
-            number = np.empty((), dtype=fixed[1])
-            dset.read(h5s.ALL, h5s.ALL, number, mtype=fixed[2])
-            return fixed[3](number[()])
-        if tag in (_STR, _BIGINT):
-            if kind != h5s.SCALAR:
-                raise _Corrupt(f"is tagged {tag} but is not a scalar")
-            if not isinstance(tid, h5t.TypeStringID) or tid.is_variable_str():
-                raise _Corrupt(f"is tagged {tag} but is not a fixed-length string")
-            size = tid.get_size()
-            self.take_bytes(node, size)
-            if self.structure_only and size > _CHECKED_TEXT_BYTES:
-                return None
-            buf = np.empty((), dtype=f"S{size}")
-            dset.read(h5s.ALL, h5s.ALL, buf, mtype=tid)
-            text = buf.item().decode("utf-8")  # numpy drops the NUL padding
-            if tag == _STR:
-                return text
-            if _BIGINT_RE.fullmatch(text) is None:
-                raise _Corrupt(f"is tagged bigint but holds {text[:40]!r}")
-            return int(text, 16)
-        dt = tid.dtype
-        if dt.metadata is not None:
-            raise _Corrupt(f"is tagged {tag} but has the special dtype {dt}")
-        if tag in _BLOBS:
-            if kind != h5s.SIMPLE or space.get_simple_extent_ndims() != 1 or dt != _U8:
-                raise _Corrupt(f"is tagged {tag} but is not a 1-d uint8 dataset")
-            (size,) = space.get_simple_extent_dims()
-            self.take_bytes(node, size)
-            if self.structure_only:
-                return None
-            data = bytearray(size)
-            if size:
-                dset.read(h5s.ALL, h5s.ALL, np.frombuffer(data, dtype=_U8), mtype=_memory_type(dt))
-            if tag == _BYTEARRAY:
-                return data
-            if tag == _BYTES:
-                return bytes(data)
-            if tag == _STR_BYTES:
-                return data.decode("utf-8", "surrogatepass")
-            return pickle.loads(data)
-        if tag == _NDARRAY:
-            if kind not in (h5s.SCALAR, h5s.SIMPLE):
-                raise _Corrupt("is tagged ndarray but has a null dataspace")
-            if not _dtype_storable(dt):
-                raise _Corrupt(f"is tagged ndarray but has the unsupported dtype {dt}")
-            shape = space.get_simple_extent_dims() if kind == h5s.SIMPLE else ()
-            self.take_bytes(node, math.prod(shape) * dt.itemsize)
-            if self.structure_only:
-                # Stands for the array (no memory): the structure was all there was to check.
-                return np.broadcast_to(np.zeros((), dtype=dt), shape)
-            out = self.get_array(dset, shape, dt) if self.get_array is not None else None
-            if out is None:
-                out = np.empty(shape, dtype=dt)
-                if out.size:
-                    dset.read(h5s.ALL, h5s.ALL, out, mtype=_memory_type(dt))
-            return out
-        # Scalars: int, float, bool, np_scalar.
-        if kind != h5s.SCALAR:
-            raise _Corrupt(f"is tagged {tag} but is not a scalar")
-        if tag == _INT:
-            ok = dt.kind == "i" and dt.itemsize == 8
-        elif tag == _FLOAT:
-            ok = dt.kind == "f" and dt.itemsize == 8
-        elif tag == _BOOL:
-            ok = dt.kind == "b"
-        else:
-            ok = _dtype_storable(dt)
-        if not ok:
-            raise _Corrupt(f"is tagged {tag} but has the dtype {dt}")
-        out = np.empty((), dtype=dt)
-        dset.read(h5s.ALL, h5s.ALL, out, mtype=_memory_type(dt))
-        if tag == _INT:
-            return int(out[()])
-        if tag == _FLOAT:
-            return float(out[()])
-        if tag == _BOOL:
-            return bool(out[()])
-        return out[()]
+
+#: The reader of each leaf tag.
+_LEAF_READERS: dict[str, Callable[[_Reader, h5d.DatasetID, str, _Path], Any]] = {
+    _NONE: _Reader.none_leaf,
+    _BOOL: _Reader.number_leaf,
+    _INT: _Reader.number_leaf,
+    _FLOAT: _Reader.number_leaf,
+    _BIGINT: _Reader.text_leaf,
+    _STR: _Reader.text_leaf,
+    _STR_BYTES: _Reader.blob_leaf,
+    _BYTES: _Reader.blob_leaf,
+    _BYTEARRAY: _Reader.blob_leaf,
+    _PICKLE: _Reader.pickle_leaf,
+    _NP_SCALAR: _Reader.np_scalar_leaf,
+    _NDARRAY: _Reader.ndarray_leaf,
+    _ML_NDARRAY: _Reader.ml_leaf,
+    _ML_SCALAR: _Reader.ml_leaf,
+}
+assert _LEAF_READERS.keys() == TAGS - _CONTAINERS
 
 
 def _hdf5_name(obj: Any) -> str | None:
