@@ -658,13 +658,29 @@ class _Writer:
     create the dataset it is asked for; what any other returns is checked.
     """
 
-    def __init__(self, put_array: PutArray | None) -> None:
+    def __init__(self, put_array: PutArray | None, root: str, allow_pickle: bool) -> None:
         self.put_array = put_array
         self.put_id = getattr(put_array, "put_id", None)
+        self.root = root
+        self.allow_pickle = allow_pickle
         h = self.h = _handles()
         self.scalar_space = h.scalar_space
         self.lcpl = h.lcpl
         self.types = h.types
+        # Tasks: (parent gid, link name, value, key path of the value).
+        self.stack: list[tuple[h5g.GroupID, str, Any, _Path]] = []
+
+    def run(self, gid: h5g.GroupID, value: Any) -> None:
+        """Write ``value`` as the child ``root`` of the group ``gid``."""
+        stack = self.stack
+        stack.append((gid, self.root, value, None))
+        while stack:
+            gid, name, v, node = stack.pop()
+            tag = _native_tag(v)
+            if tag is None:
+                self.pickled(gid, name, v, node)
+            else:
+                _VALUE_WRITERS[tag](self, gid, name, v, tag, node)
 
     def tag(self, obj: Any, tag: str) -> None:
         tid, buf = _TAG_TYPES[tag]
@@ -702,10 +718,6 @@ class _Writer:
         attr = h5a.create(obj, name.encode("ascii"), tid, self.scalar_space)
         attr.write(np.array(raw, dtype=f"S{size}"), mtype=tid)
 
-    def number(self, gid: h5g.GroupID, name: str, data: np.ndarray, tag: str) -> None:
-        tid, mtype = self.types[tag]
-        self.scalar(gid, name, tid, data, tag, mtype=mtype)
-
     def text(self, gid: h5g.GroupID, name: str, text: str, tag: str) -> None:
         # A fixed-length string: variable-length ones live in the global heap, and
         # HDF5 can loop forever reading a damaged global heap.
@@ -714,17 +726,6 @@ class _Writer:
         tid = self.h.text_type(size)
         data = np.array(raw, dtype=f"S{size}")
         self.scalar(gid, name, tid, data, tag, compact=size <= _COMPACT_TEXT_BYTES)
-
-    def none(self, gid: h5g.GroupID, name: str) -> None:
-        dset = h5d.create(
-            gid,
-            name.encode("utf-8"),
-            h5t.STD_U8LE,
-            self.h.null_space,
-            dcpl=self.h.contiguous,
-            lcpl=self.lcpl,
-        )
-        self.tag(dset, _NONE)
 
     def array(self, gid: h5g.GroupID, name: str, arr: np.ndarray, tag: str) -> h5d.DatasetID:
         arr = np.require(arr, requirements=("C", "A"))
@@ -752,15 +753,6 @@ class _Writer:
         self.tag(dset.id, tag)
         return dset.id
 
-    def node(self, gid: h5g.GroupID, name: str, tag: str, parts: tuple) -> h5g.GroupID:
-        """The group of a NamedTuple or pytree node, with its class and field names."""
-        class_name, fields, _ = parts
-        group = self.group(gid, name, tag)
-        self.text_attr(group, interop.CLASS_ATTR, class_name)
-        if fields is not None:
-            self.text_attr(group, interop.FIELDS_ATTR, ",".join(fields))
-        return group
-
     def foreign_array(self, gid: h5g.GroupID, name: str, value: Any, refuse: Callable) -> None:
         """An array-like (converted to its numpy array here, once) or an ml_dtypes array."""
         hint = None
@@ -782,6 +774,132 @@ class _Writer:
             self.text_attr(dset, interop.DTYPE_ATTR, ml)
         if hint:
             self.text_attr(dset, interop.ARRAY_HINT_ATTR, hint)
+
+    # ------------------------------------------------------------- values
+    # One writer per tag (see _VALUE_WRITERS), called with the value, its tag and
+    # its key path; containers queue their children.
+
+    def pickled(self, gid: h5g.GroupID, name: str, value: Any, node: _Path) -> None:
+        """A value no tag describes: pickled when allowed, else refused."""
+        if not self.allow_pickle:
+            raise _refuse(self.root, node, value)
+        try:
+            data = pickle.dumps(value, protocol=PICKLE_PROTOCOL)
+        except Exception as exc:
+            where = _render(self.root, node)
+            raise CheckpointValueError(
+                f"{where}: cannot pickle a value of type {_type_name(type(value))}: {exc}",
+                {"path": where},
+            ) from exc
+        self.array(gid, name, np.frombuffer(data, dtype=_U8), _PICKLE)
+
+    def dict_value(self, gid: h5g.GroupID, name: str, v: Any, tag: str, node: _Path) -> None:
+        group = self.group(gid, name, tag)
+        children = [(group, escape_key(k), item, (node, k)) for k, item in v.items()]
+        children.reverse()
+        self.stack.extend(children)
+
+    def sequence_value(self, gid: h5g.GroupID, name: str, v: Any, tag: str, node: _Path) -> None:
+        """A list or tuple."""
+        group = self.group(gid, name, tag)
+        children = [(group, str(i), item, (node, i)) for i, item in enumerate(v)]
+        children.reverse()
+        self.stack.extend(children)
+
+    def node_value(self, gid: h5g.GroupID, name: str, v: Any, tag: str, node: _Path) -> None:
+        """A NamedTuple or pytree node: a group of its children, with its class and
+        field names."""
+        parts = interop.node_parts(v)
+        assert parts is not None  # the tag says so
+        class_name, fields, children = parts
+        group = self.group(gid, name, tag)
+        self.text_attr(group, interop.CLASS_ATTR, class_name)
+        if fields is not None:
+            self.text_attr(group, interop.FIELDS_ATTR, ",".join(fields))
+        keys = map(interop.Field, fields) if fields is not None else range(len(children))
+        items = [
+            (group, str(i), item, (node, k))
+            for i, (k, item) in enumerate(zip(keys, children, strict=True))
+        ]
+        items.reverse()
+        self.stack.extend(items)
+
+    def number_value(self, gid: h5g.GroupID, name: str, v: Any, tag: str, node: _Path) -> None:
+        """An int (of 64 bits), float or bool."""
+        tid, mtype = self.types[tag]
+        self.scalar(gid, name, tid, np.array(v, dtype=_NUMBER_DTYPES[tag]), tag, mtype=mtype)
+
+    def none_value(self, gid: h5g.GroupID, name: str, v: Any, tag: str, node: _Path) -> None:
+        dset = h5d.create(
+            gid,
+            name.encode("utf-8"),
+            h5t.STD_U8LE,
+            self.h.null_space,
+            dcpl=self.h.contiguous,
+            lcpl=self.lcpl,
+        )
+        self.tag(dset, _NONE)
+
+    def str_value(self, gid: h5g.GroupID, name: str, v: Any, tag: str, node: _Path) -> None:
+        self.text(gid, name, v, tag)
+
+    def bigint_value(self, gid: h5g.GroupID, name: str, v: Any, tag: str, node: _Path) -> None:
+        self.text(gid, name, hex(v), tag)
+
+    def np_scalar_value(self, gid: h5g.GroupID, name: str, v: Any, tag: str, node: _Path) -> None:
+        scalar = np.array(v)
+        self.scalar(gid, name, self.h.type_of(scalar.dtype), scalar, tag)
+
+    def ml_scalar_value(self, gid: h5g.GroupID, name: str, v: Any, tag: str, node: _Path) -> None:
+        scalar = np.array(v)
+        bits = scalar.view(interop.bits_dtype(scalar.dtype))
+        dset = self.scalar(gid, name, hdf5_type(bits.dtype), bits, tag)
+        self.text_attr(dset, interop.DTYPE_ATTR, interop.ml_name(scalar.dtype) or "")
+
+    def ndarray_value(self, gid: h5g.GroupID, name: str, v: Any, tag: str, node: _Path) -> None:
+        if type(v) is np.ndarray:
+            self.array(gid, name, v, tag)
+        else:
+            self.foreign_value(gid, name, v, tag, node)
+
+    def foreign_value(self, gid: h5g.GroupID, name: str, v: Any, tag: str, node: _Path) -> None:
+        """An array-like or an ml_dtypes array."""
+        self.foreign_array(gid, name, v, _refuser(self.root, node, v))
+
+    def str_bytes_value(self, gid: h5g.GroupID, name: str, v: Any, tag: str, node: _Path) -> None:
+        raw = v.encode("utf-8", "surrogatepass")
+        self.array(gid, name, np.frombuffer(raw, dtype=_U8), tag)
+
+    def bytes_value(self, gid: h5g.GroupID, name: str, v: Any, tag: str, node: _Path) -> None:
+        """bytes or bytearray."""
+        self.array(gid, name, np.frombuffer(v, dtype=_U8), tag)
+
+
+#: The numpy dtype of each number tag.
+_NUMBER_DTYPES = {_INT: np.dtype(np.int64), _FLOAT: np.dtype(np.float64), _BOOL: np.dtype(np.bool_)}
+
+#: The writer of each tag.
+_VALUE_WRITERS: dict[str, Callable[[_Writer, h5g.GroupID, str, Any, str, _Path], None]] = {
+    _DICT: _Writer.dict_value,
+    _LIST: _Writer.sequence_value,
+    _TUPLE: _Writer.sequence_value,
+    _NAMEDTUPLE: _Writer.node_value,
+    _PYTREE: _Writer.node_value,
+    _NONE: _Writer.none_value,
+    _BOOL: _Writer.number_value,
+    _INT: _Writer.number_value,
+    _FLOAT: _Writer.number_value,
+    _BIGINT: _Writer.bigint_value,
+    _STR: _Writer.str_value,
+    _STR_BYTES: _Writer.str_bytes_value,
+    _BYTES: _Writer.bytes_value,
+    _BYTEARRAY: _Writer.bytes_value,
+    _NP_SCALAR: _Writer.np_scalar_value,
+    _NDARRAY: _Writer.ndarray_value,
+    _ML_NDARRAY: _Writer.foreign_value,
+    _ML_SCALAR: _Writer.ml_scalar_value,
+}
+assert _VALUE_WRITERS.keys() == TAGS - {_PICKLE}  # pickles: _Writer.pickled
 
 
 def write_array(gid: h5g.GroupID, name: str, arr: np.ndarray) -> h5d.DatasetID:
@@ -843,74 +961,7 @@ def write_value(
         For an unsupported value (with its key path), or when ``put_array`` does
         not return a dataset of ``arr``'s dtype and shape.
     """
-    w = _Writer(put_array)
-    stack: list[tuple[h5g.GroupID, str, Any, _Path]] = [(parent.id, name, value, None)]
-    while stack:
-        gid, nm, v, node = stack.pop()
-        tag = _native_tag(v)
-        if tag is None:
-            if not allow_pickle:
-                raise _refuse(name, node, v)
-            try:
-                data = pickle.dumps(v, protocol=PICKLE_PROTOCOL)
-            except Exception as exc:
-                where = _render(name, node)
-                raise CheckpointValueError(
-                    f"{where}: cannot pickle a value of type {_type_name(type(v))}: {exc}",
-                    {"path": where},
-                ) from exc
-            w.array(gid, nm, np.frombuffer(data, dtype=_U8), _PICKLE)
-        elif tag is _DICT:
-            group = w.group(gid, nm, tag)
-            children = [(group, escape_key(k), item, (node, k)) for k, item in v.items()]
-            children.reverse()
-            stack.extend(children)
-        elif tag is _LIST or tag is _TUPLE:
-            group = w.group(gid, nm, tag)
-            children = [(group, str(i), item, (node, i)) for i, item in enumerate(v)]
-            children.reverse()
-            stack.extend(children)
-        elif tag is _INT:
-            w.number(gid, nm, np.array(v, dtype=np.int64), tag)
-        elif tag is _FLOAT:
-            w.number(gid, nm, np.array(v, dtype=np.float64), tag)
-        elif tag is _BOOL:
-            w.number(gid, nm, np.array(v, dtype=np.bool_), tag)
-        elif tag is _NONE:
-            w.none(gid, nm)
-        elif tag is _STR:
-            w.text(gid, nm, v, tag)
-        elif tag is _BIGINT:
-            w.text(gid, nm, hex(v), tag)
-        elif tag is _NP_SCALAR:
-            scalar = np.array(v)
-            w.scalar(gid, nm, w.h.type_of(scalar.dtype), scalar, tag)
-        elif tag is _NDARRAY and type(v) is np.ndarray:
-            w.array(gid, nm, v, tag)
-        elif tag is _NDARRAY or tag is _ML_NDARRAY:
-            w.foreign_array(gid, nm, v, _refuser(name, node, v))
-        elif tag is _NAMEDTUPLE or tag is _PYTREE:
-            parts = interop.node_parts(v)
-            assert parts is not None  # the tag says so
-            group = w.node(gid, nm, tag, parts)
-            _, fields, children = parts
-            keys = map(interop.Field, fields) if fields is not None else range(len(children))
-            items = [
-                (group, str(i), item, (node, k))
-                for i, (k, item) in enumerate(zip(keys, children, strict=True))
-            ]
-            items.reverse()
-            stack.extend(items)
-        elif tag is _ML_SCALAR:
-            scalar = np.array(v)
-            bits = scalar.view(interop.bits_dtype(scalar.dtype))
-            dset = w.scalar(gid, nm, hdf5_type(bits.dtype), bits, tag)
-            w.text_attr(dset, interop.DTYPE_ATTR, interop.ml_name(scalar.dtype) or "")
-        elif tag is _STR_BYTES:
-            raw = v.encode("utf-8", "surrogatepass")
-            w.array(gid, nm, np.frombuffer(raw, dtype=_U8), tag)
-        else:  # bytes, bytearray
-            w.array(gid, nm, np.frombuffer(v, dtype=_U8), tag)
+    _Writer(put_array, name, allow_pickle).run(parent.id, value)
 
 
 def _refuser(root: str, node: _Path, value: Any) -> Callable[[str], CheckpointValueError]:
