@@ -459,8 +459,6 @@ def check_value(
         limits = LoadLimits()
     elif not isinstance(limits, LoadLimits):
         raise CheckpointValueError(f"limits must be a LoadLimits, not {type(limits).__name__}")
-    max_depth = limits.max_depth
-    max_nodes = limits.max_nodes
     nodes = 1
     nbytes = 0
     ancestors: set[int] = set()
@@ -477,58 +475,69 @@ def check_value(
             _check_picklable(v, path, node)
             continue
         if tag not in _CONTAINERS:
-            if (tag is _NDARRAY or tag is _ML_NDARRAY) and not isinstance(v, np.ndarray):
-                spec = interop.array_spec(v)
-                assert isinstance(spec, tuple)  # the tag says so
-                nbytes += math.prod(spec[1]) * spec[0].itemsize
-            else:
-                nbytes += _declared_bytes(v)
+            nbytes += _declared_bytes(v, tag)
             continue
         vid = id(v)
         if tag is _NAMEDTUPLE or tag is _PYTREE:
-            # Walked as a dict of its children, keyed by field name or position (the
-            # node itself, alive in its parent, stands for it among the ancestors).
-            _, fields, children = interop.node_parts(v)  # type: ignore[misc]
-            keys = map(interop.Field, fields) if fields is not None else range(len(children))
-            v = dict(zip(keys, children, strict=True))
-            tag = _DICT
+            # Walked as a dict of its children (the node itself, alive in its
+            # parent, stands for it among the ancestors).
+            v, tag = _node_dict(v), _DICT
         if not v:
             continue
-        if vid in ancestors:
-            where = _render(path, node)
-            raise CheckpointValueError(
-                f"{where}: the value contains itself (a reference cycle); only trees can be stored",
-                {"path": where},
-            )
-        if depth >= max_depth:
-            where = _render(path, node)
-            raise CheckpointValueError(
-                f"{where}: the value nests deeper than max_depth={max_depth}, so it could "
-                "not be loaded with these limits; raise them with "
-                "CheckpointManager(..., load_limits=LoadLimits(max_depth=...))",
-                {"path": where, "max_depth": max_depth},
-            )
         nodes += len(v)
-        if nodes > max_nodes:
-            where = _render(path, node)
-            raise CheckpointValueError(
-                f"{where}: the value has more than max_nodes={max_nodes} nodes, so it could "
-                "not be loaded with these limits; raise them with "
-                "CheckpointManager(..., load_limits=LoadLimits(max_nodes=...))",
-                {"path": where, "max_nodes": max_nodes},
-            )
+        _check_container(path, node, vid in ancestors, depth, nodes, limits)
         ancestors.add(vid)
         stack.append((_EXIT, vid, None))
         child_depth = depth + 1
-        if tag is _DICT:
-            stack.extend((item, child_depth, (node, k)) for k, item in v.items())
-        else:
-            stack.extend((item, child_depth, (node, i)) for i, item in enumerate(v))
+        pairs = v.items() if tag is _DICT else enumerate(v)
+        stack.extend((item, child_depth, (node, k)) for k, item in pairs)
     return nbytes
 
 
-def _declared_bytes(value: Any) -> int:
-    """What loading counts against ``max_array_bytes`` for one leaf."""
+def _node_dict(value: Any) -> dict[Any, Any]:
+    """The children of a NamedTuple or pytree node, keyed by field name or position."""
+    _, fields, children = interop.node_parts(value)  # type: ignore[misc]
+    keys = map(interop.Field, fields) if fields is not None else range(len(children))
+    return dict(zip(keys, children, strict=True))
+
+
+def _check_container(
+    root: str, node: _Path, in_ancestors: bool, depth: int, nodes: int, limits: LoadLimits
+) -> None:
+    """Refuse a non-empty container that contains itself, sits at ``limits.max_depth``
+    or brings the node count to ``nodes`` above ``limits.max_nodes``."""
+    if in_ancestors:
+        where = _render(root, node)
+        raise CheckpointValueError(
+            f"{where}: the value contains itself (a reference cycle); only trees can be stored",
+            {"path": where},
+        )
+    max_depth = limits.max_depth
+    if depth >= max_depth:
+        where = _render(root, node)
+        raise CheckpointValueError(
+            f"{where}: the value nests deeper than max_depth={max_depth}, so it could "
+            "not be loaded with these limits; raise them with "
+            "CheckpointManager(..., load_limits=LoadLimits(max_depth=...))",
+            {"path": where, "max_depth": max_depth},
+        )
+    max_nodes = limits.max_nodes
+    if nodes > max_nodes:
+        where = _render(root, node)
+        raise CheckpointValueError(
+            f"{where}: the value has more than max_nodes={max_nodes} nodes, so it could "
+            "not be loaded with these limits; raise them with "
+            "CheckpointManager(..., load_limits=LoadLimits(max_nodes=...))",
+            {"path": where, "max_nodes": max_nodes},
+        )
+
+
+def _declared_bytes(value: Any, tag: str) -> int:
+    """What loading counts against ``max_array_bytes`` for one leaf of ``tag``."""
+    if (tag is _NDARRAY or tag is _ML_NDARRAY) and not isinstance(value, np.ndarray):
+        spec = interop.array_spec(value)
+        assert isinstance(spec, tuple)  # the tag says so
+        return math.prod(spec[1]) * spec[0].itemsize
     if isinstance(value, np.ndarray):
         return value.nbytes
     if isinstance(value, (bytes, bytearray)):
