@@ -20,10 +20,11 @@ All walks are iterative, so a deep tree never raises ``RecursionError``.
 
 from __future__ import annotations
 
+import itertools
 import math
 import pickle
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import h5py
@@ -1676,44 +1677,81 @@ def values_equal(a: Any, b: Any) -> bool:
         t = type(x)
         if t is not type(y):
             return False
-        if t is dict:
-            if len(x) != len(y):
-                return False
-            stack.extend(zip(x.keys(), y.keys(), strict=True))
-            stack.extend(zip(x.values(), y.values(), strict=True))
-        elif t is list or t is tuple or (issubclass(t, tuple) and hasattr(t, "_fields")):
-            if len(x) != len(y):
-                return False
-            stack.extend(zip(x, y, strict=True))
-        elif t is float:
-            if not _float_equal(x, y):
-                return False
-        elif t is complex:
-            if not (_float_equal(x.real, y.real) and _float_equal(x.imag, y.imag)):
-                return False
-        elif t is np.ndarray:
-            if x.dtype.hasobject:
-                if x.dtype != y.dtype or x.shape != y.shape:
-                    return False
-                stack.extend(zip(x.ravel().tolist(), y.ravel().tolist(), strict=True))
-            elif not _arrays_equal(x, y):
-                return False
-        elif isinstance(x, np.generic):
-            if not _arrays_equal(np.asarray(x), np.asarray(y)):
-                return False
-        elif x is not y and _foreign_tag(x) in (_NDARRAY, _ML_NDARRAY):
-            # Array-likes of the same type (jax.Array, torch.Tensor...): their arrays.
-            if not _arrays_equal(interop.host_array(x)[0], interop.host_array(y)[0]):
-                return False
-        elif x is not y and _foreign_tag(x) is _PYTREE:
-            px, py = interop.node_parts(x), interop.node_parts(y)
-            if px is None or py is None or px[1] != py[1] or len(px[2]) != len(py[2]):
-                return False
-            stack.extend(zip(px[2], py[2], strict=True))
-        elif x is not y:
-            try:
-                if not bool(x == y):
-                    return False
-            except Exception:
-                return False
+        pairs = _EQUAL_PAIRS.get(t, _other_pairs)(x, y)
+        if pairs is None:
+            return False
+        stack.extend(pairs)
     return True
+
+
+# Comparers of two values of one type: None when they differ, else the pairs of
+# their parts that must be equal too (none for a leaf).
+_Pairs = Iterable[tuple[Any, Any]] | None
+_SAME: tuple[tuple[Any, Any], ...] = ()
+
+
+def _dict_pairs(x: dict, y: dict) -> _Pairs:
+    if len(x) != len(y):
+        return None
+    return itertools.chain(
+        zip(x.keys(), y.keys(), strict=True), zip(x.values(), y.values(), strict=True)
+    )
+
+
+def _sequence_pairs(x: Any, y: Any) -> _Pairs:
+    """A list, tuple or NamedTuple."""
+    return None if len(x) != len(y) else zip(x, y, strict=True)
+
+
+def _float_pairs(x: float, y: float) -> _Pairs:
+    return _SAME if _float_equal(x, y) else None
+
+
+def _complex_pairs(x: complex, y: complex) -> _Pairs:
+    same = _float_equal(x.real, y.real) and _float_equal(x.imag, y.imag)
+    return _SAME if same else None
+
+
+def _ndarray_pairs(x: np.ndarray, y: np.ndarray) -> _Pairs:
+    if x.dtype.hasobject:
+        if x.dtype != y.dtype or x.shape != y.shape:
+            return None
+        return zip(x.ravel().tolist(), y.ravel().tolist(), strict=True)
+    return _SAME if _arrays_equal(x, y) else None
+
+
+def _other_pairs(x: Any, y: Any) -> _Pairs:
+    """Values of any other type: NamedTuples, numpy scalars, array-likes and pytree
+    nodes of other libraries, and at last whatever ``==`` says."""
+    t = type(x)
+    if issubclass(t, tuple) and hasattr(t, "_fields"):
+        return _sequence_pairs(x, y)
+    if isinstance(x, np.generic):
+        return _SAME if _arrays_equal(np.asarray(x), np.asarray(y)) else None
+    if x is y:
+        return _SAME
+    tag = _foreign_tag(x)
+    if tag in (_NDARRAY, _ML_NDARRAY):
+        # Array-likes of the same type (jax.Array, torch.Tensor...): their arrays.
+        same = _arrays_equal(interop.host_array(x)[0], interop.host_array(y)[0])
+        return _SAME if same else None
+    if tag is _PYTREE:
+        px, py = interop.node_parts(x), interop.node_parts(y)
+        if px is None or py is None or px[1] != py[1] or len(px[2]) != len(py[2]):
+            return None
+        return zip(px[2], py[2], strict=True)
+    try:
+        same = bool(x == y)
+    except Exception:
+        return None
+    return _SAME if same else None
+
+
+_EQUAL_PAIRS: dict[type, Callable[[Any, Any], _Pairs]] = {
+    dict: _dict_pairs,
+    list: _sequence_pairs,
+    tuple: _sequence_pairs,
+    float: _float_pairs,
+    complex: _complex_pairs,
+    np.ndarray: _ndarray_pairs,
+}
