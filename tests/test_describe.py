@@ -221,3 +221,24 @@ def test_the_verified_copy_cannot_be_changed(tmp_path: Path):
                 os.ftruncate(copy, 10)
     finally:
         os.close(fd)
+
+
+def test_children_are_described_in_the_order_loading_reads_them(tmp_path: Path):
+    state = {"zeta": 1, "alpha": {"y": 2, "b": [3, 4], "a/b": 5}, "10": 6, "9": 7, "": 8}
+    m = CheckpointManager(tmp_path / "run")
+    path = m.save_checkpoint(1, np.ones(2), state, 0.5)
+    loaded = m.load_checkpoint(path)["optimizer_state"]
+    described = describe_file(path)["tree"]["optimizer_state"]
+
+    def keys(node: dict) -> list:
+        return [(k, keys(c)) for k, c in node["children"].items() if c["type"] == "dict"] + [
+            list(node["children"])
+        ]
+
+    def loaded_keys(value: dict) -> list:
+        return [(k, loaded_keys(v)) for k, v in value.items() if isinstance(v, dict)] + [
+            list(value)
+        ]
+
+    assert list(loaded) == ["zeta", "alpha", "10", "9", ""]
+    assert keys(described) == loaded_keys(loaded)

@@ -34,6 +34,7 @@ from h5ckpt.tree import (
     check_value,
     escape_key,
     hdf5_type,
+    ordered_links,
     read_value,
     unescape_key,
     values_equal,
@@ -269,6 +270,23 @@ def test_dict_order_is_insertion_order_not_name_order(tmp_path: Path) -> None:
     value = {"zeta": 1, "alpha": 2, "10": 3, "9": 4, "Beta": 5}
     back = assert_roundtrip(tmp_path, value)
     assert list(back) == ["zeta", "alpha", "10", "9", "Beta"]
+
+
+def test_a_dict_group_without_creation_order_is_read_in_name_order(tmp_path: Path) -> None:
+    """Groups written by another program may not track creation order: loading and
+    ``h5ckpt show`` (which shares the link walk) then list the links by name."""
+    path = tmp_path / "untracked.h5"
+    with h5py.File(path, "w") as f:
+        g = f.create_group("v", track_order=False)
+        tag(g, "dict")
+        for name in ["zeta", "alpha", "10", "9", "Beta"]:
+            tag(g.create_dataset(name, data=np.int64(1)), "int")
+    with h5py.File(path, "r") as f:
+        gid = f["v"].id
+        with pytest.raises(RuntimeError):  # the walk falls back, not just succeeds
+            gid.links.iterate(lambda n: None, idx_type=h5py.h5.INDEX_CRT_ORDER)
+        assert [n for n, _ in ordered_links(gid)] == [b"10", b"9", b"Beta", b"alpha", b"zeta"]
+    assert list(read_file(path)) == ["10", "9", "Beta", "alpha", "zeta"]
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ from .opening import checkpoint_kind, file_kind, open_hdf5, open_regular, read_h
 from .payload import DescriptorFile
 from .reading import verified_copy
 from .staging import oserror_to_checkpoint
-from .tree import TYPE_ATTR, unescape_key
+from .tree import TYPE_ATTR, ordered_links, unescape_key
 from .verification import (
     INVALID,
     LEGACY,
@@ -476,13 +476,8 @@ def _leaf_node(ds: h5py.Dataset, tag: str) -> dict[str, Any]:
 
 
 def _links(group: h5py.Group) -> list[str]:
-    names: list[bytes] = []
-    try:
-        group.id.links.iterate(names.append, idx_type=h5py.h5.INDEX_CRT_ORDER)
-    except RuntimeError:
-        names.clear()
-        group.id.links.iterate(names.append, idx_type=h5py.h5.INDEX_NAME)
-    return [n.decode("utf-8", "surrogateescape") for n in names]
+    """The link names of ``group`` in the order loading reads them."""
+    return [n.decode("utf-8", "surrogateescape") for n, _ in ordered_links(group.id)]
 
 
 class _Budget:

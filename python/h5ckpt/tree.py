@@ -20,10 +20,11 @@ All walks are iterative, so a deep tree never raises ``RecursionError``.
 
 from __future__ import annotations
 
+import itertools
 import math
 import pickle
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import h5py
@@ -459,8 +460,6 @@ def check_value(
         limits = LoadLimits()
     elif not isinstance(limits, LoadLimits):
         raise CheckpointValueError(f"limits must be a LoadLimits, not {type(limits).__name__}")
-    max_depth = limits.max_depth
-    max_nodes = limits.max_nodes
     nodes = 1
     nbytes = 0
     ancestors: set[int] = set()
@@ -477,58 +476,69 @@ def check_value(
             _check_picklable(v, path, node)
             continue
         if tag not in _CONTAINERS:
-            if (tag is _NDARRAY or tag is _ML_NDARRAY) and not isinstance(v, np.ndarray):
-                spec = interop.array_spec(v)
-                assert isinstance(spec, tuple)  # the tag says so
-                nbytes += math.prod(spec[1]) * spec[0].itemsize
-            else:
-                nbytes += _declared_bytes(v)
+            nbytes += _declared_bytes(v, tag)
             continue
         vid = id(v)
         if tag is _NAMEDTUPLE or tag is _PYTREE:
-            # Walked as a dict of its children, keyed by field name or position (the
-            # node itself, alive in its parent, stands for it among the ancestors).
-            _, fields, children = interop.node_parts(v)  # type: ignore[misc]
-            keys = map(interop.Field, fields) if fields is not None else range(len(children))
-            v = dict(zip(keys, children, strict=True))
-            tag = _DICT
+            # Walked as a dict of its children (the node itself, alive in its
+            # parent, stands for it among the ancestors).
+            v, tag = _node_dict(v), _DICT
         if not v:
             continue
-        if vid in ancestors:
-            where = _render(path, node)
-            raise CheckpointValueError(
-                f"{where}: the value contains itself (a reference cycle); only trees can be stored",
-                {"path": where},
-            )
-        if depth >= max_depth:
-            where = _render(path, node)
-            raise CheckpointValueError(
-                f"{where}: the value nests deeper than max_depth={max_depth}, so it could "
-                "not be loaded with these limits; raise them with "
-                "CheckpointManager(..., load_limits=LoadLimits(max_depth=...))",
-                {"path": where, "max_depth": max_depth},
-            )
         nodes += len(v)
-        if nodes > max_nodes:
-            where = _render(path, node)
-            raise CheckpointValueError(
-                f"{where}: the value has more than max_nodes={max_nodes} nodes, so it could "
-                "not be loaded with these limits; raise them with "
-                "CheckpointManager(..., load_limits=LoadLimits(max_nodes=...))",
-                {"path": where, "max_nodes": max_nodes},
-            )
+        _check_container(path, node, vid in ancestors, depth, nodes, limits)
         ancestors.add(vid)
         stack.append((_EXIT, vid, None))
         child_depth = depth + 1
-        if tag is _DICT:
-            stack.extend((item, child_depth, (node, k)) for k, item in v.items())
-        else:
-            stack.extend((item, child_depth, (node, i)) for i, item in enumerate(v))
+        pairs = v.items() if tag is _DICT else enumerate(v)
+        stack.extend((item, child_depth, (node, k)) for k, item in pairs)
     return nbytes
 
 
-def _declared_bytes(value: Any) -> int:
-    """What loading counts against ``max_array_bytes`` for one leaf."""
+def _node_dict(value: Any) -> dict[Any, Any]:
+    """The children of a NamedTuple or pytree node, keyed by field name or position."""
+    _, fields, children = interop.node_parts(value)  # type: ignore[misc]
+    keys = map(interop.Field, fields) if fields is not None else range(len(children))
+    return dict(zip(keys, children, strict=True))
+
+
+def _check_container(
+    root: str, node: _Path, in_ancestors: bool, depth: int, nodes: int, limits: LoadLimits
+) -> None:
+    """Refuse a non-empty container that contains itself, sits at ``limits.max_depth``
+    or brings the node count to ``nodes`` above ``limits.max_nodes``."""
+    if in_ancestors:
+        where = _render(root, node)
+        raise CheckpointValueError(
+            f"{where}: the value contains itself (a reference cycle); only trees can be stored",
+            {"path": where},
+        )
+    max_depth = limits.max_depth
+    if depth >= max_depth:
+        where = _render(root, node)
+        raise CheckpointValueError(
+            f"{where}: the value nests deeper than max_depth={max_depth}, so it could "
+            "not be loaded with these limits; raise them with "
+            "CheckpointManager(..., load_limits=LoadLimits(max_depth=...))",
+            {"path": where, "max_depth": max_depth},
+        )
+    max_nodes = limits.max_nodes
+    if nodes > max_nodes:
+        where = _render(root, node)
+        raise CheckpointValueError(
+            f"{where}: the value has more than max_nodes={max_nodes} nodes, so it could "
+            "not be loaded with these limits; raise them with "
+            "CheckpointManager(..., load_limits=LoadLimits(max_nodes=...))",
+            {"path": where, "max_nodes": max_nodes},
+        )
+
+
+def _declared_bytes(value: Any, tag: str) -> int:
+    """What loading counts against ``max_array_bytes`` for one leaf of ``tag``."""
+    if (tag is _NDARRAY or tag is _ML_NDARRAY) and not isinstance(value, np.ndarray):
+        spec = interop.array_spec(value)
+        assert isinstance(spec, tuple)  # the tag says so
+        return math.prod(spec[1]) * spec[0].itemsize
     if isinstance(value, np.ndarray):
         return value.nbytes
     if isinstance(value, (bytes, bytearray)):
@@ -658,13 +668,29 @@ class _Writer:
     create the dataset it is asked for; what any other returns is checked.
     """
 
-    def __init__(self, put_array: PutArray | None) -> None:
+    def __init__(self, put_array: PutArray | None, root: str, allow_pickle: bool) -> None:
         self.put_array = put_array
         self.put_id = getattr(put_array, "put_id", None)
+        self.root = root
+        self.allow_pickle = allow_pickle
         h = self.h = _handles()
         self.scalar_space = h.scalar_space
         self.lcpl = h.lcpl
         self.types = h.types
+        # Tasks: (parent gid, link name, value, key path of the value).
+        self.stack: list[tuple[h5g.GroupID, str, Any, _Path]] = []
+
+    def run(self, gid: h5g.GroupID, value: Any) -> None:
+        """Write ``value`` as the child ``root`` of the group ``gid``."""
+        stack = self.stack
+        stack.append((gid, self.root, value, None))
+        while stack:
+            gid, name, v, node = stack.pop()
+            tag = _native_tag(v)
+            if tag is None:
+                self.pickled(gid, name, v, node)
+            else:
+                _VALUE_WRITERS[tag](self, gid, name, v, tag, node)
 
     def tag(self, obj: Any, tag: str) -> None:
         tid, buf = _TAG_TYPES[tag]
@@ -702,10 +728,6 @@ class _Writer:
         attr = h5a.create(obj, name.encode("ascii"), tid, self.scalar_space)
         attr.write(np.array(raw, dtype=f"S{size}"), mtype=tid)
 
-    def number(self, gid: h5g.GroupID, name: str, data: np.ndarray, tag: str) -> None:
-        tid, mtype = self.types[tag]
-        self.scalar(gid, name, tid, data, tag, mtype=mtype)
-
     def text(self, gid: h5g.GroupID, name: str, text: str, tag: str) -> None:
         # A fixed-length string: variable-length ones live in the global heap, and
         # HDF5 can loop forever reading a damaged global heap.
@@ -714,17 +736,6 @@ class _Writer:
         tid = self.h.text_type(size)
         data = np.array(raw, dtype=f"S{size}")
         self.scalar(gid, name, tid, data, tag, compact=size <= _COMPACT_TEXT_BYTES)
-
-    def none(self, gid: h5g.GroupID, name: str) -> None:
-        dset = h5d.create(
-            gid,
-            name.encode("utf-8"),
-            h5t.STD_U8LE,
-            self.h.null_space,
-            dcpl=self.h.contiguous,
-            lcpl=self.lcpl,
-        )
-        self.tag(dset, _NONE)
 
     def array(self, gid: h5g.GroupID, name: str, arr: np.ndarray, tag: str) -> h5d.DatasetID:
         arr = np.require(arr, requirements=("C", "A"))
@@ -752,15 +763,6 @@ class _Writer:
         self.tag(dset.id, tag)
         return dset.id
 
-    def node(self, gid: h5g.GroupID, name: str, tag: str, parts: tuple) -> h5g.GroupID:
-        """The group of a NamedTuple or pytree node, with its class and field names."""
-        class_name, fields, _ = parts
-        group = self.group(gid, name, tag)
-        self.text_attr(group, interop.CLASS_ATTR, class_name)
-        if fields is not None:
-            self.text_attr(group, interop.FIELDS_ATTR, ",".join(fields))
-        return group
-
     def foreign_array(self, gid: h5g.GroupID, name: str, value: Any, refuse: Callable) -> None:
         """An array-like (converted to its numpy array here, once) or an ml_dtypes array."""
         hint = None
@@ -782,6 +784,132 @@ class _Writer:
             self.text_attr(dset, interop.DTYPE_ATTR, ml)
         if hint:
             self.text_attr(dset, interop.ARRAY_HINT_ATTR, hint)
+
+    # ------------------------------------------------------------- values
+    # One writer per tag (see _VALUE_WRITERS), called with the value, its tag and
+    # its key path; containers queue their children.
+
+    def pickled(self, gid: h5g.GroupID, name: str, value: Any, node: _Path) -> None:
+        """A value no tag describes: pickled when allowed, else refused."""
+        if not self.allow_pickle:
+            raise _refuse(self.root, node, value)
+        try:
+            data = pickle.dumps(value, protocol=PICKLE_PROTOCOL)
+        except Exception as exc:
+            where = _render(self.root, node)
+            raise CheckpointValueError(
+                f"{where}: cannot pickle a value of type {_type_name(type(value))}: {exc}",
+                {"path": where},
+            ) from exc
+        self.array(gid, name, np.frombuffer(data, dtype=_U8), _PICKLE)
+
+    def dict_value(self, gid: h5g.GroupID, name: str, v: Any, tag: str, node: _Path) -> None:
+        group = self.group(gid, name, tag)
+        children = [(group, escape_key(k), item, (node, k)) for k, item in v.items()]
+        children.reverse()
+        self.stack.extend(children)
+
+    def sequence_value(self, gid: h5g.GroupID, name: str, v: Any, tag: str, node: _Path) -> None:
+        """A list or tuple."""
+        group = self.group(gid, name, tag)
+        children = [(group, str(i), item, (node, i)) for i, item in enumerate(v)]
+        children.reverse()
+        self.stack.extend(children)
+
+    def node_value(self, gid: h5g.GroupID, name: str, v: Any, tag: str, node: _Path) -> None:
+        """A NamedTuple or pytree node: a group of its children, with its class and
+        field names."""
+        parts = interop.node_parts(v)
+        assert parts is not None  # the tag says so
+        class_name, fields, children = parts
+        group = self.group(gid, name, tag)
+        self.text_attr(group, interop.CLASS_ATTR, class_name)
+        if fields is not None:
+            self.text_attr(group, interop.FIELDS_ATTR, ",".join(fields))
+        keys = map(interop.Field, fields) if fields is not None else range(len(children))
+        items = [
+            (group, str(i), item, (node, k))
+            for i, (k, item) in enumerate(zip(keys, children, strict=True))
+        ]
+        items.reverse()
+        self.stack.extend(items)
+
+    def number_value(self, gid: h5g.GroupID, name: str, v: Any, tag: str, node: _Path) -> None:
+        """An int (of 64 bits), float or bool."""
+        tid, mtype = self.types[tag]
+        self.scalar(gid, name, tid, np.array(v, dtype=_NUMBER_DTYPES[tag]), tag, mtype=mtype)
+
+    def none_value(self, gid: h5g.GroupID, name: str, v: Any, tag: str, node: _Path) -> None:
+        dset = h5d.create(
+            gid,
+            name.encode("utf-8"),
+            h5t.STD_U8LE,
+            self.h.null_space,
+            dcpl=self.h.contiguous,
+            lcpl=self.lcpl,
+        )
+        self.tag(dset, _NONE)
+
+    def str_value(self, gid: h5g.GroupID, name: str, v: Any, tag: str, node: _Path) -> None:
+        self.text(gid, name, v, tag)
+
+    def bigint_value(self, gid: h5g.GroupID, name: str, v: Any, tag: str, node: _Path) -> None:
+        self.text(gid, name, hex(v), tag)
+
+    def np_scalar_value(self, gid: h5g.GroupID, name: str, v: Any, tag: str, node: _Path) -> None:
+        scalar = np.array(v)
+        self.scalar(gid, name, self.h.type_of(scalar.dtype), scalar, tag)
+
+    def ml_scalar_value(self, gid: h5g.GroupID, name: str, v: Any, tag: str, node: _Path) -> None:
+        scalar = np.array(v)
+        bits = scalar.view(interop.bits_dtype(scalar.dtype))
+        dset = self.scalar(gid, name, hdf5_type(bits.dtype), bits, tag)
+        self.text_attr(dset, interop.DTYPE_ATTR, interop.ml_name(scalar.dtype) or "")
+
+    def ndarray_value(self, gid: h5g.GroupID, name: str, v: Any, tag: str, node: _Path) -> None:
+        if type(v) is np.ndarray:
+            self.array(gid, name, v, tag)
+        else:
+            self.foreign_value(gid, name, v, tag, node)
+
+    def foreign_value(self, gid: h5g.GroupID, name: str, v: Any, tag: str, node: _Path) -> None:
+        """An array-like or an ml_dtypes array."""
+        self.foreign_array(gid, name, v, _refuser(self.root, node, v))
+
+    def str_bytes_value(self, gid: h5g.GroupID, name: str, v: Any, tag: str, node: _Path) -> None:
+        raw = v.encode("utf-8", "surrogatepass")
+        self.array(gid, name, np.frombuffer(raw, dtype=_U8), tag)
+
+    def bytes_value(self, gid: h5g.GroupID, name: str, v: Any, tag: str, node: _Path) -> None:
+        """bytes or bytearray."""
+        self.array(gid, name, np.frombuffer(v, dtype=_U8), tag)
+
+
+#: The numpy dtype of each number tag.
+_NUMBER_DTYPES = {_INT: np.dtype(np.int64), _FLOAT: np.dtype(np.float64), _BOOL: np.dtype(np.bool_)}
+
+#: The writer of each tag.
+_VALUE_WRITERS: dict[str, Callable[[_Writer, h5g.GroupID, str, Any, str, _Path], None]] = {
+    _DICT: _Writer.dict_value,
+    _LIST: _Writer.sequence_value,
+    _TUPLE: _Writer.sequence_value,
+    _NAMEDTUPLE: _Writer.node_value,
+    _PYTREE: _Writer.node_value,
+    _NONE: _Writer.none_value,
+    _BOOL: _Writer.number_value,
+    _INT: _Writer.number_value,
+    _FLOAT: _Writer.number_value,
+    _BIGINT: _Writer.bigint_value,
+    _STR: _Writer.str_value,
+    _STR_BYTES: _Writer.str_bytes_value,
+    _BYTES: _Writer.bytes_value,
+    _BYTEARRAY: _Writer.bytes_value,
+    _NP_SCALAR: _Writer.np_scalar_value,
+    _NDARRAY: _Writer.ndarray_value,
+    _ML_NDARRAY: _Writer.foreign_value,
+    _ML_SCALAR: _Writer.ml_scalar_value,
+}
+assert _VALUE_WRITERS.keys() == TAGS - {_PICKLE}  # pickles: _Writer.pickled
 
 
 def write_array(gid: h5g.GroupID, name: str, arr: np.ndarray) -> h5d.DatasetID:
@@ -843,74 +971,7 @@ def write_value(
         For an unsupported value (with its key path), or when ``put_array`` does
         not return a dataset of ``arr``'s dtype and shape.
     """
-    w = _Writer(put_array)
-    stack: list[tuple[h5g.GroupID, str, Any, _Path]] = [(parent.id, name, value, None)]
-    while stack:
-        gid, nm, v, node = stack.pop()
-        tag = _native_tag(v)
-        if tag is None:
-            if not allow_pickle:
-                raise _refuse(name, node, v)
-            try:
-                data = pickle.dumps(v, protocol=PICKLE_PROTOCOL)
-            except Exception as exc:
-                where = _render(name, node)
-                raise CheckpointValueError(
-                    f"{where}: cannot pickle a value of type {_type_name(type(v))}: {exc}",
-                    {"path": where},
-                ) from exc
-            w.array(gid, nm, np.frombuffer(data, dtype=_U8), _PICKLE)
-        elif tag is _DICT:
-            group = w.group(gid, nm, tag)
-            children = [(group, escape_key(k), item, (node, k)) for k, item in v.items()]
-            children.reverse()
-            stack.extend(children)
-        elif tag is _LIST or tag is _TUPLE:
-            group = w.group(gid, nm, tag)
-            children = [(group, str(i), item, (node, i)) for i, item in enumerate(v)]
-            children.reverse()
-            stack.extend(children)
-        elif tag is _INT:
-            w.number(gid, nm, np.array(v, dtype=np.int64), tag)
-        elif tag is _FLOAT:
-            w.number(gid, nm, np.array(v, dtype=np.float64), tag)
-        elif tag is _BOOL:
-            w.number(gid, nm, np.array(v, dtype=np.bool_), tag)
-        elif tag is _NONE:
-            w.none(gid, nm)
-        elif tag is _STR:
-            w.text(gid, nm, v, tag)
-        elif tag is _BIGINT:
-            w.text(gid, nm, hex(v), tag)
-        elif tag is _NP_SCALAR:
-            scalar = np.array(v)
-            w.scalar(gid, nm, w.h.type_of(scalar.dtype), scalar, tag)
-        elif tag is _NDARRAY and type(v) is np.ndarray:
-            w.array(gid, nm, v, tag)
-        elif tag is _NDARRAY or tag is _ML_NDARRAY:
-            w.foreign_array(gid, nm, v, _refuser(name, node, v))
-        elif tag is _NAMEDTUPLE or tag is _PYTREE:
-            parts = interop.node_parts(v)
-            assert parts is not None  # the tag says so
-            group = w.node(gid, nm, tag, parts)
-            _, fields, children = parts
-            keys = map(interop.Field, fields) if fields is not None else range(len(children))
-            items = [
-                (group, str(i), item, (node, k))
-                for i, (k, item) in enumerate(zip(keys, children, strict=True))
-            ]
-            items.reverse()
-            stack.extend(items)
-        elif tag is _ML_SCALAR:
-            scalar = np.array(v)
-            bits = scalar.view(interop.bits_dtype(scalar.dtype))
-            dset = w.scalar(gid, nm, hdf5_type(bits.dtype), bits, tag)
-            w.text_attr(dset, interop.DTYPE_ATTR, interop.ml_name(scalar.dtype) or "")
-        elif tag is _STR_BYTES:
-            raw = v.encode("utf-8", "surrogatepass")
-            w.array(gid, nm, np.frombuffer(raw, dtype=_U8), tag)
-        else:  # bytes, bytearray
-            w.array(gid, nm, np.frombuffer(v, dtype=_U8), tag)
+    _Writer(put_array, name, allow_pickle).run(parent.id, value)
 
 
 def _refuser(root: str, node: _Path, value: Any) -> Callable[[str], CheckpointValueError]:
@@ -1021,6 +1082,92 @@ _FIXED_SCALARS = {
 }
 
 
+#: What a scalar's dtype must be, by tag, when it is not the one h5ckpt writes
+#: (files from elsewhere): int and float 8 bytes of their kind, bool any bool.
+_SCALAR_DTYPE_OK: dict[str, Callable[[np.dtype], bool]] = {
+    _INT: lambda dt: dt.kind == "i" and dt.itemsize == 8,
+    _FLOAT: lambda dt: dt.kind == "f" and dt.itemsize == 8,
+    _BOOL: lambda dt: dt.kind == "b",
+    _NP_SCALAR: _dtype_storable,
+}
+
+#: The value of a blob's bytes, by tag.
+_BLOB_VALUES: dict[str, Callable[[bytearray], Any]] = {
+    _BYTEARRAY: lambda data: data,
+    _BYTES: bytes,
+    _STR_BYTES: lambda data: data.decode("utf-8", "surrogatepass"),
+    _PICKLE: lambda data: pickle.loads(data),
+}
+
+
+def _plain_dtype(tid: h5t.TypeID, tag: str) -> np.dtype:
+    """The numpy dtype of ``tid``, refused when h5py gives it metadata (a vlen
+    string, an enum other than bool, a reference...)."""
+    dt = tid.dtype
+    if dt.metadata is not None:
+        raise _Corrupt(f"is tagged {tag} but has the special dtype {dt}")
+    return dt
+
+
+def ordered_links(gid: h5g.GroupID) -> list[tuple[bytes, int]]:
+    """The links of the group ``gid`` as ``(raw name, link type)`` pairs.
+
+    In creation order, which h5ckpt tracks in every group it writes, so a dict
+    comes back in its insertion order; in name order for a group that does not
+    track it (written by another program).
+    """
+    links: list[tuple[bytes, int]] = []
+
+    def collect(link_name: bytes, info: Any) -> None:
+        links.append((link_name, info.type))
+
+    try:
+        gid.links.iterate(collect, idx_type=h5.INDEX_CRT_ORDER, info=True)
+    except RuntimeError:
+        links.clear()
+        gid.links.iterate(collect, idx_type=h5.INDEX_NAME, info=True)
+    return links
+
+
+class _Visit:
+    """A task of the reader: read the child ``name`` of the group ``gid`` into
+    ``target[key]``. (A class with slots: a NamedTuple costs measurably more to
+    make, once per node.)"""
+
+    __slots__ = ("depth", "gid", "key", "name", "node", "target")
+
+    def __init__(
+        self, gid: h5g.GroupID, name: bytes, depth: int, node: _Path, target: Any, key: Any
+    ) -> None:
+        self.gid = gid
+        self.name = name
+        self.depth = depth
+        self.node = node
+        self.target = target
+        self.key = key
+
+
+class _Finish:
+    """A task of the reader, queued below the children of a tuple, NamedTuple or
+    pytree node: once they are read, ``target[key] = make(items)``."""
+
+    __slots__ = ("items", "key", "make", "node", "target")
+
+    def __init__(
+        self,
+        items: list[Any],
+        make: Callable[[list[Any]], Any],
+        node: _Path,
+        target: Any,
+        key: Any,
+    ) -> None:
+        self.items = items
+        self.make = make
+        self.node = node
+        self.target = target
+        self.key = key
+
+
 class _Reader:
     def __init__(
         self,
@@ -1038,6 +1185,7 @@ class _Reader:
         self.budget = budget
         self.structure_only = structure_only
         self.nodes = 1
+        self.stack: list[_Visit | _Finish] = []
 
     def where(self, node: _Path) -> str:
         return _render(self.root, node)
@@ -1060,110 +1208,111 @@ class _Reader:
 
     def run(self, obj: Any) -> Any:
         result: list[Any] = [None]
-        # Tasks: (obj or None, parent gid, link name, depth, path, target, key) to
-        # visit a node; (None, None, items, constructor, ...) to finish a tuple
-        # (constructor: tuple, or that of a NamedTuple or pytree node).
-        stack: list[tuple] = [(obj, None, None, 0, None, result, 0)]
+        stack = self.stack
+        # ``node`` and ``obj`` name where the reader is, for the messages of errors.
         self.node: _Path = None
+        self.visit(obj, 0, None, result, 0)
         while stack:
-            obj, gid, name, depth, node, target, key = stack.pop()
-            self.node = node
-            if obj is None:
-                if gid is None:  # finish a tuple
-                    target[key] = depth(name)
-                    continue
-                obj = h5o.open(gid, name)
-            self.obj = obj
-            if h5a.get_num_attrs(obj) > self.limits.max_attributes:
-                raise self.limit(
-                    node,
-                    f"an HDF5 object has more than max_attributes={self.limits.max_attributes} "
-                    "attributes",
-                    max_attributes=self.limits.max_attributes,
-                )
-            tag = _read_tag(obj)
-            if isinstance(obj, h5g.GroupID):
-                if tag not in _CONTAINERS:
-                    raise _Corrupt(f"is a group with the leaf type tag {tag!r}")
-                self.container(obj, tag, depth, node, target, key, stack)
-            elif isinstance(obj, h5d.DatasetID):
-                if tag in _CONTAINERS:
-                    raise _Corrupt(f"is a dataset with the container type tag {tag!r}")
-                target[key] = self.leaf(obj, tag, node)
+            task = stack.pop()
+            self.node = task.node
+            if isinstance(task, _Finish):
+                task.target[task.key] = task.make(task.items)
             else:
-                raise _Corrupt("is neither a group nor a dataset")
+                obj = h5o.open(task.gid, task.name)
+                self.visit(obj, task.depth, task.node, task.target, task.key)
         return result[0]
 
-    def container(self, gid, tag, depth, node, target, key, stack) -> None:
+    def visit(self, obj: Any, depth: int, node: _Path, target: Any, key: Any) -> None:
+        """Read the object ``obj`` into ``target[key]``; queue its children."""
+        self.obj = obj
+        if h5a.get_num_attrs(obj) > self.limits.max_attributes:
+            raise self.limit(
+                node,
+                f"an HDF5 object has more than max_attributes={self.limits.max_attributes} "
+                "attributes",
+                max_attributes=self.limits.max_attributes,
+            )
+        tag = _read_tag(obj)
+        if isinstance(obj, h5g.GroupID):
+            if tag not in _CONTAINERS:
+                raise _Corrupt(f"is a group with the leaf type tag {tag!r}")
+            self.container(obj, tag, depth, node, target, key)
+        elif isinstance(obj, h5d.DatasetID):
+            if tag in _CONTAINERS:
+                raise _Corrupt(f"is a dataset with the container type tag {tag!r}")
+            target[key] = _LEAF_READERS[tag](self, obj, tag, node)
+        else:
+            raise _Corrupt("is neither a group nor a dataset")
+
+    # ------------------------------------------------------------- containers
+
+    def container(
+        self, gid: h5g.GroupID, tag: str, depth: int, node: _Path, target: Any, key: Any
+    ) -> None:
         n = len(gid)
         if n:
-            if depth >= self.limits.max_depth:
-                raise self.limit(
-                    node,
-                    f"the tree nests deeper than max_depth={self.limits.max_depth}",
-                    max_depth=self.limits.max_depth,
-                )
-            self.nodes += n
-            if self.nodes > self.limits.max_nodes:
-                raise self.limit(
-                    node,
-                    f"the tree has more than max_nodes={self.limits.max_nodes} nodes",
-                    max_nodes=self.limits.max_nodes,
-                )
-        child_depth = depth + 1
+            self.take_nodes(n, depth, node)
         if tag == _DICT:
-            value: dict[str, Any] = {}
-            target[key] = value
-            links: list[tuple[bytes, int]] = []
-
-            def collect(link_name: bytes, info: Any) -> None:
-                links.append((link_name, info.type))
-
-            try:
-                gid.links.iterate(collect, idx_type=h5.INDEX_CRT_ORDER, info=True)
-            except RuntimeError:
-                # Creation order not tracked (not written by h5ckpt): name order.
-                links.clear()
-                gid.links.iterate(collect, idx_type=h5.INDEX_NAME, info=True)
-            if len(links) != n:
-                raise _Corrupt("lists a different number of links than it holds")
-            tasks: list[tuple[Any, ...]] = []
-            for link_name, link_type in links:
-                try:
-                    k = unescape_key(link_name.decode("utf-8"))
-                except ValueError as exc:
-                    raise _Corrupt(f"has the malformed link name {link_name!r}") from exc
-                if link_type != h5l.TYPE_HARD:
-                    raise _Corrupt(f"has the soft or external link {link_name!r}")
-                tasks.append((None, gid, link_name, child_depth, (node, k), value, k))
-            tasks.reverse()
-            stack.extend(tasks)
-            return
-        items: list[Any] = [None] * n
-        keys: Any = range(n)
-        if tag == _TUPLE:
-            if not n:
-                target[key] = ()
-                return
-            stack.append((None, None, items, tuple, node, target, key))
-        elif tag in (_NAMEDTUPLE, _PYTREE):
-            try:
-                make, fields = interop.node_maker(
-                    tag == _NAMEDTUPLE,
-                    _read_text_attr(gid, interop.CLASS_ATTR, interop.MAX_CLASS_BYTES),
-                    _read_text_attr(gid, interop.FIELDS_ATTR, interop.MAX_FIELDS_BYTES),
-                    n,
-                )
-            except ValueError as exc:
-                raise _Corrupt(str(exc)) from None
-            if fields is not None:
-                keys = [interop.Field(f) for f in fields]
-            if not n:
-                target[key] = make([])
-                return
-            stack.append((None, None, items, make, node, target, key))
+            self.dict_children(gid, n, depth + 1, node, target, key)
         else:
+            self.sequence_children(gid, tag, n, depth + 1, node, target, key)
+
+    def take_nodes(self, n: int, depth: int, node: _Path) -> None:
+        """Count the ``n`` children of a group at ``depth`` against the limits."""
+        if depth >= self.limits.max_depth:
+            raise self.limit(
+                node,
+                f"the tree nests deeper than max_depth={self.limits.max_depth}",
+                max_depth=self.limits.max_depth,
+            )
+        self.nodes += n
+        if self.nodes > self.limits.max_nodes:
+            raise self.limit(
+                node,
+                f"the tree has more than max_nodes={self.limits.max_nodes} nodes",
+                max_nodes=self.limits.max_nodes,
+            )
+
+    def dict_children(
+        self, gid: h5g.GroupID, n: int, child_depth: int, node: _Path, target: Any, key: Any
+    ) -> None:
+        value: dict[str, Any] = {}
+        target[key] = value
+        links = ordered_links(gid)
+        if len(links) != n:
+            raise _Corrupt("lists a different number of links than it holds")
+        tasks = []
+        for link_name, link_type in links:
+            try:
+                k = unescape_key(link_name.decode("utf-8"))
+            except ValueError as exc:
+                raise _Corrupt(f"has the malformed link name {link_name!r}") from exc
+            if link_type != h5l.TYPE_HARD:
+                raise _Corrupt(f"has the soft or external link {link_name!r}")
+            tasks.append(_Visit(gid, link_name, child_depth, (node, k), value, k))
+        tasks.reverse()
+        self.stack.extend(tasks)
+
+    def sequence_children(
+        self,
+        gid: h5g.GroupID,
+        tag: str,
+        n: int,
+        child_depth: int,
+        node: _Path,
+        target: Any,
+        key: Any,
+    ) -> None:
+        """A list, tuple, NamedTuple or pytree node: children named 0 to n - 1."""
+        items: list[Any] = [None] * n
+        make, keys = self.sequence_maker(gid, tag, n)
+        if make is None:
             target[key] = items
+        elif not n:
+            target[key] = make([])
+            return
+        else:
+            self.stack.append(_Finish(items, make, node, target, key))
         tasks = []
         for i in range(n):
             link_name = str(i).encode("ascii")
@@ -1173,9 +1322,131 @@ class _Reader:
                 raise _Corrupt(f"has {n} links but none named {i}") from None
             if link_type != h5l.TYPE_HARD:
                 raise _Corrupt(f"has the soft or external link {i}")
-            tasks.append((None, gid, link_name, child_depth, (node, keys[i]), items, i))
+            tasks.append(_Visit(gid, link_name, child_depth, (node, keys[i]), items, i))
         tasks.reverse()
-        stack.extend(tasks)
+        self.stack.extend(tasks)
+
+    def sequence_maker(
+        self, gid: h5g.GroupID, tag: str, n: int
+    ) -> tuple[Callable[[list[Any]], Any] | None, Any]:
+        """What makes the value of a sequence node from its items (None: the list of
+        them is the value) and the keys of its children in key paths."""
+        if tag == _LIST:
+            return None, range(n)
+        if tag == _TUPLE:
+            return tuple, range(n)
+        try:
+            make, fields = interop.node_maker(
+                tag == _NAMEDTUPLE,
+                _read_text_attr(gid, interop.CLASS_ATTR, interop.MAX_CLASS_BYTES),
+                _read_text_attr(gid, interop.FIELDS_ATTR, interop.MAX_FIELDS_BYTES),
+                n,
+            )
+        except ValueError as exc:
+            raise _Corrupt(str(exc)) from None
+        return make, range(n) if fields is None else [interop.Field(f) for f in fields]
+
+    # ----------------------------------------------------------------- leaves
+    # One reader per tag (see _LEAF_READERS), each checking that the dataset is
+    # what its tag says before reading it.
+
+    def none_leaf(self, dset: h5d.DatasetID, tag: str, node: _Path) -> None:
+        if dset.get_space().get_simple_extent_type() != h5s.NULL:
+            raise _Corrupt("is tagged none but its dataspace is not null")
+
+    def number_leaf(self, dset: h5d.DatasetID, tag: str, node: _Path) -> Any:
+        """An int, float or bool."""
+        kind = dset.get_space().get_simple_extent_type()
+        tid = dset.get_type()
+        file_type, dt, mtype, convert = _FIXED_SCALARS[tag]
+        if kind == h5s.SCALAR and tid == file_type:
+            # The type h5ckpt writes for an int, float or bool: no dtype to work out.
+            number = np.empty((), dtype=dt)
+            dset.read(h5s.ALL, h5s.ALL, number, mtype=mtype)
+            return convert(number[()])
+        return convert(self.scalar(dset, tag, kind, tid))
+
+    def np_scalar_leaf(self, dset: h5d.DatasetID, tag: str, node: _Path) -> Any:
+        kind = dset.get_space().get_simple_extent_type()
+        return self.scalar(dset, tag, kind, dset.get_type())
+
+    def scalar(self, dset: h5d.DatasetID, tag: str, kind: int, tid: h5t.TypeID) -> Any:
+        """The numpy scalar of a scalar dataset of ``tid``, of a dtype its tag allows."""
+        dt = _plain_dtype(tid, tag)
+        if kind != h5s.SCALAR:
+            raise _Corrupt(f"is tagged {tag} but is not a scalar")
+        if not _SCALAR_DTYPE_OK[tag](dt):
+            raise _Corrupt(f"is tagged {tag} but has the dtype {dt}")
+        out = np.empty((), dtype=dt)
+        dset.read(h5s.ALL, h5s.ALL, out, mtype=_memory_type(dt))
+        return out[()]
+
+    def text_leaf(self, dset: h5d.DatasetID, tag: str, node: _Path) -> Any:
+        """A str or bigint: a scalar fixed-length UTF-8 string."""
+        kind = dset.get_space().get_simple_extent_type()
+        tid = dset.get_type()
+        if kind != h5s.SCALAR:
+            raise _Corrupt(f"is tagged {tag} but is not a scalar")
+        if not isinstance(tid, h5t.TypeStringID) or tid.is_variable_str():
+            raise _Corrupt(f"is tagged {tag} but is not a fixed-length string")
+        size = tid.get_size()
+        self.take_bytes(node, size)
+        if self.structure_only and size > _CHECKED_TEXT_BYTES:
+            return None
+        buf = np.empty((), dtype=f"S{size}")
+        dset.read(h5s.ALL, h5s.ALL, buf, mtype=tid)
+        text = buf.item().decode("utf-8")  # numpy drops the NUL padding
+        if tag == _STR:
+            return text
+        if _BIGINT_RE.fullmatch(text) is None:
+            raise _Corrupt(f"is tagged bigint but holds {text[:40]!r}")
+        return int(text, 16)
+
+    def pickle_leaf(self, dset: h5d.DatasetID, tag: str, node: _Path) -> Any:
+        if not self.allow_pickle and not self.structure_only:
+            where = self.where(node)
+            raise CheckpointPickleError(
+                f"{where} was saved with allow_pickle=True; pass allow_pickle=True to load "
+                "it — unpickling can run code, only do it for files you trust",
+                {"path": where},
+            )
+        return self.blob_leaf(dset, tag, node)
+
+    def blob_leaf(self, dset: h5d.DatasetID, tag: str, node: _Path) -> Any:
+        """bytes, bytearray, str_bytes or pickle: a 1-d uint8 dataset."""
+        space = dset.get_space()
+        kind = space.get_simple_extent_type()
+        dt = _plain_dtype(dset.get_type(), tag)
+        if kind != h5s.SIMPLE or space.get_simple_extent_ndims() != 1 or dt != _U8:
+            raise _Corrupt(f"is tagged {tag} but is not a 1-d uint8 dataset")
+        (size,) = space.get_simple_extent_dims()
+        self.take_bytes(node, size)
+        if self.structure_only:
+            return None
+        data = bytearray(size)
+        if size:
+            dset.read(h5s.ALL, h5s.ALL, np.frombuffer(data, dtype=_U8), mtype=_memory_type(dt))
+        return _BLOB_VALUES[tag](data)
+
+    def ndarray_leaf(self, dset: h5d.DatasetID, tag: str, node: _Path) -> Any:
+        space = dset.get_space()
+        kind = space.get_simple_extent_type()
+        dt = _plain_dtype(dset.get_type(), tag)
+        if kind not in (h5s.SCALAR, h5s.SIMPLE):
+            raise _Corrupt("is tagged ndarray but has a null dataspace")
+        if not _dtype_storable(dt):
+            raise _Corrupt(f"is tagged ndarray but has the unsupported dtype {dt}")
+        shape = space.get_simple_extent_dims() if kind == h5s.SIMPLE else ()
+        self.take_bytes(node, math.prod(shape) * dt.itemsize)
+        if self.structure_only:
+            # Stands for the array (no memory): the structure was all there was to check.
+            return np.broadcast_to(np.zeros((), dtype=dt), shape)
+        out = self.get_array(dset, shape, dt) if self.get_array is not None else None
+        if out is None:
+            out = np.empty(shape, dtype=dt)
+            if out.size:
+                dset.read(h5s.ALL, h5s.ALL, out, mtype=_memory_type(dt))
+        return out
 
     def ml_leaf(self, dset: h5d.DatasetID, tag: str, node: _Path) -> Any:
         """An ml_dtypes array or scalar: its bits, viewed as the dtype its attribute names."""
@@ -1189,7 +1460,10 @@ class _Reader:
         if kind != h5s.SCALAR and (tag == _ML_SCALAR or kind != h5s.SIMPLE):
             shape = "null" if kind == h5s.NULL else "non-scalar"
             raise _Corrupt(f"is tagged {tag} but has a {shape} dataspace")
-        bits = self.leaf(dset, _NDARRAY if tag == _ML_NDARRAY else _NP_SCALAR, node)
+        if tag == _ML_NDARRAY:
+            bits = self.ndarray_leaf(dset, _NDARRAY, node)
+        else:
+            bits = self.np_scalar_leaf(dset, _NP_SCALAR, node)
         if self.structure_only:
             return bits
         try:
@@ -1205,104 +1479,25 @@ class _Reader:
         out = bits.view(dtype)
         return out if tag == _ML_NDARRAY else out[()]
 
-    def leaf(self, dset: h5d.DatasetID, tag: str, node: _Path) -> Any:
-        if tag == _PICKLE and not self.allow_pickle and not self.structure_only:
-            where = self.where(node)
-            raise CheckpointPickleError(
-                f"{where} was saved with allow_pickle=True; pass allow_pickle=True to load "
-                "it — unpickling can run code, only do it for files you trust",
-                {"path": where},
-            )
-        if tag in (_ML_NDARRAY, _ML_SCALAR):
-            return self.ml_leaf(dset, tag, node)
-        space = dset.get_space()
-        kind = space.get_simple_extent_type()
-        if tag == _NONE:
-            if kind != h5s.NULL:
-                raise _Corrupt("is tagged none but its dataspace is not null")
-            return None
-        tid = dset.get_type()
-        fixed = _FIXED_SCALARS.get(tag)
-        if fixed is not None and kind == h5s.SCALAR and tid == fixed[0]:
-            # The type h5ckpt writes for an int, float or bool: no dtype to work out.
-            number = np.empty((), dtype=fixed[1])
-            dset.read(h5s.ALL, h5s.ALL, number, mtype=fixed[2])
-            return fixed[3](number[()])
-        if tag in (_STR, _BIGINT):
-            if kind != h5s.SCALAR:
-                raise _Corrupt(f"is tagged {tag} but is not a scalar")
-            if not isinstance(tid, h5t.TypeStringID) or tid.is_variable_str():
-                raise _Corrupt(f"is tagged {tag} but is not a fixed-length string")
-            size = tid.get_size()
-            self.take_bytes(node, size)
-            if self.structure_only and size > _CHECKED_TEXT_BYTES:
-                return None
-            buf = np.empty((), dtype=f"S{size}")
-            dset.read(h5s.ALL, h5s.ALL, buf, mtype=tid)
-            text = buf.item().decode("utf-8")  # numpy drops the NUL padding
-            if tag == _STR:
-                return text
-            if _BIGINT_RE.fullmatch(text) is None:
-                raise _Corrupt(f"is tagged bigint but holds {text[:40]!r}")
-            return int(text, 16)
-        dt = tid.dtype
-        if dt.metadata is not None:
-            raise _Corrupt(f"is tagged {tag} but has the special dtype {dt}")
-        if tag in _BLOBS:
-            if kind != h5s.SIMPLE or space.get_simple_extent_ndims() != 1 or dt != _U8:
-                raise _Corrupt(f"is tagged {tag} but is not a 1-d uint8 dataset")
-            (size,) = space.get_simple_extent_dims()
-            self.take_bytes(node, size)
-            if self.structure_only:
-                return None
-            data = bytearray(size)
-            if size:
-                dset.read(h5s.ALL, h5s.ALL, np.frombuffer(data, dtype=_U8), mtype=_memory_type(dt))
-            if tag == _BYTEARRAY:
-                return data
-            if tag == _BYTES:
-                return bytes(data)
-            if tag == _STR_BYTES:
-                return data.decode("utf-8", "surrogatepass")
-            return pickle.loads(data)
-        if tag == _NDARRAY:
-            if kind not in (h5s.SCALAR, h5s.SIMPLE):
-                raise _Corrupt("is tagged ndarray but has a null dataspace")
-            if not _dtype_storable(dt):
-                raise _Corrupt(f"is tagged ndarray but has the unsupported dtype {dt}")
-            shape = space.get_simple_extent_dims() if kind == h5s.SIMPLE else ()
-            self.take_bytes(node, math.prod(shape) * dt.itemsize)
-            if self.structure_only:
-                # Stands for the array (no memory): the structure was all there was to check.
-                return np.broadcast_to(np.zeros((), dtype=dt), shape)
-            out = self.get_array(dset, shape, dt) if self.get_array is not None else None
-            if out is None:
-                out = np.empty(shape, dtype=dt)
-                if out.size:
-                    dset.read(h5s.ALL, h5s.ALL, out, mtype=_memory_type(dt))
-            return out
-        # Scalars: int, float, bool, np_scalar.
-        if kind != h5s.SCALAR:
-            raise _Corrupt(f"is tagged {tag} but is not a scalar")
-        if tag == _INT:
-            ok = dt.kind == "i" and dt.itemsize == 8
-        elif tag == _FLOAT:
-            ok = dt.kind == "f" and dt.itemsize == 8
-        elif tag == _BOOL:
-            ok = dt.kind == "b"
-        else:
-            ok = _dtype_storable(dt)
-        if not ok:
-            raise _Corrupt(f"is tagged {tag} but has the dtype {dt}")
-        out = np.empty((), dtype=dt)
-        dset.read(h5s.ALL, h5s.ALL, out, mtype=_memory_type(dt))
-        if tag == _INT:
-            return int(out[()])
-        if tag == _FLOAT:
-            return float(out[()])
-        if tag == _BOOL:
-            return bool(out[()])
-        return out[()]
+
+#: The reader of each leaf tag.
+_LEAF_READERS: dict[str, Callable[[_Reader, h5d.DatasetID, str, _Path], Any]] = {
+    _NONE: _Reader.none_leaf,
+    _BOOL: _Reader.number_leaf,
+    _INT: _Reader.number_leaf,
+    _FLOAT: _Reader.number_leaf,
+    _BIGINT: _Reader.text_leaf,
+    _STR: _Reader.text_leaf,
+    _STR_BYTES: _Reader.blob_leaf,
+    _BYTES: _Reader.blob_leaf,
+    _BYTEARRAY: _Reader.blob_leaf,
+    _PICKLE: _Reader.pickle_leaf,
+    _NP_SCALAR: _Reader.np_scalar_leaf,
+    _NDARRAY: _Reader.ndarray_leaf,
+    _ML_NDARRAY: _Reader.ml_leaf,
+    _ML_SCALAR: _Reader.ml_leaf,
+}
+assert _LEAF_READERS.keys() == TAGS - _CONTAINERS
 
 
 def _hdf5_name(obj: Any) -> str | None:
@@ -1482,44 +1677,81 @@ def values_equal(a: Any, b: Any) -> bool:
         t = type(x)
         if t is not type(y):
             return False
-        if t is dict:
-            if len(x) != len(y):
-                return False
-            stack.extend(zip(x.keys(), y.keys(), strict=True))
-            stack.extend(zip(x.values(), y.values(), strict=True))
-        elif t is list or t is tuple or (issubclass(t, tuple) and hasattr(t, "_fields")):
-            if len(x) != len(y):
-                return False
-            stack.extend(zip(x, y, strict=True))
-        elif t is float:
-            if not _float_equal(x, y):
-                return False
-        elif t is complex:
-            if not (_float_equal(x.real, y.real) and _float_equal(x.imag, y.imag)):
-                return False
-        elif t is np.ndarray:
-            if x.dtype.hasobject:
-                if x.dtype != y.dtype or x.shape != y.shape:
-                    return False
-                stack.extend(zip(x.ravel().tolist(), y.ravel().tolist(), strict=True))
-            elif not _arrays_equal(x, y):
-                return False
-        elif isinstance(x, np.generic):
-            if not _arrays_equal(np.asarray(x), np.asarray(y)):
-                return False
-        elif x is not y and _foreign_tag(x) in (_NDARRAY, _ML_NDARRAY):
-            # Array-likes of the same type (jax.Array, torch.Tensor...): their arrays.
-            if not _arrays_equal(interop.host_array(x)[0], interop.host_array(y)[0]):
-                return False
-        elif x is not y and _foreign_tag(x) is _PYTREE:
-            px, py = interop.node_parts(x), interop.node_parts(y)
-            if px is None or py is None or px[1] != py[1] or len(px[2]) != len(py[2]):
-                return False
-            stack.extend(zip(px[2], py[2], strict=True))
-        elif x is not y:
-            try:
-                if not bool(x == y):
-                    return False
-            except Exception:
-                return False
+        pairs = _EQUAL_PAIRS.get(t, _other_pairs)(x, y)
+        if pairs is None:
+            return False
+        stack.extend(pairs)
     return True
+
+
+# Comparers of two values of one type: None when they differ, else the pairs of
+# their parts that must be equal too (none for a leaf).
+_Pairs = Iterable[tuple[Any, Any]] | None
+_SAME: tuple[tuple[Any, Any], ...] = ()
+
+
+def _dict_pairs(x: dict, y: dict) -> _Pairs:
+    if len(x) != len(y):
+        return None
+    return itertools.chain(
+        zip(x.keys(), y.keys(), strict=True), zip(x.values(), y.values(), strict=True)
+    )
+
+
+def _sequence_pairs(x: Any, y: Any) -> _Pairs:
+    """A list, tuple or NamedTuple."""
+    return None if len(x) != len(y) else zip(x, y, strict=True)
+
+
+def _float_pairs(x: float, y: float) -> _Pairs:
+    return _SAME if _float_equal(x, y) else None
+
+
+def _complex_pairs(x: complex, y: complex) -> _Pairs:
+    same = _float_equal(x.real, y.real) and _float_equal(x.imag, y.imag)
+    return _SAME if same else None
+
+
+def _ndarray_pairs(x: np.ndarray, y: np.ndarray) -> _Pairs:
+    if x.dtype.hasobject:
+        if x.dtype != y.dtype or x.shape != y.shape:
+            return None
+        return zip(x.ravel().tolist(), y.ravel().tolist(), strict=True)
+    return _SAME if _arrays_equal(x, y) else None
+
+
+def _other_pairs(x: Any, y: Any) -> _Pairs:
+    """Values of any other type: NamedTuples, numpy scalars, array-likes and pytree
+    nodes of other libraries, and at last whatever ``==`` says."""
+    t = type(x)
+    if issubclass(t, tuple) and hasattr(t, "_fields"):
+        return _sequence_pairs(x, y)
+    if isinstance(x, np.generic):
+        return _SAME if _arrays_equal(np.asarray(x), np.asarray(y)) else None
+    if x is y:
+        return _SAME
+    tag = _foreign_tag(x)
+    if tag in (_NDARRAY, _ML_NDARRAY):
+        # Array-likes of the same type (jax.Array, torch.Tensor...): their arrays.
+        same = _arrays_equal(interop.host_array(x)[0], interop.host_array(y)[0])
+        return _SAME if same else None
+    if tag is _PYTREE:
+        px, py = interop.node_parts(x), interop.node_parts(y)
+        if px is None or py is None or px[1] != py[1] or len(px[2]) != len(py[2]):
+            return None
+        return zip(px[2], py[2], strict=True)
+    try:
+        same = bool(x == y)
+    except Exception:
+        return None
+    return _SAME if same else None
+
+
+_EQUAL_PAIRS: dict[type, Callable[[Any, Any], _Pairs]] = {
+    dict: _dict_pairs,
+    list: _sequence_pairs,
+    tuple: _sequence_pairs,
+    float: _float_pairs,
+    complex: _complex_pairs,
+    np.ndarray: _ndarray_pairs,
+}
