@@ -120,3 +120,63 @@ def test_reader_loads_while_a_writer_replaces_the_same_batch(tmp_path: Path):
     assert loads >= 1
     assert m.load_checkpoint(path)["metadata"] == {"i": 59}
     assert faultkit.checkpoint_names(directory) == [path.name]
+
+
+class _DeletesAfterListing:
+    """Runs ``act`` right after ``m`` lists the directory, before it checks or loads
+    what it listed: the files it listed are deleted (and newer ones saved) by
+    another manager in between, as a second job's retention does."""
+
+    def __init__(self, m: CheckpointManager, act, times: int = 1) -> None:
+        self.act, self.left = act, times
+        self.real = m._verifier.list
+        m._verifier.list = self.list
+
+    def list(self, *args, **kwargs):
+        listed = self.real(*args, **kwargs)
+        if self.left and listed:
+            self.left -= 1
+            self.act()
+        return listed
+
+
+def test_find_latest_lists_again_when_every_listed_file_was_deleted(tmp_path: Path):
+    """A reader's listing goes stale when another job saves and its retention deletes
+    every file listed: the newest valid checkpoint exists all along, so the answer
+    must be it, never None (a resume would start over)."""
+    directory = tmp_path / "ckpt"
+    writer = CheckpointManager(directory, keep_last_n=1)
+    writer.save_checkpoint(1, np.arange(4.0), {"b": 1}, 0.5)
+    for call in ("find_latest_checkpoint", "load_latest"):
+        reader = CheckpointManager(directory)
+        batch = writer.find_latest_checkpoint()
+        n = int(batch.stem.rsplit("_", 1)[1]) + 1
+        _DeletesAfterListing(
+            reader, lambda n=n: writer.save_checkpoint(n, np.arange(4.0) + n, {"b": n}, 0.5)
+        )
+        result = getattr(reader, call)()
+        assert result is not None, call
+        if call == "load_latest":
+            assert result["batch_idx"] == n and result["optimizer_state"] == {"b": n}
+        else:
+            assert result == writer.checkpoint_path(n)
+
+
+def test_a_directory_that_changes_on_every_listing_raises_instead_of_none(tmp_path: Path):
+    directory = tmp_path / "ckpt"
+    writer = CheckpointManager(directory, keep_last_n=1)
+    writer.save_checkpoint(1, np.arange(4.0), {}, 0.5)
+    batches = iter(range(2, 1000))
+    for call in ("find_latest_checkpoint", "load_latest"):
+        reader = CheckpointManager(directory)
+        _DeletesAfterListing(
+            reader,
+            lambda: writer.save_checkpoint(next(batches), np.arange(4.0), {}, 0.5),
+            times=1000,
+        )
+        try:
+            result = getattr(reader, call)()
+        except CheckpointError as exc:
+            assert "changed" in str(exc), exc
+        else:
+            raise AssertionError(f"{call} returned {result!r} for a directory never empty")

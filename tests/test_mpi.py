@@ -120,5 +120,10 @@ def test_read_only(tmp_path, n):
 
 
 @pytest.mark.parametrize("n", [2, 4])
+def test_restore_lists_again_when_the_listed_steps_vanish(tmp_path, n):
+    scenario(n, "restore_while_steps_vanish", tmp_path)
+
+
+@pytest.mark.parametrize("n", [2, 4])
 def test_options_object(tmp_path, n):
     scenario(n, "options", tmp_path)

@@ -64,6 +64,27 @@ __all__ = ["CheckpointManager"]
 
 logger = logging.getLogger("h5ckpt")
 
+#: How often a search for the newest valid checkpoint lists the directory again when
+#: every file it would have answered with was deleted before it was checked.
+_LISTINGS = 5
+
+
+def _verdicts(infos: list[CheckpointInfo]) -> list[tuple[Path, str]]:
+    """What a listing says, to compare two: each file and its status."""
+    return sorted((i.path, i.status) for i in infos)
+
+
+def _changing(directory: Path, attempts: str) -> CheckpointError:
+    """The error of a search whose every attempt found its files deleted under it:
+    valid checkpoints exist, so None (a fresh start) would be the wrong answer."""
+    return CheckpointError(
+        f"the checkpoints of {directory} changed under each of {attempts}: what was "
+        "listed was deleted before it could be checked or loaded (another job saving "
+        "and deleting there?); nothing was marked invalid, try again",
+        {"checkpoint_dir": str(directory), "attempts": attempts},
+    )
+
+
 _PathLike = str | os.PathLike[str]
 
 
@@ -405,14 +426,14 @@ compression, load_limits, on_older_batch, read_only, file_mode, key_from_environ
         to the save's own error).
         """
         try:
-            newer = [i for i in self._verifier.list() if i.batch_idx > batch_idx]
-            newest = self._first_valid(newer[::-1])
+            newest = self._newest_valid(above=batch_idx, settled=False)
         except CheckpointError:
             if early:
                 return
             raise
         if newest is None:
             return
+        newer = [i for i in self._verifier.list() if i.batch_idx > batch_idx]
         names = [i.path.name for i in newer]
         shown = ", ".join(names[-5:]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         raise CheckpointConflictError(
@@ -645,27 +666,59 @@ compression, load_limits, on_older_batch, read_only, file_mode, key_from_environ
             descriptors ran out, a read failed): skipping it could resume from an
             older state than the newest good one. Nothing is marked invalid.
         """
-        info = self._first_valid(self._verifier.list()[::-1])
+        info = self._newest_valid()
         if info is None:
             logger.debug("no valid checkpoint in %s", self.checkpoint_dir)
             return None
         logger.info("latest valid checkpoint: %s", info.path.name)
         return info.path
 
-    def _first_valid(self, newest_first: list[CheckpointInfo]) -> CheckpointInfo | None:
-        """The first of ``newest_first`` that verifies, hashing as few as it can."""
+    def _newest_valid(self, above: int = -1, *, settled: bool = True) -> CheckpointInfo | None:
+        """The newest checkpoint of a batch above ``above`` that verifies.
+
+        A listing is a snapshot: another job's retention may delete every file in it
+        before they are checked, and a listing taken while files are renamed in and
+        deleted may hold neither the old nor the new ones. So with ``settled``, None
+        is the answer only when the next listing finds the same files with the same
+        verdicts; without it (a save's own check, under the lock no manager deletes
+        without), when no file of the listing vanished. After ``_LISTINGS`` listings
+        that all went stale, ``CheckpointError``: a fresh start would be wrong.
+        """
+        seen: list[tuple[Path, str]] | None = None
+        for _ in range(_LISTINGS):
+            listed = [i for i in self._verifier.list() if i.batch_idx > above]
+            if seen is not None and _verdicts(listed) == seen:
+                return None
+            info, checked = self._first_valid(listed[::-1])
+            if info is not None:
+                return info
+            seen = _verdicts(checked)
+            if not settled and all(i.status != UNVERIFIED for i in checked):
+                return None
+            logger.debug("%s changed while checked: listing again", self.checkpoint_dir)
+        raise _changing(self.checkpoint_dir, f"{_LISTINGS} listings")
+
+    def _first_valid(
+        self, newest_first: list[CheckpointInfo]
+    ) -> tuple[CheckpointInfo | None, list[CheckpointInfo]]:
+        """The first of ``newest_first`` that verifies, hashing as few as it can, and
+        the files checked (all of them when none verifies: a vanished one stays
+        ``"unverified"``, the one failure without a verdict that strict checking does
+        not raise)."""
         # The newest alone first (it is valid on almost every resume), then growing
         # windows hashed in parallel, so that many corrupt files cost few rounds.
         window = 1
         start = 0
+        checked: list[CheckpointInfo] = []
         while start < len(newest_first):
             batch = newest_first[start : start + window]
             for info in self._verifier.verify(batch, strict=True):
                 if info.is_valid:
-                    return info
+                    return info, checked
+                checked.append(info)
             start += window
             window = 2 if window == 1 else window * 4
-        return None
+        return None, checked
 
     def load_latest(self, *, like: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """Load the newest valid checkpoint, or return None when there is none.
@@ -710,7 +763,7 @@ compression, load_limits, on_older_batch, read_only, file_mode, key_from_environ
                 self._verifier.forget(path)
                 changed += 1
                 logger.warning("latest checkpoint %s changed while loading: %s", path, exc)
-        return None
+        raise _changing(self.checkpoint_dir, "3 loads")
 
     def _load_newest_unchecked(self) -> dict[str, Any] | None:
         """The newest file loaded straight away when nothing is known of it yet (the

@@ -583,6 +583,45 @@ def options(d: str) -> None:
     check_own(reader.load_latest(), 30)
 
 
+def restore_while_steps_vanish(d: str) -> None:
+    """The steps listed are deleted (another job's retention) before they are
+    checked, while a newer one is there: restoring lists again and finds it."""
+    import shutil
+
+    root, hold = Path(d), Path(d) / "held"
+    newer = root / "checkpoint_batch_0020"
+    writer = manager(d)
+    save_state(writer, 20)
+    COMM.Barrier()
+    if RANK == 0:
+        hold.mkdir()
+        newer.rename(hold / newer.name)
+    COMM.Barrier()
+    for call in ("load_latest", "find_latest_checkpoint"):
+        save_state(writer, 10)  # the one step the reader will list
+        reader = manager(d, read_only=True)
+        real, left = reader._list_for_restore, [1]
+
+        def listing_then_retention(reports, real=real, left=left):
+            listed = real(reports)  # rank 0's listing ([10]), its manifest read
+            if left:
+                left.pop()
+                shutil.rmtree(root / "checkpoint_batch_0010")
+                (hold / newer.name).rename(newer)
+            return listed
+
+        reader._list_for_restore = listing_then_retention
+        result = getattr(reader, call)()
+        if call == "load_latest":
+            check_own(result, 20)
+        else:
+            assert result == newer, result
+        COMM.Barrier()
+        if RANK == 0:
+            newer.rename(hold / newer.name)  # the same start for the next call
+        COMM.Barrier()
+
+
 def main() -> int:
     logging.basicConfig(level=os.environ.get("H5CKPT_LOG", "WARNING"), stream=sys.stderr)
     name, d, *args = sys.argv[1:]

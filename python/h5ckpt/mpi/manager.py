@@ -27,7 +27,7 @@ from ..errors import (
     CheckpointValueError,
 )
 from ..limits import LoadLimits
-from ..manager import CheckpointManager
+from ..manager import _LISTINGS, CheckpointManager, _changing
 from ..options import KEYWORD_DEFAULTS, CheckpointManagerOptions, options_from
 from ..payload import Contents, as_parameters
 from ..reading import load_verified
@@ -634,9 +634,35 @@ compression, load_limits, on_older_batch, file_mode, options
         return None if loaded is None else apply_like(loaded, like)
 
     def _restore(self, mode: str | None, hook: RankLocalHook | None) -> Any:
-        names, first = self._ch.decide(
+        listing = self._ch.decide(
             lambda: None, self._list_for_restore, "restoring (listing the steps)"
         )
+        # As for single files: another job's retention may delete every step listed
+        # before it is checked, so None needs a second listing that is the same.
+        for _ in range(_LISTINGS):
+            names, first = listing
+            found, result, skipped = self._restore_from(names, first, mode, hook)
+            if found:
+                return result
+            again = self._ch.decide(
+                lambda: None, self._list_for_restore, "restoring (listing the steps again)"
+            )
+            if again[0] == listing[0]:
+                self._warn_skipped(skipped)
+                return None
+            listing = again
+        raise _changing(self.checkpoint_dir, f"{_LISTINGS} listings")
+
+    def _restore_from(
+        self,
+        names: list[tuple[int, str]],
+        first: Manifest | str,
+        mode: str | None,
+        hook: RankLocalHook | None,
+    ) -> tuple[bool, Any, list[str]]:
+        """The newest step of ``names`` restored (``first``: the newest one's manifest,
+        or why it has none): whether one was, what it gave, and why the newer ones
+        were skipped."""
         skipped: list[str] = []
         for index, (batch, name) in enumerate(names):
             step = self.checkpoint_dir / name
@@ -658,12 +684,11 @@ compression, load_limits, on_older_batch, file_mode, options
             if mode is None:
                 if self.rank == 0:
                     logger.info("latest complete sharded checkpoint: %s", name)
-                return step
+                return True, step, skipped
             if same:
-                return self._fill_replicated(manifest, loaded)
-            return self._resplit(step, manifest, hook)
-        self._warn_skipped(skipped)
-        return None
+                return True, self._fill_replicated(manifest, loaded), skipped
+            return True, self._resplit(step, manifest, hook), skipped
+        return False, None, skipped
 
     def _manifest_of(self, step: Path, batch: int) -> Manifest | str:
         """The step's manifest, or why it has none that can be used."""
