@@ -35,13 +35,12 @@ import numpy as np
 
 from . import interop
 from .errors import CheckpointValueError
+from .tree.names import _Path, _render
 
 __all__ = ["PARTS", "apply_like", "check_like", "rebuild"]
 
 #: The parts of a loaded checkpoint a template may be given for.
 PARTS = ("parameters", "optimizer_state", "metadata")
-
-_Path = tuple | None
 
 
 def check_like(like: Any) -> dict[str, Any] | None:
@@ -132,15 +131,6 @@ def rebuild(value: Any, template: Any, path: str = "value") -> Any:
         raise CheckpointValueError(
             f"{path}: the template nests too deeply to be walked", {"path": path}
         ) from None
-
-
-def _render(root: str, node: _Path) -> str:
-    keys = []
-    while node is not None:
-        node, key = node
-        keys.append(key)
-    keys.reverse()
-    return root + "".join(f".{k}" if type(k) is interop.Field else f"[{k!r}]" for k in keys)
 
 
 def _describe(x: Any) -> str:
