@@ -802,6 +802,41 @@ def test_a_file_with_hostile_fields_is_invalid_and_skipped(ckpt_dir: Path):
     assert fresh.find_latest_checkpoint() == good
 
 
+def _ml_state(data: np.ndarray, name: bytes):
+    def build(g: h5py.Group) -> None:
+        f = g.file
+        del f["optimizer_state"]
+        _ml(f, data, name)
+        f.move("v", "optimizer_state")
+
+    return build
+
+
+def test_an_ml_array_of_the_wrong_element_size_does_not_validate(ckpt_dir: Path):
+    """Intact digests, bfloat16 named over one-byte elements: loading refuses it, so
+    validation must too (what validates loads), and load_latest skips it."""
+    manager = CheckpointManager(ckpt_dir, keep_last_n=None)
+    good = manager.save_checkpoint(3, np.ones(3), {"ok": True}, 0.5)
+    bad = _sealed(
+        ckpt_dir / "checkpoint_batch_0005.h5", _ml_state(np.zeros(3, np.uint8), b"bfloat16")
+    )
+    (header,) = _native.verify_files([bad], None)
+    assert header.batch_idx == 5  # the digests pass
+    with pytest.raises(CheckpointCorruptError, match="1-byte elements for the dtype bfloat16"):
+        manager.load_checkpoint(bad)
+    assert not CheckpointManager(ckpt_dir).validate_checkpoint(bad)
+    fresh = CheckpointManager(ckpt_dir, keep_last_n=None)
+    assert fresh.find_latest_checkpoint() == good
+    assert fresh.load_latest()["batch_idx"] == 3
+    # The right size validates and loads as bfloat16.
+    other = ckpt_dir.parent / "other"
+    other.mkdir()
+    state = _ml_state(np.zeros(3, np.uint16), b"bfloat16")
+    ok = _sealed(other / "checkpoint_batch_0005.h5", state)
+    assert CheckpointManager(other).validate_checkpoint(ok)
+    assert manager.load_checkpoint(ok)["optimizer_state"].dtype == ml_dtypes.bfloat16
+
+
 def test_a_namedtuple_file_is_valid_when_sealed_right(ckpt_dir: Path):
     ok = _sealed(ckpt_dir / "checkpoint_batch_0005.h5", lambda g: None)
     loaded = CheckpointManager(ckpt_dir).load_checkpoint(ok)["optimizer_state"]

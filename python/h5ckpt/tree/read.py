@@ -541,15 +541,20 @@ class _Reader:
             bits = self.ndarray_leaf(dset, _NDARRAY, node)
         else:
             bits = self.np_scalar_leaf(dset, _NP_SCALAR, node)
-        if self.structure_only:
-            return bits
         try:
             dtype = interop.ml_dtype(name)
         except LookupError as exc:
+            if self.structure_only:
+                # A dtype this process cannot name says nothing about the file:
+                # loading it here fails, and says why, without marking it.
+                return bits
             where = self.where(node)
             raise CheckpointError(f"{where}: {exc}", {"path": where, "dtype": name}) from None
+        # Checked when validating too: a size that cannot be loaded is corruption.
         if dtype.itemsize != file_dt.itemsize:
             raise _Corrupt(f"holds {file_dt.itemsize}-byte elements for the dtype {name}")
+        if self.structure_only:
+            return bits
         bits = np.asarray(bits)
         if not bits.dtype.isnative:
             bits = bits.astype(bits.dtype.newbyteorder("="))
