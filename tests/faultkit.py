@@ -644,6 +644,17 @@ def load_capped(
 # ------------------------------------------------------------ disk and permissions
 
 
+def unavailable(reason: str) -> None:
+    """Skip a test this machine cannot run (no pseudo-terminal, no mount); under CI
+    (``CI=true``), which must run every test, fail instead, so that a skip there
+    never hides a feature."""
+    import pytest  # here: the fault scripts' child processes import this module
+
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI must run this test, but: {reason}")
+    pytest.skip(reason)
+
+
 def can_mount(where: Path) -> bool:
     """Whether this process can mount a tmpfs (root, and mounting is allowed here)."""
     if os.geteuid() != 0 or shutil.which("mount") is None:

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import faultkit
 import h5ckpt
 import h5ckpt.cli as cli_module
 from h5ckpt import CheckpointManager
@@ -292,7 +293,7 @@ def test_verify_progress_bar_on_a_terminal(run_dir: Path):
     try:
         main, child = pty.openpty()
     except OSError:
-        pytest.skip("no pseudo-terminal available")
+        faultkit.unavailable("no pseudo-terminal available")
     proc = subprocess.Popen(
         [*H5CKPT, "verify", str(run_dir)],
         stdout=child,

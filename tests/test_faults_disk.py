@@ -63,7 +63,7 @@ def _intact(d: Path, batches: list[int]) -> None:
 
 def test_full_disk_on_a_small_tmpfs(tmp_path: Path, mountable: bool):
     if not mountable:
-        pytest.skip(CAN_MOUNT_REASON)
+        faultkit.unavailable(CAN_MOUNT_REASON)
     with faultkit.tmpfs(tmp_path / "mnt", "32m") as mnt:
         d = mnt / "ckpt"
         m = CheckpointManager(d, keep_last_n=None)
@@ -112,7 +112,7 @@ def test_save_past_the_file_size_limit():
 
 def test_read_only_mount(tmp_path: Path, mountable: bool):
     if not mountable:
-        pytest.skip(CAN_MOUNT_REASON)
+        faultkit.unavailable(CAN_MOUNT_REASON)
     with faultkit.tmpfs(tmp_path / "mnt", "16m") as mnt:
         d = mnt / "ckpt"
         m = CheckpointManager(d, keep_last_n=1)
